@@ -1,0 +1,1 @@
+"""fer_jax: facial expression recognition with JAX and Flax."""

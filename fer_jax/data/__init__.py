@@ -1,0 +1,96 @@
+"""Data sets and splits: which images are train, val and test.
+
+`data.validation` selects the reference study's two protocols:
+'holdout' (ResNet18): a seeded stratified split of train_set into train and
+val (`data.val_fraction`), the released val_set as the balanced test set;
+'released' (EfficientNet-B0): the same split of train_set gives train and
+test, and the released val_set is the validation set.
+"""
+
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from fer_jax.data import synthetic
+from fer_jax.data.affectnet import Records, SourceReport, read_npy_split
+from fer_jax.labels import NUM_CLASSES
+
+SPLIT_NAMES = ('train', 'val', 'test')
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Indices (rest, held out) with `fraction` of every class held out."""
+  rng = np.random.default_rng(seed)
+  held = []
+  for c in np.unique(labels):
+    members = rng.permutation(np.flatnonzero(labels == c))
+    held.append(members[:int(round(fraction * len(members)))])
+  held = np.sort(np.concatenate(held)) if held else np.zeros(0, int)
+  rest = np.setdiff1d(np.arange(len(labels)), held)
+  return rest, held
+
+
+def dataset_root(config: ml_collections.ConfigDict) -> Path:
+  """The Layout A root of the configured data set, generated if synthetic."""
+  if config.data.layout == 'synthetic':
+    return synthetic.ensure_dataset(config)
+  if config.data.layout == 'npy':
+    if not config.data.root:
+      raise ValueError("data.root: empty; point it at the folder holding "
+                       "train_set/ and val_set/ (--config.data.root=PATH)")
+    return Path(config.data.root)
+  raise ValueError(f"data.layout: {config.data.layout!r} is not supported "
+                   "yet; use 'synthetic' or 'npy'")
+
+
+def load_splits(config: ml_collections.ConfigDict
+                ) -> tuple[dict[str, Records], dict]:
+  """The train, val and test records and the data report of DESIGN.md."""
+  root = dataset_root(config)
+  train_set, train_report = read_npy_split(root / 'train_set',
+                                           config.data.on_error)
+  val_set, val_report = read_npy_split(root / 'val_set', config.data.on_error)
+  rest, held = stratified_split(train_set.labels, config.data.val_fraction,
+                                config.data.split_seed)
+  if config.data.validation == 'holdout':
+    splits = {'train': train_set.subset(rest), 'val': train_set.subset(held),
+              'test': val_set}
+    sources = {'train': train_report, 'val': None, 'test': val_report}
+  elif config.data.validation == 'released':
+    splits = {'train': train_set.subset(rest), 'val': val_set,
+              'test': train_set.subset(held)}
+    sources = {'train': train_report, 'val': val_report, 'test': None}
+  else:
+    raise ValueError(f"data.validation: {config.data.validation!r} is not "
+                     "'holdout' or 'released'")
+  for name, records in splits.items():
+    if len(records) == 0:
+      raise ValueError(f'{root}: split {name!r} has no examples')
+  report = {'root': str(root)}
+  report.update({name: split_report(splits[name], sources[name])
+                 for name in SPLIT_NAMES})
+  return splits, report
+
+
+def split_report(records: Records, source: SourceReport | None) -> dict:
+  """Counts of one split; dropped and skipped files where it owns them.
+
+  A released set's dropped and skipped files are reported with the split
+  that holds its remaining images (train for train_set), as they never
+  reached the stratified split.
+  """
+  return {
+      'num_examples': len(records),
+      'num_va_examples': int(records.va_mask.sum()),
+      'class_counts': np.bincount(records.labels,
+                                  minlength=NUM_CLASSES).tolist(),
+      'dropped_classes': dict(source.dropped_classes) if source else {},
+      'skipped': list(source.skipped) if source else [],
+  }
+
+
+def save_split(path: Path, splits: dict[str, Records]) -> None:
+  """Writes the image paths of every split, so a run can be audited."""
+  np.savez_compressed(path, **{name: r.paths for name, r in splits.items()})

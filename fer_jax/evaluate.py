@@ -1,0 +1,130 @@
+"""--mode=evaluate: a checkpoint on one split, with the report files."""
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fer_jax import checkpoints, data, losses, metrics, models, reporting, steps
+from fer_jax.data import pipeline
+from fer_jax.data.affectnet import Records
+
+
+def predict_records(p_eval: Callable, state: steps.TrainState,
+                    records: Records, config: ml_collections.ConfigDict
+                    ) -> dict:
+  """Probabilities [N, 8], valence/arousal [N, 2] and loss sums of a split.
+
+  Outputs stream to the host batch by batch, so no split's logits are held
+  on the device.
+  """
+  probs, va, sums = [], [], None
+  for batch in pipeline.eval_batches(records, config, jax.local_device_count()):
+    out = jax.device_get(p_eval(state, batch))
+    keep = batch['mask'].reshape(-1)
+    probs.append(out['probs'].reshape(-1, out['probs'].shape[-1])[keep])
+    va.append(out['va'].reshape(-1, 2)[keep])
+    batch_sums = jax.tree.map(lambda x: float(x[0]), out['sums'])
+    sums = batch_sums if sums is None else jax.tree.map(
+        np.add, sums, batch_sums)
+  return {'probs': np.concatenate(probs), 'va': np.concatenate(va),
+          'sums': sums}
+
+
+def evaluate_records(p_eval: Callable, state: steps.TrainState,
+                     records: Records, config: ml_collections.ConfigDict
+                     ) -> tuple[dict, dict]:
+  """All report metrics of a split (with its losses), and the predictions."""
+  out = predict_records(p_eval, state, records, config)
+  result = metrics.compute_metrics(records.labels, out['probs'].argmax(-1),
+                                   records.va, out['va'], records.va_mask)
+  loss = losses.normalise(out['sums'], config.train.va_loss_weight)
+  result.update({k: float(v) for k, v in loss.items() if k != 'accuracy'})
+  return result, out
+
+
+def write_split_report(workdir: Path, split: str, result: dict,
+                       predictions: dict, records: Records) -> None:
+  """report/{split}_metrics.json and the split's figures.
+
+  The test split's figures are report/confusion_matrix.png and
+  report/va_scatter.png; other splits' carry the split name as a prefix.
+  """
+  report = Path(workdir) / 'report'
+  prefix = '' if split == 'test' else f'{split}_'
+  reporting.write_json(report / f'{split}_metrics.json', result)
+  reporting.plot_confusion_matrix(
+      report / f'{prefix}confusion_matrix.png', result['confusion_matrix'],
+      f"{split}: accuracy {result['accuracy']:.3f}, macro F1 "
+      f"{result['macro_f1']:.3f}")
+  mask = records.va_mask
+  reporting.plot_va_scatter(report / f'{prefix}va_scatter.png',
+                            records.va[mask], predictions['va'][mask],
+                            records.labels[mask], result)
+
+
+def restore_for_inference(config: ml_collections.ConfigDict, workdir: Path,
+                          checkpoint_step: int | None,
+                          weights: np.ndarray | None = None):
+  """The replicated state of a checkpoint, the pmapped eval step, the step.
+
+  weights: the class weights of the loss that evaluation reports.
+  """
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
+      config.train, 1))
+  template = steps.create_train_state(model, tx, config.data.image_size,
+                                      config.train.seed)
+  manager = checkpoints.create_manager(workdir, config, read_only=True)
+  step = checkpoints.checkpoint_step(manager, checkpoint_step)
+  state, _ = checkpoints.restore(manager, step, template)
+  logging.info('Restored the checkpoint of step %d from %s', step,
+               manager.directory)
+  _, p_eval = steps.pmap_steps(model, tx, config, weights)
+  return steps.replicate(state), p_eval, step
+
+
+def with_trained_model(config: ml_collections.ConfigDict, workdir: Path
+                       ) -> ml_collections.ConfigDict:
+  """config with the model and image settings of the run in workdir.
+
+  The checkpoint fixes the architecture and the input it expects, so those
+  (and the generated set's settings) come from the run's config.json; the
+  data layout, location and batch sizes stay as given on the command line.
+  """
+  path = Path(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{path}: not found; is {workdir} a training '
+                            'workdir?')
+  saved = json.loads(path.read_text())
+  config = config.copy_and_resolve_references()
+  config.model = ml_collections.ConfigDict(saved['model'])
+  config.data.synthetic = ml_collections.ConfigDict(saved['data']['synthetic'])
+  config.data.synthetic.regenerate = False
+  for key in ('image_size', 'mean_rgb', 'std_rgb'):
+    config.data[key] = type(config.data[key])(saved['data'][key])
+  return config
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
+             checkpoint_step: int | None = None) -> dict:
+  """Evaluates the best (or given) checkpoint of workdir on one split."""
+  workdir = Path(workdir)
+  config = with_trained_model(config, workdir)
+  splits, data_report = data.load_splits(config)
+  if split not in splits:
+    raise ValueError(f'--split: {split!r} is not one of {sorted(splits)}')
+  weights = losses.class_weights(config.train.class_weights,
+                                 data_report['train']['class_counts'])
+  state, p_eval, step = restore_for_inference(config, workdir,
+                                              checkpoint_step, weights)
+  result, predictions = evaluate_records(p_eval, state, splits[split], config)
+  result['checkpoint_step'] = step
+  write_split_report(workdir, split, result, predictions, splits[split])
+  print(reporting.format_summary(result, split))
+  print(f"Report: {workdir / 'report'}/{split}_metrics.json")
+  return result

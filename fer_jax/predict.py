@@ -1,0 +1,95 @@
+"""--mode=predict: expressions and valence/arousal for image files."""
+
+import csv
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fer_jax import evaluate
+from fer_jax.data import pipeline
+from fer_jax.labels import EXPRESSIONS
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+
+
+def list_images(input_path: str) -> list[Path]:
+  """The image file at input_path, or every image below a folder, sorted."""
+  path = Path(input_path)
+  if path.is_file():
+    return [path]
+  if path.is_dir():
+    return sorted(p for p in path.rglob('*')
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  raise FileNotFoundError(f'--input: {input_path} is not a file or folder')
+
+
+def _decoded(paths: list[Path], image_size: int, skipped: list[dict]):
+  """(path, image) for the readable files; the rest recorded in skipped."""
+  for path in paths:
+    try:
+      yield path, pipeline.decode_image(str(path), image_size)
+    except (ValueError, OSError) as e:
+      logging.warning('Skipping %s', e)
+      skipped.append({'path': str(path), 'reason': str(e)})
+
+
+def _batches(items, batch_size: int):
+  batch = []
+  for item in items:
+    batch.append(item)
+    if len(batch) == batch_size:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
+            checkpoint_step: int | None = None) -> Path:
+  """Writes workdir/predictions.csv for the images at input_path."""
+  workdir = Path(workdir)
+  config = evaluate.with_trained_model(config, workdir)
+  paths = list_images(input_path)
+  if not paths:
+    raise FileNotFoundError(f'--input: no images ({", ".join(IMAGE_SUFFIXES)})'
+                            f' under {input_path}')
+  state, p_eval, _ = evaluate.restore_for_inference(config, workdir,
+                                                    checkpoint_step)
+  num_devices, batch_size = jax.local_device_count(), \
+      config.train.eval_batch_size
+  skipped, rows = [], []
+  for chunk in _batches(_decoded(paths, config.data.image_size, skipped),
+                        batch_size):
+    n = len(chunk)
+    images = np.stack([image for _, image in chunk])
+    images = np.concatenate([images, np.repeat(images[:1], batch_size - n, 0)])
+    batch = {'image': images, 'label': np.zeros(batch_size, np.int32),
+             'va': np.zeros((batch_size, 2), np.float32),
+             'va_mask': np.zeros(batch_size, bool),
+             'mask': np.arange(batch_size) < n}
+    batch = {k: v.reshape(num_devices, -1, *v.shape[1:])
+             for k, v in batch.items()}
+    out = jax.device_get(p_eval(state, batch))
+    probs = out['probs'].reshape(batch_size, -1)[:n]
+    va = np.clip(out['va'].reshape(batch_size, 2)[:n], -1, 1)
+    for (path, _), p, (valence, arousal) in zip(chunk, probs, va):
+      label = int(p.argmax())
+      rows.append([str(path), label, EXPRESSIONS[label],
+                   *(f'{x:.6f}' for x in p), f'{valence:.6f}',
+                   f'{arousal:.6f}'])
+  output = workdir / 'predictions.csv'
+  with open(output, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['path', 'expression_id', 'expression',
+                     *(f'prob_{name}' for name in EXPRESSIONS), 'valence',
+                     'arousal'])
+    writer.writerows(rows)
+  print(f'Wrote {len(rows)} predictions to {output}')
+  if skipped:
+    print(f'Skipped {len(skipped)} unreadable files:')
+    for item in skipped:
+      print(f"  {item['path']}: {item['reason']}")
+  return output

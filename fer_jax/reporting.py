@@ -1,0 +1,151 @@
+"""Files a run writes: JSON reports, metrics.jsonl, TensorBoard and figures."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+
+from fer_jax.labels import EXPRESSIONS  # noqa: E402
+
+
+def write_json(path: Path, data) -> None:
+  """Writes data as indented JSON, creating the folder."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(data, indent=1) + '\n')
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  """The records of a JSON-lines file; [] if it does not exist."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+  with open(path, 'a') as f:
+    f.write(json.dumps(record) + '\n')
+
+
+def truncate_jsonl(path: Path, last_epoch: int) -> None:
+  """Drops records past last_epoch: those of an epoch lost to a crash."""
+  records = [r for r in read_jsonl(path) if r['epoch'] <= last_epoch]
+  if Path(path).exists():
+    Path(path).write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
+class TensorBoard:
+  """Scalars to workdir/tb through tensorboardX (no TensorFlow)."""
+
+  def __init__(self, logdir: Path):
+    self.writer = SummaryWriter(str(logdir))
+
+  def scalars(self, step: int, values: dict) -> None:
+    for name, value in values.items():
+      self.writer.add_scalar(name, float(value), step)
+    self.writer.flush()
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+def plot_confusion_matrix(path: Path, cm: np.ndarray, title: str) -> None:
+  """Row-normalised confusion matrix with counts in the cells."""
+  cm = np.asarray(cm)
+  rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+  fig, ax = plt.subplots(figsize=(7, 6))
+  image = ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
+  for i in range(len(cm)):
+    for j in range(len(cm)):
+      ax.text(j, i, f'{rates[i, j]:.2f}\n({cm[i, j]})', ha='center',
+              va='center', fontsize=7,
+              color='white' if rates[i, j] > 0.5 else 'black')
+  ax.set_xticks(range(len(cm)), EXPRESSIONS, rotation=45, ha='right')
+  ax.set_yticks(range(len(cm)), EXPRESSIONS)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  ax.set_title(title)
+  fig.colorbar(image, ax=ax, label='recall (row-normalised)')
+  _save(fig, path)
+
+
+def plot_curves(path: Path, records: list[dict]) -> None:
+  """Loss and accuracy (train and val) per epoch, and val macro F1."""
+  epochs = [r['epoch'] for r in records]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  for split in ('train', 'val'):
+    left.plot(epochs, [r[f'{split}_loss'] for r in records], 'o-',
+              label=f'{split} loss')
+    right.plot(epochs, [r[f'{split}_accuracy'] for r in records], 'o-',
+               label=f'{split} accuracy')
+  right.plot(epochs, [r['val_macro_f1'] for r in records], 's--',
+             label='val macro F1')
+  for ax, name in ((left, 'loss'), (right, 'accuracy / F1')):
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  _save(fig, path)
+
+
+def plot_va_scatter(path: Path, va_true: np.ndarray, va_pred: np.ndarray,
+                    labels: np.ndarray, metrics: dict) -> None:
+  """Predicted against true valence and arousal, and the 2-D circumplex."""
+  va_pred = np.clip(va_pred, -1, 1)
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+  for d, name in enumerate(('valence', 'arousal')):
+    ax = axes[d]
+    ax.scatter(va_true[:, d], va_pred[:, d], s=4, alpha=0.4)
+    ax.plot([-1, 1], [-1, 1], 'k--', lw=1)
+    ax.set_title(f"{name}: CCC {metrics[f'{name}_ccc']:.3f}, "
+                 f"RMSE {metrics[f'{name}_rmse'] or 0:.3f}")
+    ax.set_xlabel(f'true {name}')
+    ax.set_ylabel(f'predicted {name}')
+  ax = axes[2]
+  for c, name in enumerate(EXPRESSIONS):
+    sel = labels == c
+    ax.scatter(va_pred[sel, 0], va_pred[sel, 1], s=4, alpha=0.5, label=name)
+  ax.set_title('predicted valence/arousal by true expression')
+  ax.set_xlabel('valence')
+  ax.set_ylabel('arousal')
+  ax.legend(fontsize=7, markerscale=3)
+  for ax in axes:
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_ylim(-1.05, 1.05)
+    ax.set_aspect('equal')
+    ax.grid(alpha=0.3)
+  _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def format_summary(metrics: dict, split: str) -> str:
+  """A one-screen table of a split's metrics."""
+  lines = [f"{split}: {metrics['num_examples']} images "
+           f"({metrics['num_va_examples']} with valence/arousal)",
+           f"  accuracy {metrics['accuracy']:.4f}   balanced accuracy "
+           f"{metrics['balanced_accuracy']:.4f}   macro F1 "
+           f"{metrics['macro_f1']:.4f}   weighted F1 "
+           f"{metrics['weighted_f1']:.4f}"]
+  for name in ('valence', 'arousal'):
+    values = '   '.join(
+        f'{k.upper()} {metrics[f"{name}_{k}"]:.4f}'
+        for k in ('rmse', 'mae', 'pcc', 'ccc', 'sagr')
+        if metrics[f'{name}_{k}'] is not None)
+    lines.append(f'  {name:8s} {values}')
+  lines.append('  per class    precision  recall     f1  support')
+  for name, row in metrics['per_class'].items():
+    lines.append(f"  {name:10s} {row['precision']:10.3f} {row['recall']:7.3f}"
+                 f" {row['f1']:6.3f} {row['support']:8d}")
+  return '\n'.join(lines)

@@ -1,0 +1,162 @@
+"""The train state, optimiser and the pmapped train and eval steps."""
+
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fer_jax import losses
+from fer_jax.models import pretrained
+
+AXIS = 'batch'  # the pmap axis: BatchNorm statistics and gradients span it
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def learning_rate_fn(config: ml_collections.ConfigDict,
+                     steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up to train.learning_rate, then cosine decay or constant."""
+  peak = config.learning_rate
+  total = max(1, config.num_epochs * steps_per_epoch)
+  warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+  if config.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1),
+                                              total, end_value=0.0)
+  if config.schedule == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, max(warmup, 1)),
+         optax.constant_schedule(peak)], [max(warmup, 1)])
+  raise ValueError(f"train.schedule: {config.schedule!r} is not 'cosine' or "
+                   "'constant'")
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW or SGD; weight decay skips biases and BatchNorm (1-D) parameters."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if config.optimizer == 'adamw':
+    return optax.adamw(schedule, weight_decay=config.weight_decay,
+                       mask=decay_mask)
+  if config.optimizer == 'sgd':
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  raise ValueError(f"train.optimizer: {config.optimizer!r} is not 'adamw' or "
+                   "'sgd'")
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+                       image_size: int, seed: int,
+                       init_from: str = '') -> TrainState:
+  """Initial parameters, BatchNorm statistics and optimiser state (one copy).
+
+  init_from: a torchvision checkpoint whose backbone replaces the random one.
+  """
+  init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
+  images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      init_rng, images)
+  if init_from:
+    variables = pretrained.load_pretrained(variables, init_from)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables['batch_stats'],
+                    opt_state=tx.init(params), rng=rng)
+
+
+def normalise_images(images: jax.Array, mean_rgb, std_rgb,
+                     dtype=jnp.float32) -> jax.Array:
+  """uint8 images to (x / 255 - mean) / std in the compute dtype."""
+  mean = jnp.asarray(mean_rgb, jnp.float32) * 255
+  std = jnp.asarray(std_rgb, jnp.float32) * 255
+  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict,
+               weights: np.ndarray | None) -> tuple[TrainState, dict]:
+  """One step on this device's shard; run under pmap with axis AXIS."""
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                           jax.lax.axis_index(AXIS))
+  images = normalise_images(batch['image'], config.data.mean_rgb,
+                            config.data.std_rgb)
+  # Counts over all devices, so that each shard's loss is its share of the
+  # global mean and the summed gradients equal those of the whole batch.
+  sums_of = functools.partial(losses.loss_sums,
+                              label_smoothing=config.train.label_smoothing,
+                              weights=weights)
+
+  def loss_fn(params):
+    outputs, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, images,
+        train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+    sums = sums_of(outputs, batch)
+    counts = jax.lax.psum({'count': sums['count'],
+                           'va_count': sums['va_count']}, AXIS)
+    loss = losses.normalise({**sums, **counts},
+                            config.train.va_loss_weight)['loss']
+    return loss, (sums, updates['batch_stats'])
+
+  grads, (sums, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.psum(grads, AXIS)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  state = state.replace(step=state.step + 1,
+                        params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+  metrics = losses.normalise(jax.lax.psum(sums, AXIS),
+                             config.train.va_loss_weight)
+  return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
+              config: ml_collections.ConfigDict,
+              weights: np.ndarray | None) -> dict:
+  """Probabilities, valence/arousal and loss sums of one shard."""
+  images = normalise_images(batch['image'], config.data.mean_rgb,
+                            config.data.std_rgb)
+  outputs = model.apply({'params': state.params,
+                         'batch_stats': state.batch_stats}, images,
+                        train=False)
+  sums = jax.lax.psum(losses.loss_sums(outputs, batch, weights=weights), AXIS)
+  return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
+          'sums': sums}
+
+
+def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
+               config: ml_collections.ConfigDict,
+               weights: np.ndarray | None = None, devices=None):
+  """The train step (state donated) and eval step, pmapped over devices.
+
+  weights: per-class cross-entropy weights (losses.class_weights) or None.
+  """
+  p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx,
+                                       config=config, weights=weights),
+                     axis_name=AXIS, donate_argnums=(0,), devices=devices)
+  p_eval = jax.pmap(functools.partial(eval_step, model=model, config=config,
+                                      weights=weights),
+                    axis_name=AXIS, devices=devices)
+  return p_train, p_eval
+
+
+def replicate(tree: Any) -> Any:
+  """One copy of tree on every local device, as pmap expects."""
+  return flax.jax_utils.replicate(tree)
+
+
+def unreplicate(tree: Any) -> Any:
+  """The first device's copy, as NumPy on the host."""
+  return jax.tree.map(lambda x: np.asarray(x[0]), tree)

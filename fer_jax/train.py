@@ -1,0 +1,171 @@
+"""--mode=train: the training loop, then the test report of the best model."""
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from fer_jax import (checkpoints, data, evaluate, losses, models, reporting,
+                     steps)
+from fer_jax.data import pipeline
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+  return best is None or (value > best if mode == 'max' else value < best)
+
+
+def _check_finite(metrics: dict, epoch: int, step: int) -> None:
+  """Stops a diverged run before it can overwrite a good checkpoint."""
+  if not math.isfinite(metrics['loss']):
+    raise FloatingPointError(
+        f'loss is {metrics["loss"]} at epoch {epoch}, step {step}; stopping '
+        'without saving (the last checkpoint is intact). Lower '
+        'train.learning_rate or check the data.')
+
+
+def train_epoch(p_train, state, batches, num_steps: int, desc: str,
+                log_every: int, batch_size: int):
+  """One pass over the training batches with a progress bar.
+
+  Metrics come back to the host only every `log_every` steps (for the bar)
+  and once at the end of the epoch.
+  """
+  history, start = [], time.perf_counter()
+  bar = tqdm(batches, total=num_steps, desc=desc, unit='step',
+             dynamic_ncols=True, mininterval=1.0)
+  metrics = None
+  for i, batch in enumerate(bar):
+    state, metrics = p_train(state, batch)
+    history.append(metrics)
+    if (i + 1) % log_every == 0 or i + 1 == num_steps:
+      last = jax.tree.map(lambda x: float(x[0]), metrics)
+      images_per_sec = (i + 1) * batch_size / (time.perf_counter() - start)
+      bar.set_postfix(loss=f"{last['loss']:.3f}",
+                      acc=f"{last['accuracy']:.3f}",
+                      img_s=f'{images_per_sec:.0f}')
+  bar.close()
+  if metrics is None:
+    raise ValueError('no training batch: the train split is smaller than '
+                     'train.batch_size')
+  seconds = time.perf_counter() - start
+  means = jax.tree.map(lambda *x: float(np.mean([v[0] for v in x])),
+                       *jax.device_get(history))
+  return state, means, num_steps * batch_size / seconds
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict:
+  """Trains, keeps the best checkpoint, then writes the test report."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  num_devices = jax.local_device_count()
+
+  # Data: splits, their report, and the split itself for auditing.
+  splits, data_report = data.load_splits(config)
+  reporting.write_json(workdir / 'data_report.json', data_report)
+  data.save_split(workdir / 'splits.npz', splits)
+  reporting.write_json(workdir / 'config.json', config.to_dict())
+  num_steps = pipeline.steps_per_epoch(len(splits['train']),
+                                       config.train.batch_size)
+  logging.info('Data: %s', {k: len(v) for k, v in splits.items()})
+
+  # Model, optimiser and the pmapped steps.
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  schedule = steps.learning_rate_fn(config.train, num_steps)
+  tx = steps.create_optimizer(config.train, schedule)
+  state = steps.create_train_state(model, tx, config.data.image_size,
+                                   config.train.seed, config.model.init_from)
+  weights = losses.class_weights(config.train.class_weights,
+                                 data_report['train']['class_counts'])
+  p_train, p_eval = steps.pmap_steps(model, tx, config, weights)
+
+  # Resume from the latest checkpoint, if any.
+  manager = checkpoints.create_manager(workdir, config)
+  meta = {'epoch': 0, 'best_value': None, 'best_epoch': None,
+          'epochs_without_improvement': 0, 'stopped_early': False}
+  latest = manager.latest_step()
+  if latest is not None:
+    state, meta = checkpoints.restore(manager, latest, state)
+    message = (f"Resuming from the checkpoint of epoch {meta['epoch']} "
+               f"(step {latest}) in {manager.directory}")
+    logging.info(message)
+    print(message)
+  reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
+  state = steps.replicate(state)
+  tensorboard = reporting.TensorBoard(workdir / 'tb')
+
+  for epoch in range(meta['epoch'], config.train.num_epochs):
+    if meta['stopped_early']:
+      break
+    # Train one epoch.
+    batches = pipeline.train_batches(splits['train'], config, epoch,
+                                     num_devices)
+    state, train_metrics, images_per_sec = train_epoch(
+        p_train, state, batches, num_steps,
+        f'epoch {epoch + 1}/{config.train.num_epochs}',
+        config.train.log_every_steps, config.train.batch_size)
+    step = (epoch + 1) * num_steps
+    _check_finite(train_metrics, epoch + 1, step)
+
+    # Evaluate on val.
+    val_metrics, _ = evaluate.evaluate_records(p_eval, state, splits['val'],
+                                               config)
+    record = {'epoch': epoch + 1, 'step': step,
+              'learning_rate': float(schedule(step)),
+              'images_per_sec': images_per_sec,
+              **{f'train_{k}': v for k, v in train_metrics.items()},
+              **{f'val_{k}': v for k, v in val_metrics.items()
+                 if isinstance(v, (int, float))}}
+    value = record[config.train.best_metric]
+
+    # Checkpoint, log, and stop early when val stops improving.
+    if _improved(value, meta['best_value'], config.train.best_mode):
+      meta.update(best_value=value, best_epoch=epoch + 1,
+                  epochs_without_improvement=0)
+    else:
+      meta['epochs_without_improvement'] += 1
+    patience = config.train.early_stopping_patience
+    meta.update(epoch=epoch + 1, stopped_early=bool(
+        patience and meta['epochs_without_improvement'] >= patience))
+    checkpoints.save(manager, step, steps.unreplicate(state), meta,
+                     {config.train.best_metric: value})
+    reporting.append_jsonl(workdir / 'metrics.jsonl', record)
+    tensorboard.scalars(step, {k.replace('_', '/', 1): v
+                               for k, v in record.items()
+                               if k not in ('epoch', 'step')})
+    logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc '
+                 '%.4f macro F1 %.4f | %.0f img/s', epoch + 1,
+                 record['train_loss'], record['train_accuracy'],
+                 record['val_loss'], record['val_accuracy'],
+                 record['val_macro_f1'], images_per_sec)
+    if meta['stopped_early']:
+      print(f'Stopping early: {config.train.best_metric} has not improved '
+            f'for {patience} epochs (best {meta["best_value"]:.4f} at epoch '
+            f'{meta["best_epoch"]}).')
+  manager.wait_until_finished()
+  tensorboard.close()
+
+  # Test the best checkpoint and write the report.
+  best_step = manager.best_step()
+  best_state, _ = checkpoints.restore(manager, best_step,
+                                      steps.unreplicate(state))
+  test_metrics, predictions = evaluate.evaluate_records(
+      p_eval, steps.replicate(best_state), splits['test'], config)
+  test_metrics.update(checkpoint_step=best_step, best_epoch=meta['best_epoch'])
+  evaluate.write_split_report(workdir, 'test', test_metrics, predictions,
+                              splits['test'])
+  reporting.plot_curves(workdir / 'report' / 'curves.png',
+                        reporting.read_jsonl(workdir / 'metrics.jsonl'))
+  manager.close()
+  print(f"\nBest checkpoint: epoch {meta['best_epoch']} (step {best_step}, "
+        f"{config.train.best_metric} {meta['best_value']:.4f})")
+  print(reporting.format_summary(test_metrics, 'test'))
+  print(f'\nFiles in {workdir}: report/ (test_metrics.json, '
+        'confusion_matrix.png, curves.png, va_scatter.png), metrics.jsonl, '
+        'data_report.json, config.json, checkpoints/, tb/')
+  return test_metrics

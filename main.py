@@ -1,0 +1,53 @@
+"""fer_jax entry point: python main.py [--config=...] [--workdir=...] [--mode=...]."""
+
+import logging as python_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                'Experiment config file.', lock_config=True)
+flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes.')
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'],
+                  'What to do.')
+flags.DEFINE_string('input', None, 'predict: an image file or folder.')
+flags.DEFINE_string('split', 'test', 'evaluate: train, val or test.')
+flags.DEFINE_integer('checkpoint_step', None,
+                     'evaluate/predict: this step instead of the best.')
+flags.DEFINE_string('coordinator_address', None,
+                    'Multi-host: host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: process count.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process.')
+
+
+def _quiet_libraries(record) -> bool:
+  """Keeps INFO lines of fer_jax; libraries (Orbax, JAX) speak at WARNING."""
+  return record.levelno >= python_logging.WARNING or 'fer_jax' in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_quiet_libraries)
+  import jax  # after flags, so that --help stays fast
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address,
+                               FLAGS.num_processes, FLAGS.process_id)
+  logging.info('JAX devices: %s', jax.devices())
+  if FLAGS.mode == 'train':
+    from fer_jax import train
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'evaluate':
+    from fer_jax import evaluate
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split,
+                      FLAGS.checkpoint_step)
+  elif FLAGS.mode == 'predict':
+    if not FLAGS.input:
+      raise app.UsageError('--mode=predict needs --input=PATH')
+    from fer_jax import predict
+    predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.input,
+                    FLAGS.checkpoint_step)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,55 @@
+"""Shared fixtures. Two simulated CPU devices, so every pmapped test shards."""
+
+import os
+
+# Must be set before jax is first imported by any test module.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import default  # noqa: E402
+
+NUM_DEVICES = 2
+
+
+def tiny_config(cache_dir: Path):
+  """The default config shrunk to seconds: 32 px, 96 + 32 images, batch 8."""
+  config = default.get_config()
+  config.data.image_size = 32
+  config.data.synthetic.num_train = 96
+  config.data.synthetic.num_val = 32
+  config.data.synthetic.cache_dir = str(cache_dir)
+  config.data.synthetic.num_processes = 1
+  config.data.num_threads = 1
+  config.train.num_epochs = 2
+  config.train.batch_size = 8
+  config.train.eval_batch_size = 16
+  config.train.log_every_steps = 2
+  return config
+
+
+@pytest.fixture(scope='session')
+def data_cache(tmp_path_factory) -> Path:
+  return tmp_path_factory.mktemp('data_cache')
+
+
+@pytest.fixture
+def config(data_cache):
+  return tiny_config(data_cache)
+
+
+@pytest.fixture(scope='session')
+def trained(tmp_path_factory, data_cache):
+  """One finished two-epoch run of the tiny config: (config, workdir, metrics)."""
+  from fer_jax import train
+  config = tiny_config(data_cache)
+  workdir = tmp_path_factory.mktemp('run')
+  metrics = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, metrics

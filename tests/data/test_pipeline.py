@@ -1,0 +1,109 @@
+"""Grain batches: shapes, dtypes, coverage, shuffling and splits."""
+
+import numpy as np
+import pytest
+
+from fer_jax import data
+from fer_jax.data import pipeline
+from tests.conftest import NUM_DEVICES
+
+
+@pytest.fixture(scope='module')
+def loaded(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache)
+  splits, report = data.load_splits(config)
+  return config, splits, report
+
+
+def test_train_batches_are_uint8_sharded_over_devices(loaded):
+  config, splits, _ = loaded
+  batches = list(pipeline.train_batches(splits['train'], config, 0,
+                                        NUM_DEVICES))
+  per_device = config.train.batch_size // NUM_DEVICES
+  size = config.data.image_size
+  assert len(batches) == len(splits['train']) // config.train.batch_size
+  b = batches[0]
+  assert b['image'].shape == (NUM_DEVICES, per_device, size, size, 3)
+  assert b['image'].dtype == np.uint8
+  assert b['label'].shape == (NUM_DEVICES, per_device)
+  assert b['label'].dtype == np.int32
+  assert b['va'].shape == (NUM_DEVICES, per_device, 2)
+  assert b['va_mask'].dtype == bool and b['mask'].all()
+
+
+def _epoch_paths(records, config, epoch):
+  """The labels and VA of one epoch in order, to identify examples."""
+  return [tuple(np.round(v, 5)) + (int(l),) for b in pipeline.train_batches(
+      records, config, epoch, NUM_DEVICES)
+          for l, v in zip(b['label'].reshape(-1), b['va'].reshape(-1, 2))]
+
+
+def test_each_epoch_is_a_new_permutation_and_reproducible(loaded):
+  config, splits, _ = loaded
+  records = splits['train']
+  epoch0 = _epoch_paths(records, config, 0)
+  epoch1 = _epoch_paths(records, config, 1)
+  assert epoch0 == _epoch_paths(records, config, 0)  # same seed, same order
+  assert epoch0 != epoch1
+  everything = [tuple(np.round(v, 5)) + (int(l),)
+                for l, v in zip(records.labels, records.va)]
+  # No example twice within an epoch (up to the dropped remainder).
+  assert len(set(epoch0)) == len(epoch0)
+  assert set(epoch0) <= set(everything)
+
+
+def test_eval_batches_cover_every_example_once_with_padding_masked(loaded):
+  config, splits, _ = loaded
+  records = splits['val']
+  batches = list(pipeline.eval_batches(records, config, NUM_DEVICES))
+  masks = np.concatenate([b['mask'].reshape(-1) for b in batches])
+  labels = np.concatenate([b['label'].reshape(-1) for b in batches])
+  assert masks.sum() == len(records)
+  assert len(masks) % config.train.eval_batch_size == 0
+  np.testing.assert_array_equal(labels[masks], records.labels)
+
+
+def test_flip_only_in_training(loaded):
+  config, splits, _ = loaded
+  config = config.copy_and_resolve_references()
+  config.train.num_epochs = 8
+  records = splits['train'].subset(np.arange(1))
+  image = pipeline.decode_image(records.paths[0], config.data.image_size)
+  eval_image = next(pipeline.eval_batches(records, config, 1))['image'][0, 0]
+  np.testing.assert_array_equal(eval_image, image)
+  config.train.batch_size = 1
+  seen = {pipeline.train_batches(records, config, epoch, 1).__next__()[
+      'image'][0, 0].tobytes() for epoch in range(8)}
+  assert seen == {image.tobytes(), image[:, ::-1].tobytes()}
+
+
+def test_holdout_split_is_stratified_and_disjoint(loaded):
+  config, splits, report = loaded
+  train, val = splits['train'], splits['val']
+  assert not set(train.paths) & set(val.paths)
+  counts = np.bincount(train.labels, minlength=8) + np.bincount(
+      val.labels, minlength=8)
+  expected_val = np.round(config.data.val_fraction * counts)
+  np.testing.assert_array_equal(np.bincount(val.labels, minlength=8),
+                                expected_val)
+  assert report['test']['class_counts'] == [4] * 8  # released val_set
+  for name in ('train', 'val', 'test'):
+    assert set(report[name]) == {'num_examples', 'num_va_examples',
+                                 'class_counts', 'dropped_classes', 'skipped'}
+
+
+def test_released_protocol_uses_val_set_for_validation(loaded):
+  config, splits, _ = loaded
+  config = config.copy_and_resolve_references()
+  config.data.validation = 'released'
+  released, _ = data.load_splits(config)
+  np.testing.assert_array_equal(released['val'].paths, splits['test'].paths)
+  np.testing.assert_array_equal(released['test'].paths, splits['val'].paths)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+  path = tmp_path / 'broken.jpg'
+  path.write_bytes(b'not a jpeg')
+  with pytest.raises(ValueError, match='broken.jpg: cannot decode image'):
+    pipeline.decode_image(str(path), 32)

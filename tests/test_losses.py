@@ -1,0 +1,85 @@
+"""Losses against float64 NumPy references."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fer_jax import losses
+
+
+def reference_loss(logits, labels, va_pred, va_true, mask, va_mask,
+                   smoothing, va_weight):
+  """The multitask loss written out in float64 NumPy."""
+  logits = logits.astype(np.float64)
+  log_p = logits - logits.max(1, keepdims=True)
+  log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
+  target = np.full(logits.shape, smoothing / 8)
+  target[np.arange(len(labels)), labels] += 1 - smoothing
+  ce = -(target * log_p).sum(1)
+  ce_loss = ce[mask].mean() if mask.any() else 0.0
+  valid = mask & va_mask
+  va_loss = (((va_pred - va_true) ** 2)[valid].mean()
+             if valid.any() else 0.0)
+  return ce_loss + va_weight * va_loss, ce_loss, va_loss
+
+
+def random_batch(rng, n, mask_rate=0.2, va_mask_rate=0.3):
+  return dict(
+      logits=rng.normal(0, 3, (n, 8)).astype(np.float32),
+      label=rng.integers(0, 8, n).astype(np.int32),
+      va_pred=rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+      va=rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+      mask=rng.random(n) > mask_rate,
+      va_mask=rng.random(n) > va_mask_rate)
+
+
+def jax_loss(b, smoothing, va_weight):
+  outputs = {'logits': jnp.asarray(b['logits']), 'va': jnp.asarray(b['va_pred'])}
+  batch = {k: jnp.asarray(b[k]) for k in ('label', 'va', 'mask', 'va_mask')}
+  return losses.normalise(losses.loss_sums(outputs, batch, smoothing),
+                          va_weight)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_multitask_loss_matches_float64_reference(seed, smoothing):
+  b = random_batch(np.random.default_rng(seed), 37)
+  got = jax_loss(b, smoothing, va_weight=0.7)
+  want = reference_loss(b['logits'], b['label'], b['va_pred'], b['va'],
+                        b['mask'], b['va_mask'], smoothing, 0.7)
+  np.testing.assert_allclose([got['loss'], got['ce_loss'], got['va_loss']],
+                             want, rtol=1e-5)
+
+
+def test_all_masked_va_gives_zero_va_loss_not_nan():
+  b = random_batch(np.random.default_rng(3), 16, va_mask_rate=1.1)
+  got = jax_loss(b, 0.0, va_weight=1.0)
+  assert float(got['va_loss']) == 0.0
+  assert np.isfinite(float(got['loss']))
+  np.testing.assert_allclose(
+      got['loss'], reference_loss(b['logits'], b['label'], b['va_pred'],
+                                  b['va'], b['mask'], b['va_mask'], 0.0,
+                                  1.0)[0], rtol=1e-5)
+
+
+def test_sums_over_shards_equal_the_whole_batch():
+  b = random_batch(np.random.default_rng(4), 40)
+  outputs = lambda s: {'logits': b['logits'][s], 'va': b['va_pred'][s]}
+  batch = lambda s: {k: b[k][s] for k in ('label', 'va', 'mask', 'va_mask')}
+  parts = [losses.loss_sums(outputs(s), batch(s))
+           for s in (slice(0, 13), slice(13, 40))]
+  summed = {k: parts[0][k] + parts[1][k] for k in parts[0]}
+  whole = losses.loss_sums(outputs(slice(None)), batch(slice(None)))
+  for k in whole:
+    np.testing.assert_allclose(summed[k], whole[k], rtol=1e-5)
+
+
+def test_accuracy_counts_only_valid_examples():
+  logits = np.eye(8, dtype=np.float32)[[0, 1, 2, 3]]
+  labels = np.array([0, 1, 5, 5], np.int32)
+  got = losses.normalise(losses.loss_sums(
+      {'logits': logits, 'va': np.zeros((4, 2), np.float32)},
+      {'label': labels, 'va': np.zeros((4, 2), np.float32),
+       'mask': np.array([True, True, True, False]),
+       'va_mask': np.ones(4, bool)}), 1.0)
+  assert float(got['accuracy']) == pytest.approx(2 / 3)

@@ -1,0 +1,94 @@
+"""The pmapped train step: it learns, and sharding does not change it."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fer_jax import losses, models, steps
+from tests.conftest import NUM_DEVICES
+
+
+def fixed_batch(n, size, seed=0):
+  rng = np.random.default_rng(seed)
+  return {'image': rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+          'label': rng.integers(0, 8, n).astype(np.int32),
+          'va': rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+          'va_mask': rng.random(n) > 0.25, 'mask': np.ones(n, bool)}
+
+
+def shard(batch, devices):
+  return {k: v.reshape(devices, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
+def run_steps(config, batch, devices, num_steps):
+  """Losses of num_steps train steps on one batch, over `devices` devices."""
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, lambda step: 1e-3)
+  state = steps.create_train_state(model, tx, config.data.image_size, 0)
+  weights = losses.class_weights('inverse_frequency', np.arange(1, 9))
+  p_train, _ = steps.pmap_steps(model, tx, config, weights,
+                                devices=jax.local_devices()[:devices])
+  state = jax.device_put_replicated(state, jax.local_devices()[:devices])
+  history = []
+  for _ in range(num_steps):
+    state, metrics = p_train(state, shard(batch, devices))
+    history.append(float(metrics['loss'][0]))
+  return history, steps.unreplicate(state)
+
+
+@pytest.fixture(scope='module')
+def runs(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache)
+  batch = fixed_batch(8, config.data.image_size)
+  return {d: run_steps(config, batch, d, 4) for d in (1, NUM_DEVICES)}
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch(runs):
+  history, _ = runs[1]
+  assert history[-1] < 0.7 * history[0]
+
+
+def test_one_and_two_devices_agree_on_the_same_global_batch(runs):
+  # Cross-replica BatchNorm statistics and summed gradients make the
+  # sharded step equal to the single-device one.
+  (one, state_one), (two, state_two) = runs[1], runs[NUM_DEVICES]
+  np.testing.assert_allclose(two, one, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_one.batch_stats),
+                  jax.tree.leaves(state_two.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_decay_skips_biases_and_batchnorm(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache).train
+  config.weight_decay = 0.5
+  tx = steps.create_optimizer(config, lambda step: 1.0)
+  params = {'kernel': np.ones((2, 2), np.float32),
+            'bias': np.ones(2, np.float32)}
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert np.all(np.asarray(updates['bias']) == 0)
+  assert np.all(np.asarray(updates['kernel']) < 0)
+
+
+def test_schedule_warms_up_then_decays_to_zero(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache).train
+  config.num_epochs, config.warmup_epochs, config.learning_rate = 4, 1, 0.1
+  schedule = steps.learning_rate_fn(config, steps_per_epoch=10)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(10)) == pytest.approx(0.1)
+  assert float(schedule(5)) == pytest.approx(0.05)
+  assert float(schedule(40)) == pytest.approx(0.0, abs=1e-7)
+  assert float(schedule(25)) == pytest.approx(0.05, rel=1e-4)
+
+
+def test_class_weights_balance_the_classes():
+  counts = np.array([260, 470, 90, 50, 20, 13, 90, 13])
+  w = losses.class_weights('inverse_frequency', counts)
+  np.testing.assert_allclose(w * counts, counts.sum() / 8, rtol=1e-5)
+  assert losses.class_weights('none', counts) is None
+  with pytest.raises(ValueError, match='train.class_weights'):
+    losses.class_weights('sqrt', counts)

@@ -1,0 +1,109 @@
+"""The train mode end to end: the output contract, resume, divergence."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from fer_jax import checkpoints, reporting, train
+
+REPORT_KEYS = {'num_examples', 'num_va_examples', 'accuracy',
+               'balanced_accuracy', 'macro_f1', 'weighted_f1', 'per_class',
+               'confusion_matrix'} | {
+                   f'{d}_{m}' for d in ('valence', 'arousal')
+                   for m in ('rmse', 'mae', 'pcc', 'ccc', 'sagr')}
+SPLIT_KEYS = {'num_examples', 'num_va_examples', 'class_counts',
+              'dropped_classes', 'skipped'}
+
+
+def test_run_writes_every_file_of_the_contract(trained):
+  config, workdir, metrics = trained
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['data']['image_size'] == config.data.image_size
+  report = json.loads((workdir / 'report' / 'test_metrics.json').read_text())
+  assert REPORT_KEYS <= set(report)
+  assert report['num_examples'] == config.data.synthetic.num_val
+  assert np.array(report['confusion_matrix']).shape == (8, 8)
+  assert set(report['per_class']['Contempt']) == {'precision', 'recall',
+                                                 'f1', 'support'}
+  assert report['accuracy'] == pytest.approx(metrics['accuracy'])
+  data_report = json.loads((workdir / 'data_report.json').read_text())
+  for split in ('train', 'val', 'test'):
+    assert SPLIT_KEYS <= set(data_report[split])
+  assert sum(data_report['train']['class_counts']) + sum(
+      data_report['val']['class_counts']) == config.data.synthetic.num_train
+  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
+  assert [r['epoch'] for r in records] == [1, 2]
+  for key in ('step', 'train_loss', 'train_accuracy', 'val_loss',
+              'val_accuracy', 'val_macro_f1', 'learning_rate',
+              'images_per_sec'):
+    assert all(np.isfinite(r[key]) for r in records), key
+  assert list((workdir / 'tb').glob('events.out.tfevents.*'))
+  for name in ('confusion_matrix.png', 'curves.png', 'va_scatter.png'):
+    assert (workdir / 'report' / name).stat().st_size > 10_000
+  assert (workdir / 'splits.npz').exists()
+
+
+def test_best_and_latest_checkpoints_are_kept(trained):
+  config, workdir, metrics = trained
+  manager = checkpoints.create_manager(workdir, config, read_only=True)
+  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
+  best = max(records, key=lambda r: r['val_macro_f1'])
+  assert manager.best_step() == best['step'] == metrics['checkpoint_step']
+  assert manager.latest_step() == records[-1]['step']
+
+
+def final_params(config, workdir):
+  manager = checkpoints.create_manager(workdir, config, read_only=True)
+  state, meta = checkpoints.restore(manager, manager.latest_step(), None)
+  return state['params'], meta
+
+
+def test_resume_after_interruption_matches_uninterrupted(trained, tmp_path,
+                                                         capsys):
+  config, workdir, _ = trained
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(workdir, resumed)
+  # Simulate a crash during epoch 2: its checkpoint and reports never landed.
+  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
+  shutil.rmtree(resumed / 'checkpoints' / str(records[-1]['step']))
+  shutil.rmtree(resumed / 'report')
+  train.train_and_evaluate(config, str(resumed))
+  assert 'Resuming from the checkpoint of epoch 1' in capsys.readouterr().out
+  again = reporting.read_jsonl(resumed / 'metrics.jsonl')
+  assert [r['epoch'] for r in again] == [1, 2]
+  assert again[1]['val_loss'] == pytest.approx(records[1]['val_loss'],
+                                               rel=1e-5)
+  want, _ = final_params(config, workdir)
+  got, meta = final_params(config, resumed)
+  assert meta['epoch'] == 2
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_finished_run_is_not_trained_again(trained, tmp_path, capsys):
+  config, workdir, metrics = trained
+  again = tmp_path / 'again'
+  shutil.copytree(workdir, again)
+  result = train.train_and_evaluate(config, str(again))
+  assert 'Resuming from the checkpoint of epoch 2' in capsys.readouterr().out
+  assert len(reporting.read_jsonl(again / 'metrics.jsonl')) == 2
+  assert result['accuracy'] == pytest.approx(metrics['accuracy'])
+
+
+def test_diverging_loss_stops_and_keeps_the_last_checkpoint(trained,
+                                                            tmp_path):
+  config, workdir, _ = trained
+  diverged = tmp_path / 'diverged'
+  shutil.copytree(workdir, diverged)
+  config = config.copy_and_resolve_references()
+  config.train.num_epochs = 3
+  config.train.learning_rate = 1e30
+  with pytest.raises(FloatingPointError, match='loss is (nan|inf) at epoch 3'):
+    train.train_and_evaluate(config, str(diverged))
+  manager = checkpoints.create_manager(diverged, config, read_only=True)
+  assert manager.latest_step() == reporting.read_jsonl(
+      workdir / 'metrics.jsonl')[-1]['step']
+  assert len(reporting.read_jsonl(diverged / 'metrics.jsonl')) == 2

@@ -48,7 +48,8 @@ class TensorBoard:
 
   def scalars(self, step: int, values: dict) -> None:
     for name, value in values.items():
-      self.writer.add_scalar(name, float(value), step)
+      if value is not None:
+        self.writer.add_scalar(name, float(value), step)
     self.writer.flush()
 
   def close(self) -> None:

@@ -19,6 +19,12 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
   return best is None or (value > best if mode == 'max' else value < best)
 
 
+def _tensorboard_tag(key: str) -> str:
+  """'val_macro_f1' -> 'val/macro_f1', so TensorBoard groups by split."""
+  split, _, name = key.partition('_')
+  return f'{split}/{name}' if split in ('train', 'val') else key
+
+
 def _check_finite(metrics: dict, epoch: int, step: int) -> None:
   """Stops a diverged run before it can overwrite a good checkpoint."""
   if not math.isfinite(metrics['loss']):
@@ -33,29 +39,34 @@ def train_epoch(p_train, state, batches, num_steps: int, desc: str,
   """One pass over the training batches with a progress bar.
 
   Metrics come back to the host only every `log_every` steps (for the bar)
-  and once at the end of the epoch.
+  and once at the end of the epoch. Images/s is timed from the end of the
+  first step, so compilation does not count.
   """
-  history, start = [], time.perf_counter()
+  history, start = [], None
   bar = tqdm(batches, total=num_steps, desc=desc, unit='step',
              dynamic_ncols=True, mininterval=1.0)
-  metrics = None
   for i, batch in enumerate(bar):
     state, metrics = p_train(state, batch)
     history.append(metrics)
-    if (i + 1) % log_every == 0 or i + 1 == num_steps:
+    if start is None:
+      jax.block_until_ready(metrics)
+      start = time.perf_counter()
+    elif (i + 1) % log_every == 0 or i + 1 == num_steps:
       last = jax.tree.map(lambda x: float(x[0]), metrics)
-      images_per_sec = (i + 1) * batch_size / (time.perf_counter() - start)
+      images_per_sec = i * batch_size / (time.perf_counter() - start)
       bar.set_postfix(loss=f"{last['loss']:.3f}",
                       acc=f"{last['accuracy']:.3f}",
                       img_s=f'{images_per_sec:.0f}')
   bar.close()
-  if metrics is None:
+  if not history:
     raise ValueError('no training batch: the train split is smaller than '
                      'train.batch_size')
-  seconds = time.perf_counter() - start
+  timed_steps = len(history) - 1
+  images_per_sec = (timed_steps * batch_size / (time.perf_counter() - start)
+                    if timed_steps else None)  # one step: nothing to time
   means = jax.tree.map(lambda *x: float(np.mean([v[0] for v in x])),
                        *jax.device_get(history))
-  return state, means, num_steps * batch_size / seconds
+  return state, means, images_per_sec
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -135,14 +146,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     checkpoints.save(manager, step, steps.unreplicate(state), meta,
                      {config.train.best_metric: value})
     reporting.append_jsonl(workdir / 'metrics.jsonl', record)
-    tensorboard.scalars(step, {k.replace('_', '/', 1): v
+    tensorboard.scalars(step, {_tensorboard_tag(k): v
                                for k, v in record.items()
                                if k not in ('epoch', 'step')})
     logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc '
                  '%.4f macro F1 %.4f | %.0f img/s', epoch + 1,
                  record['train_loss'], record['train_accuracy'],
                  record['val_loss'], record['val_accuracy'],
-                 record['val_macro_f1'], images_per_sec)
+                 record['val_macro_f1'], images_per_sec or 0.0)
     if meta['stopped_early']:
       print(f'Stopping early: {config.train.best_metric} has not improved '
             f'for {patience} epochs (best {meta["best_value"]:.4f} at epoch '

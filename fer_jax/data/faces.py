@@ -35,7 +35,7 @@ GEOMETRY = np.array([
     [-0.4, 0.55, 1.3, 0.0, 1.0, 0.6, 0.8, 0.0],    # Fear
     [-0.5, 0.15, 0.95, 0.0, 0.3, -0.4, -0.3, 1.0],  # Disgust
     [-0.3, 0.0, 0.8, 0.0, 0.3, -0.6, -1.0, 0.0],   # Anger
-    [0.0, 0.0, 1.0, 0.9, 0.45, 0.0, 0.0, 0.0],     # Contempt
+    [0.0, 0.0, 1.0, 1.4, 0.45, 0.0, 0.0, 0.0],     # Contempt
 ], dtype=np.float64)
 assert GEOMETRY.shape[0] == NUM_CLASSES
 
@@ -134,7 +134,9 @@ def _face_geometry(p: dict, canvas: int) -> dict:
   mw = 0.36 * fw * p['mouth_width']
   my = cy + p['mouth_y'] * fh
   corner = [my - 0.16 * fh * p['smile']] * 2
-  corner[(p['smirk_side'] + 1) // 2] -= 0.18 * fh * p['smirk']
+  # A smirk lifts one corner and lowers the other a little.
+  corner[(p['smirk_side'] + 1) // 2] -= 0.2 * fh * p['smirk']
+  corner[(1 - p['smirk_side']) // 2] += 0.05 * fh * p['smirk']
   gap = 0.24 * fh * p['mouth_open']
   left, right = np.array([cx - mw, corner[0]]), np.array([cx + mw, corner[1]])
   upper = _curve(left, right, my - gap / 2 - 0.1 * fh * p['wrinkle'], 7)

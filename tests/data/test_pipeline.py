@@ -39,8 +39,10 @@ def _epoch_paths(records, config, epoch):
           for l, v in zip(b['label'].reshape(-1), b['va'].reshape(-1, 2))]
 
 
-def test_each_epoch_is_a_new_permutation_and_reproducible(loaded):
+def test_uniform_epochs_are_new_permutations_and_reproducible(loaded):
   config, splits, _ = loaded
+  config = config.copy_and_resolve_references()
+  config.data.sampler = 'uniform'
   records = splits['train']
   epoch0 = _epoch_paths(records, config, 0)
   epoch1 = _epoch_paths(records, config, 1)
@@ -51,6 +53,24 @@ def test_each_epoch_is_a_new_permutation_and_reproducible(loaded):
   # No example twice within an epoch (up to the dropped remainder).
   assert len(set(epoch0)) == len(epoch0)
   assert set(epoch0) <= set(everything)
+
+
+def test_balanced_sampler_draws_classes_equally_and_reproducibly(loaded):
+  config, splits, _ = loaded
+  config = config.copy_and_resolve_references()
+  config.data.sampler = 'balanced'
+  records = splits['train']
+  epoch0 = _epoch_paths(records, config, 0)
+  assert epoch0 == _epoch_paths(records, config, 0)
+  assert epoch0 != _epoch_paths(records, config, 1)
+  # Many epochs of the sampler alone: each class close to 1/8.
+  draws = np.concatenate([pipeline.balanced_indices(
+      records.labels, len(records), np.random.default_rng(k))
+                          for k in range(200)])
+  freq = np.bincount(records.labels[draws], minlength=8) / len(draws)
+  np.testing.assert_allclose(freq, 1 / 8, atol=0.01)
+  natural = np.bincount(records.labels, minlength=8) / len(records)
+  assert natural.max() > 0.4  # Happy dominates the unbalanced split
 
 
 def test_eval_batches_cover_every_example_once_with_padding_masked(loaded):

@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.val_fraction = 0.2          # of train_set, stratified by class
   config.data.split_seed = 0
   config.data.random_flip = True
+  config.data.crop_min_scale = 0.9        # random square crops of 90-100% side; 1: off
   # 'uniform': each image once per epoch; 'balanced': every class drawn
   # equally often (with replacement). AffectNet's imbalance (Happy 47%,
   # Contempt 1.3%) sank the reference study's ResNet18; on the synthetic set

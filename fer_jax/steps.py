@@ -152,9 +152,9 @@ def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
   return p_train, p_eval
 
 
-def replicate(tree: Any) -> Any:
-  """One copy of tree on every local device, as pmap expects."""
-  return flax.jax_utils.replicate(tree)
+def replicate(tree: Any, devices=None) -> Any:
+  """One copy of tree on every local device (or on devices), as pmap expects."""
+  return flax.jax_utils.replicate(tree, devices)
 
 
 def unreplicate(tree: Any) -> Any:

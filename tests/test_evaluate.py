@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fer_jax import evaluate
+from fer_jax import evaluate, reporting
 
 
 def test_evaluate_reproduces_the_test_report_of_training(trained):
@@ -18,10 +18,13 @@ def test_evaluate_reproduces_the_test_report_of_training(trained):
 
 def test_evaluate_other_split_and_step_writes_its_report(trained):
   config, workdir, _ = trained
-  result = evaluate.evaluate(config, str(workdir), 'val', checkpoint_step=12)
+  first = reporting.read_jsonl(workdir / 'metrics.jsonl')[0]
+  result = evaluate.evaluate(config, str(workdir), 'val',
+                             checkpoint_step=first['step'])
   saved = json.loads((workdir / 'report' / 'val_metrics.json').read_text())
-  assert saved['checkpoint_step'] == 12 == result['checkpoint_step']
-  assert saved['num_examples'] == 24
+  assert saved['checkpoint_step'] == first['step'] == result['checkpoint_step']
+  assert saved['num_examples'] == first['val_num_examples']
+  assert saved['accuracy'] == pytest.approx(first['val_accuracy'])
   assert (workdir / 'report' / 'val_confusion_matrix.png').exists()
 
 

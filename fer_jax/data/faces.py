@@ -56,9 +56,9 @@ def draw_params(rng: np.random.Generator, label: int) -> dict:
   """Valence, arousal, expression geometry, identity and pose of one face."""
   va = np.clip(VA_CENTRES[label] + rng.normal(0, VA_SPREAD, 2), -1, 1)
   dv, da = va - VA_CENTRES[label]
-  intensity = rng.uniform(0.75, 1.1)
+  intensity = rng.uniform(0.85, 1.1)
   g = GEOMETRY[0] + intensity * (GEOMETRY[label] - GEOMETRY[0])
-  g = g + rng.normal(0, 0.06, g.shape)  # individual variation
+  g = g + rng.normal(0, 0.04, g.shape)  # individual variation
   smile, mouth_open, width, smirk, eye_open, raise_, tilt, wrinkle = g
   return dict(
       valence=float(va[0]), arousal=float(va[1]),
@@ -77,11 +77,11 @@ def draw_params(rng: np.random.Generator, label: int) -> dict:
       iris=IRIS_COLOURS[rng.integers(len(IRIS_COLOURS))],
       brow_width=rng.uniform(0.06, 0.09),
       # pose, lighting and capture
-      angle=rng.uniform(-12, 12), scale=rng.uniform(0.85, 1.05),
+      angle=rng.uniform(-10, 10), scale=rng.uniform(0.85, 1.05),
       shift=rng.uniform(-0.08, 0.08, 2),
       light=rng.uniform(-0.5, 0.5, 2), brightness=rng.uniform(0.75, 1.2),
-      contrast=rng.uniform(0.75, 1.2), noise=rng.uniform(0, 6),
-      jpeg_quality=int(rng.integers(40, 96)),
+      contrast=rng.uniform(0.75, 1.2), noise=rng.uniform(0, 3),
+      jpeg_quality=int(rng.integers(50, 96)),
       background_seed=int(rng.integers(2**31)),
   )
 
@@ -258,14 +258,15 @@ def render(p: dict, size: int, supersample: int = 2
       resample=Image.Resampling.BILINEAR)
   image = _background(p['background_seed'], canvas)
   image.paste(face, (0, 0), face)
+  # Lighting, contrast and sensor noise at the output resolution.
+  image = image.resize((size, size), Image.Resampling.BOX)
   x = np.asarray(image, dtype=np.float32)
-  yy, xx = np.mgrid[0:canvas, 0:canvas] / canvas - 0.5
+  yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
   x = x * (1 + p['light'][0] * xx + p['light'][1] * yy)[..., None]
   x = (x - 128) * p['contrast'] + 128 * p['brightness']
   noise = np.random.default_rng(p['background_seed'] + 1).normal(
       0, p['noise'], x.shape)
-  x = np.clip(x + noise, 0, 255).astype(np.uint8)
-  image = Image.fromarray(x).resize((size, size), Image.Resampling.BOX)
+  image = Image.fromarray(np.clip(x + noise, 0, 255).astype(np.uint8))
   buffer = io.BytesIO()
   image.save(buffer, format='JPEG', quality=p['jpeg_quality'])
   points = landmarks_68(parts) @ forward[:, :2].T + forward[:, 2]

@@ -1,4 +1,4 @@
-"""Grain input pipelines: decode, resize, flip, batch and shard per device.
+"""Grain input pipelines: decode, resize, augment, batch, shard per device.
 
 Batches are dicts of NumPy arrays with a leading device axis:
 images uint8 [D, B/D, H, W, 3], label int32 [D, B/D], va float32
@@ -37,9 +37,23 @@ def _load(record: dict, image_size: int) -> dict:
           'va_mask': record['va_mask'], 'mask': np.True_}
 
 
+def random_crop(image: np.ndarray, rng: np.random.Generator,
+                min_scale: float) -> np.ndarray:
+  """A square crop of side U(min_scale, 1) x size, resized back to size."""
+  size = image.shape[0]
+  side = int(round(size * rng.uniform(min_scale, 1.0)))
+  if side >= size:
+    return image
+  y, x = rng.integers(0, size - side + 1, 2)
+  crop = Image.fromarray(image[y:y + side, x:x + side])
+  return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+
+
 def _load_augmented(record: dict, rng: np.random.Generator, image_size: int,
-                    flip: bool) -> dict:
+                    flip: bool, crop_min_scale: float) -> dict:
   example = _load(record, image_size)
+  if crop_min_scale < 1:
+    example['image'] = random_crop(example['image'], rng, crop_min_scale)
   if flip and rng.random() < 0.5:
     example['image'] = example['image'][:, ::-1]
   return example
@@ -99,7 +113,8 @@ def train_batches(records: Records, config: ml_collections.ConfigDict,
     raise ValueError(f'train.batch_size: {batch_size} is not divisible by '
                      f'{num_devices} devices')
   load = functools.partial(_load_augmented, image_size=config.data.image_size,
-                           flip=config.data.random_flip)
+                           flip=config.data.random_flip,
+                           crop_min_scale=config.data.crop_min_scale)
   if config.data.sampler == 'uniform':
     ds = (grain.MapDataset.source(records).seed(config.train.seed).shuffle()
           .random_map(load).repeat(config.train.num_epochs))

@@ -22,7 +22,7 @@ from absl import logging
 from fer_jax.data import faces
 from fer_jax.labels import NUM_CLASSES, VA_MISSING
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 7
 # AffectNet's manually annotated training set (Mollahosseini et al., 2017),
 # in the order of EXPRESSIONS: Happy ~47%, Neutral ~26%, ...
 TRAIN_CLASS_FREQUENCIES = np.array([26, 47, 9, 5, 2, 1.3, 9, 1.3])

@@ -88,6 +88,8 @@ def test_flip_only_in_training(loaded):
   config, splits, _ = loaded
   config = config.copy_and_resolve_references()
   config.train.num_epochs = 8
+  config.data.crop_min_scale = 1.0
+  config.data.sampler = 'uniform'
   records = splits['train'].subset(np.arange(1))
   image = pipeline.decode_image(records.paths[0], config.data.image_size)
   eval_image = next(pipeline.eval_batches(records, config, 1))['image'][0, 0]
@@ -96,6 +98,17 @@ def test_flip_only_in_training(loaded):
   seen = {pipeline.train_batches(records, config, epoch, 1).__next__()[
       'image'][0, 0].tobytes() for epoch in range(8)}
   assert seen == {image.tobytes(), image[:, ::-1].tobytes()}
+
+
+def test_random_crop_keeps_the_size_and_zooms_in():
+  rng = np.random.default_rng(0)
+  image = np.zeros((40, 40, 3), np.uint8)
+  image[:, :20] = 255  # left half white
+  crops = [pipeline.random_crop(image, rng, 0.5) for _ in range(20)]
+  assert all(c.shape == image.shape and c.dtype == np.uint8 for c in crops)
+  whites = [np.mean(c == 255) for c in crops]
+  assert min(whites) < 0.4 and max(whites) > 0.6  # position varies
+  np.testing.assert_array_equal(pipeline.random_crop(image, rng, 1.0), image)
 
 
 def test_holdout_split_is_stratified_and_disjoint(loaded):

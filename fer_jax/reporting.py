@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -88,6 +89,7 @@ def plot_curves(path: Path, records: list[dict]) -> None:
   right.plot(epochs, [r['val_macro_f1'] for r in records], 's--',
              label='val macro F1')
   for ax, name in ((left, 'loss'), (right, 'accuracy / F1')):
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel('epoch')
     ax.set_ylabel(name)
     ax.grid(alpha=0.3)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from fer_jax.data import synthetic
 from fer_jax.data.affectnet import Records, SourceReport, read_npy_split
@@ -71,6 +72,10 @@ def load_splits(config: ml_collections.ConfigDict
   report = {'root': str(root)}
   report.update({name: split_report(splits[name], sources[name])
                  for name in SPLIT_NAMES})
+  for name, source in (('train_set', train_report), ('val_set', val_report)):
+    if source.skipped:
+      logging.warning('%s: skipped %d files (data.on_error=skip), listed in '
+                      'data_report.json', root / name, len(source.skipped))
   return splits, report
 
 

@@ -102,10 +102,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   latest = manager.latest_step()
   if latest is not None:
     state, meta = checkpoints.restore(manager, latest, state)
-    message = (f"Resuming from the checkpoint of epoch {meta['epoch']} "
-               f"(step {latest}) in {manager.directory}")
-    logging.info(message)
-    print(message)
+    print(f"Resuming from the checkpoint of epoch {meta['epoch']} "
+          f"(step {latest}) in {manager.directory}")
+    if meta['epoch'] >= config.train.num_epochs or meta['stopped_early']:
+      print('Training has finished; evaluating the best checkpoint.')
   reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
   state = steps.replicate(state)
   tensorboard = reporting.TensorBoard(workdir / 'tb')

@@ -88,7 +88,9 @@ def test_finished_run_is_not_trained_again(trained, tmp_path, capsys):
   again = tmp_path / 'again'
   shutil.copytree(workdir, again)
   result = train.train_and_evaluate(config, str(again))
-  assert 'Resuming from the checkpoint of epoch 2' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'Resuming from the checkpoint of epoch 2' in out
+  assert 'Training has finished' in out
   assert len(reporting.read_jsonl(again / 'metrics.jsonl')) == 2
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
 

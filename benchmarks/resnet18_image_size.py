@@ -3,7 +3,7 @@
 Shows why configs/default.py trains at 72 px: XLA:CPU is slow on 2x2 feature
 maps, which ResNet18's last stage has at 48-64 px inputs.
 
-  python benchmarks/resnet18_image_size.py [--sizes 48 64 72 96] [--batch 32]
+  python -m benchmarks.resnet18_image_size [--sizes 48 64 72 96] [--batch 32]
 """
 
 import argparse

@@ -3,7 +3,7 @@
 XLA:CPU is far slower on a 2x2 feature map than on 3x3, which is why the
 default config trains at 72 px (ResNet18's last stage 3x3), not 64 (2x2).
 
-  python benchmarks/xla_cpu_small_conv.py
+  python -m benchmarks.xla_cpu_small_conv
 """
 
 import time

@@ -32,37 +32,44 @@ def test_train_batches_are_uint8_sharded_over_devices(loaded):
   assert b['va_mask'].dtype == bool and b['mask'].all()
 
 
-def _epoch_paths(records, config, epoch):
-  """The labels and VA of one epoch in order, to identify examples."""
-  return [tuple(np.round(v, 5)) + (int(l),) for b in pipeline.train_batches(
-      records, config, epoch, NUM_DEVICES)
-          for l, v in zip(b['label'].reshape(-1), b['va'].reshape(-1, 2))]
+def _identities(labels, va, va_mask):
+  """(valence, arousal, label) of the VA-valid examples: unique per image."""
+  return [tuple(np.round(v, 5)) + (int(l),)
+          for l, v, m in zip(labels, va, va_mask) if m]
+
+
+def _sampler(loaded, sampler):
+  """The train records and a function: epoch -> its examples in order."""
+  config, splits, _ = loaded
+  config = config.copy_and_resolve_references()
+  config.data.sampler = sampler
+  records = splits['train']
+
+  def epoch_examples(epoch):
+    batches = list(pipeline.train_batches(records, config, epoch,
+                                          NUM_DEVICES))
+    return _identities(*(np.concatenate([b[k].reshape(-1, *b[k].shape[2:])
+                                         for b in batches])
+                         for k in ('label', 'va', 'va_mask')))
+  return records, epoch_examples
 
 
 def test_uniform_epochs_are_new_permutations_and_reproducible(loaded):
-  config, splits, _ = loaded
-  config = config.copy_and_resolve_references()
-  config.data.sampler = 'uniform'
-  records = splits['train']
-  epoch0 = _epoch_paths(records, config, 0)
-  epoch1 = _epoch_paths(records, config, 1)
-  assert epoch0 == _epoch_paths(records, config, 0)  # same seed, same order
-  assert epoch0 != epoch1
-  everything = [tuple(np.round(v, 5)) + (int(l),)
-                for l, v in zip(records.labels, records.va)]
+  records, epoch_examples = _sampler(loaded, 'uniform')
+  epoch0 = epoch_examples(0)
+  assert epoch0 == epoch_examples(0)  # same seed, same order
+  assert epoch0 != epoch_examples(1)
   # No example twice within an epoch (up to the dropped remainder).
   assert len(set(epoch0)) == len(epoch0)
-  assert set(epoch0) <= set(everything)
+  assert set(epoch0) <= set(_identities(records.labels, records.va,
+                                        records.va_mask))
 
 
 def test_balanced_sampler_draws_classes_equally_and_reproducibly(loaded):
-  config, splits, _ = loaded
-  config = config.copy_and_resolve_references()
-  config.data.sampler = 'balanced'
-  records = splits['train']
-  epoch0 = _epoch_paths(records, config, 0)
-  assert epoch0 == _epoch_paths(records, config, 0)
-  assert epoch0 != _epoch_paths(records, config, 1)
+  records, epoch_examples = _sampler(loaded, 'balanced')
+  epoch0 = epoch_examples(0)
+  assert epoch0 == epoch_examples(0)
+  assert epoch0 != epoch_examples(1)
   # Many epochs of the sampler alone: each class close to 1/8.
   draws = np.concatenate([pipeline.balanced_indices(
       records.labels, len(records), np.random.default_rng(k))

@@ -72,6 +72,9 @@ def train_epoch(p_train, state, batches, num_steps: int, desc: str,
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
   """Trains, keeps the best checkpoint, then writes the test report."""
+  if not config.train.best_metric.startswith(('val_', 'train_')):
+    raise ValueError(f'train.best_metric: {config.train.best_metric!r} must '
+                     "name a metrics.jsonl field, e.g. 'val_macro_f1'")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   num_devices = jax.local_device_count()
@@ -91,6 +94,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   tx = steps.create_optimizer(config.train, schedule)
   state = steps.create_train_state(model, tx, config.data.image_size,
                                    config.train.seed, config.model.init_from)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  (workdir / 'model_summary.txt').write_text(
+      models.parameter_summary(variables) + '\n')
+  print(f'{config.model.name}: ' + ', '.join(
+      f'{k} {n:,}' for k, n in models.parameter_totals(variables).items()) +
+        f" (every variable in {workdir / 'model_summary.txt'})")
   weights = losses.class_weights(config.train.class_weights,
                                  data_report['train']['class_counts'])
   p_train, p_eval = steps.pmap_steps(model, tx, config, weights)

@@ -44,6 +44,7 @@ def test_run_writes_every_file_of_the_contract(trained):
   for name in ('confusion_matrix.png', 'curves.png', 'va_scatter.png'):
     assert (workdir / 'report' / name).stat().st_size > 10_000
   assert (workdir / 'splits.npz').exists()
+  assert 'total params backbone' in (workdir / 'model_summary.txt').read_text()
 
 
 def test_best_and_latest_checkpoints_are_kept(trained):
@@ -109,3 +110,18 @@ def test_diverging_loss_stops_and_keeps_the_last_checkpoint(trained,
   assert manager.latest_step() == reporting.read_jsonl(
       workdir / 'metrics.jsonl')[-1]['step']
   assert len(reporting.read_jsonl(diverged / 'metrics.jsonl')) == 2
+
+
+def test_efficientnet_b0_trains_and_evaluates_end_to_end(config, tmp_path,
+                                                         capsys):
+  config.model.name = 'efficientnet_b0'
+  config.model.dropout_rate = 0.2
+  config.train.num_epochs = 1
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert 'params backbone 4,007,548' in capsys.readouterr().out
+  report = json.loads((tmp_path / 'report' / 'test_metrics.json').read_text())
+  assert report['accuracy'] == pytest.approx(metrics['accuracy'])
+  assert sum(report['per_class'][n]['support'] for n in report['per_class']) \
+      == config.data.synthetic.num_val
+  assert 'stage7_0/dw_conv/kernel' in (tmp_path / 'model_summary.txt'
+                                       ).read_text()

@@ -1,10 +1,14 @@
-"""Backbone weights from torchvision checkpoints (.pth or .safetensors).
+"""Backbone weights from torchvision or timm checkpoints (.pth, .safetensors).
 
-The Flax names map to torchvision's one to one: `layer2_0/downsample_conv`
-is `layer2.0.downsample.0`, a kernel is `weight` (OIHW, transposed to HWIO),
-a BatchNorm scale/bias is `weight`/`bias` and its statistics are
-`running_mean`/`running_var`. The classifier (`fc.*`) is not used: the
-multitask head keeps its own initialisation.
+Every Flax variable of the backbone has one name in each checkpoint format:
+a kernel is `weight` (OIHW, transposed to HWIO; depthwise kernels alike), a
+BatchNorm scale/bias is `weight`/`bias` and its statistics are
+`running_mean`/`running_var`. ResNet18's names are the same in torchvision
+and timm (`layer2_0/downsample_conv` is `layer2.0.downsample.0`).
+EfficientNet-B0's differ: the block `stage2_0/dw_conv` is torchvision's
+`features.2.0.block.1.0` and timm's `blocks.1.0.conv_dw`. The classifier
+(`fc.*`, `classifier.*`) is not used: the multitask head keeps its own
+initialisation.
 """
 
 import re
@@ -14,23 +18,64 @@ from typing import Any
 import flax
 import numpy as np
 
+from fer_jax.models.efficientnet import STAGES
+
+FORMATS = ('torchvision', 'timm')
 CLASSIFIER_PREFIXES = ('fc.', 'classifier.')
 IGNORED_SUFFIXES = ('num_batches_tracked',)
 LEAF_NAMES = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
               ('params', 'bias'): 'bias',
               ('batch_stats', 'mean'): 'running_mean',
               ('batch_stats', 'var'): 'running_var'}
+EFFICIENTNET_ENDS = {  # Flax module: (torchvision, timm)
+    'stem_conv': ('features.0.0', 'conv_stem'),
+    'stem_bn': ('features.0.1', 'bn1'),
+    'head_conv': ('features.8.0', 'conv_head'),
+    'head_bn': ('features.8.1', 'bn2')}
+# Inside an MBConv block: torchvision's position in `block` (one less
+# without the expansion layer) and timm's names with and without it.
+EFFICIENTNET_BLOCK = {
+    'expand_conv': ((0, '0'), 'conv_pw', None),
+    'expand_bn': ((0, '1'), 'bn1', None),
+    'dw_conv': ((1, '0'), 'conv_dw', 'conv_dw'),
+    'dw_bn': ((1, '1'), 'bn2', 'bn1'),
+    'se/reduce': ((2, 'fc1'), 'se.conv_reduce', 'se.conv_reduce'),
+    'se/expand': ((2, 'fc2'), 'se.conv_expand', 'se.conv_expand'),
+    'project_conv': ((3, '0'), 'conv_pwl', 'conv_pw'),
+    'project_bn': ((3, '1'), 'bn3', 'bn2')}
 
 
-def torch_name(collection: str, path: tuple[str, ...]) -> str:
-  """torchvision's state-dict key of a backbone variable."""
-  *modules, leaf = path
+def _resnet_module(modules: tuple[str, ...]) -> str:
   names = []
   for module in modules:
     module = re.sub(r'^(layer\d)_(\d+)$', r'\1.\2', module)
     module = module.replace('downsample_conv', 'downsample.0')
     names.append(module.replace('downsample_bn', 'downsample.1'))
-  return '.'.join(names + [LEAF_NAMES[(collection, leaf)]])
+  return '.'.join(names)
+
+
+def _efficientnet_module(modules: tuple[str, ...]) -> tuple[str, str]:
+  if modules[0] in EFFICIENTNET_ENDS:
+    return EFFICIENTNET_ENDS[modules[0]]
+  stage, block = map(int, re.fullmatch(r'stage(\d)_(\d+)', modules[0]).groups())
+  expanded = STAGES[stage - 1][0] != 1
+  (position, layer), timm_expanded, timm_plain = EFFICIENTNET_BLOCK[
+      '/'.join(modules[1:])]
+  position -= 0 if expanded else 1
+  return (f'features.{stage}.{block}.block.{position}.{layer}',
+          f'blocks.{stage - 1}.{block}.'
+          f'{timm_expanded if expanded else timm_plain}')
+
+
+def checkpoint_names(collection: str, path: tuple[str, ...]) -> dict:
+  """{format: state-dict key} of one backbone variable."""
+  *modules, leaf = path
+  leaf = LEAF_NAMES[(collection, leaf)]
+  if modules[0] in EFFICIENTNET_ENDS or modules[0].startswith('stage'):
+    modules = _efficientnet_module(tuple(modules))
+  else:
+    modules = (_resnet_module(tuple(modules)),) * 2
+  return {f: f'{m}.{leaf}' for f, m in zip(FORMATS, modules)}
 
 
 def to_flax(value: np.ndarray) -> np.ndarray:
@@ -69,8 +114,10 @@ def load_pretrained(variables: Any, path: str | Path) -> Any:
   variables = flax.core.unfreeze(variables)
   flat = {c: flax.traverse_util.flatten_dict(variables[c]['backbone'])
           for c in ('params', 'batch_stats')}
-  expected = {torch_name(c, key): (c, key, value)
-              for c in flat for key, value in flat[c].items()}
+  names = {(c, key): checkpoint_names(c, key) for c in flat for key in flat[c]}
+  # The format whose names the checkpoint holds most of.
+  fmt = max(FORMATS, key=lambda f: sum(n[f] in state for n in names.values()))
+  expected = {n[fmt]: (c, key, flat[c][key]) for (c, key), n in names.items()}
   missing = sorted(set(expected) - set(state))
   unexpected = sorted(k for k in set(state) - set(expected)
                       if not k.startswith(CLASSIFIER_PREFIXES)
@@ -81,7 +128,7 @@ def load_pretrained(variables: Any, path: str | Path) -> Any:
                if name in state and to_flax(state[name]).shape != value.shape]
   if missing or unexpected or misshaped:
     raise ValueError(
-        f'{path}: does not match the backbone.\n'
+        f'{path}: does not match the backbone (read as {fmt} names).\n'
         f'  missing ({len(missing)}): {missing}\n'
         f'  unexpected ({len(unexpected)}): {unexpected}\n'
         f'  mis-shaped ({len(misshaped)}): {misshaped}')

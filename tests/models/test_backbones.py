@@ -1,0 +1,168 @@
+"""ResNet18 and EfficientNet-B0 against torchvision and timm."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torchvision
+
+from configs import default
+from fer_jax import models
+from fer_jax.models import pretrained
+
+ARCHITECTURES = ('resnet18', 'efficientnet_b0')
+BACKBONE_COUNTS = {'resnet18': 11_176_512, 'efficientnet_b0': 4_007_548}
+
+
+def make(name, dtype='float32'):
+  config = default.get_config().model
+  config.name, config.dtype = name, dtype
+  model = models.create_model(config)
+  variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(0), x))(
+      jnp.zeros((1, 32, 32, 3)))
+  return model, variables
+
+
+@pytest.fixture(scope='module', params=ARCHITECTURES)
+def flax_model(request):
+  return (request.param, *make(request.param))
+
+
+def torch_reference(name, source):
+  """A random torch model whose BatchNorm statistics are random too."""
+  torch.manual_seed(0)
+  net = (getattr(torchvision.models, name)() if source == 'torchvision'
+         else timm.create_model(name, pretrained=False))
+  with torch.no_grad():
+    for module in net.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.3, 0.3)
+        module.running_mean.uniform_(-0.3, 0.3)
+        module.running_var.uniform_(0.5, 2.0)
+  return net.eval()
+
+
+def pooled_features(net, source, x):
+  """The torch model's pooled backbone features of NHWC images."""
+  x = torch.from_numpy(x.transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    if source == 'timm':
+      return net.forward_head(net.forward_features(x), pre_logits=True).numpy()
+    if isinstance(net, torchvision.models.ResNet):
+      return torch.nn.Sequential(*list(net.children())[:-1])(x).flatten(1).numpy()
+    return net.avgpool(net.features(x)).flatten(1).numpy()
+
+
+def test_backbone_parameter_count_equals_torchvision(flax_model):
+  name, _, variables = flax_model
+  net = getattr(torchvision.models, name)()
+  want = sum(p.numel() for n, p in net.named_parameters()
+             if not n.startswith(('fc.', 'classifier.')))
+  got = sum(x.size for x in jax.tree.leaves(variables['params']['backbone']))
+  assert got == want == BACKBONE_COUNTS[name]
+
+
+def test_outputs_shapes_and_dtypes(flax_model):
+  name, model, variables = flax_model
+  out = model.apply(variables, jnp.ones((3, 32, 32, 3)))
+  assert out['logits'].shape == (3, 8) and out['va'].shape == (3, 2)
+  assert out['features'].shape == (3, 512 if name == 'resnet18' else 1280)
+  assert all(v.dtype == jnp.float32 for v in out.values())
+  assert float(jnp.abs(out['va']).max()) <= 1.0  # tanh
+
+
+@pytest.mark.parametrize('source,suffix', [('torchvision', '.pth'),
+                                           ('timm', '.pth'),
+                                           ('torchvision', '.safetensors')])
+def test_loaded_features_match_torch_in_eval_mode(flax_model, source, suffix,
+                                                  tmp_path, monkeypatch):
+  name, model, variables = flax_model
+  net = torch_reference(name, source)
+  path = tmp_path / f'{name}{suffix}'
+  if suffix == '.pth':
+    torch.save(net.state_dict(), path)
+  else:
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    monkeypatch.setitem(sys.modules, 'torch', None)  # loads without torch
+  loaded = pretrained.load_pretrained(variables, path)
+  monkeypatch.undo()
+  x = np.random.default_rng(0).normal(size=(4, 64, 64, 3)).astype(np.float32)
+  want = pooled_features(net, source, x)
+  got = np.asarray(model.apply(loaded, x, train=False)['features'])
+  np.testing.assert_allclose(got, want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
+  # The head keeps its own initialisation.
+  np.testing.assert_array_equal(
+      loaded['params']['head']['expression']['kernel'],
+      variables['params']['head']['expression']['kernel'])
+
+
+def test_mismatched_checkpoint_names_every_bad_key(flax_model, tmp_path):
+  name, _, variables = flax_model
+  state = torch_reference(name, 'torchvision').state_dict()
+  first_conv = next(k for k in state if k.endswith('weight')
+                    and state[k].ndim == 4)
+  first_var = next(k for k in state if k.endswith('running_var'))
+  del state[first_var]
+  state['extra.weight'] = torch.zeros(3)
+  state[first_conv] = torch.zeros(5, 3, 2, 2)
+  path = tmp_path / 'bad.pth'
+  torch.save(state, path)
+  with pytest.raises(ValueError) as error:
+    pretrained.load_pretrained(variables, path)
+  message = str(error.value)
+  assert f"missing (1): ['{first_var}']" in message
+  assert "unexpected (1): ['extra.weight']" in message
+  assert f'{first_conv}: checkpoint (5, 3, 2, 2)' in message
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
+  model, variables = make('resnet18', 'bfloat16')
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  out = model.apply(variables, jnp.ones((2, 32, 32, 3)))
+  assert out['logits'].dtype == jnp.float32
+  hlo = jax.jit(model.apply).lower(variables, jnp.ones((2, 32, 32, 3))
+                                   ).as_text()
+  assert 'bf16' in hlo
+
+
+def test_efficientnet_stochastic_depth_only_in_training():
+  model, variables = make('efficientnet_b0')
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 32, 32, 3)),
+                  jnp.float32)
+  run = lambda seed: model.apply(
+      variables, x, train=True, mutable=['batch_stats'],
+      rngs={'dropout': jax.random.PRNGKey(seed)})[0]['features']
+  assert not np.allclose(run(0), run(1))  # blocks dropped at random
+  eval_a = model.apply(variables, x, train=False)['features']
+  np.testing.assert_array_equal(eval_a, model.apply(variables, x)['features'])
+
+
+def test_param_labels_freeze_the_backbone_with_multi_transform(flax_model):
+  _, _, variables = flax_model
+  params = variables['params']
+  tx = optax.multi_transform({'backbone': optax.set_to_zero(),
+                              'head': optax.sgd(0.1)},
+                             models.param_labels(params))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert all(float(jnp.abs(u).max()) == 0
+             for u in jax.tree.leaves(updates['backbone']))
+  assert all(float(jnp.abs(u).min()) > 0
+             for u in jax.tree.leaves(updates['head']))
+
+
+def test_parameter_summary_totals(flax_model):
+  name, _, variables = flax_model
+  summary = models.parameter_summary(variables)
+  assert f'total params backbone' in summary
+  assert f'{BACKBONE_COUNTS[name]:,}' in summary
+  assert 'params/backbone/' in summary and 'batch_stats/backbone/' in summary

@@ -2,8 +2,6 @@
 
 Protocol: 20 epochs; train_set split 80/20 into train/test and the released
 balanced val_set used as the validation set (`data.validation='released'`).
-The EfficientNet-B0 backbone is the models issue's work: until it lands,
-create_model rejects this config's model.name.
 
   python main.py --config=configs/efficientnet_b0_affectnet.py \
       --config.data.root=/path/to/AffectNet --workdir=runs/efficientnet_b0

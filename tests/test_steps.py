@@ -96,3 +96,25 @@ def test_class_weights_balance_the_classes():
   assert losses.class_weights('none', counts) is None
   with pytest.raises(ValueError, match='train.class_weights'):
     losses.class_weights('sqrt', counts)
+
+
+def test_init_from_starts_training_from_the_checkpoint(data_cache, tmp_path):
+  import torch
+  import torchvision
+  from tests.conftest import tiny_config
+  from fer_jax.models import pretrained
+  config = tiny_config(data_cache)
+  torch.manual_seed(1)
+  path = tmp_path / 'resnet18.pth'
+  torch.save(torchvision.models.resnet18().state_dict(), path)
+  model = models.create_model(config.model)
+  tx = steps.create_optimizer(config.train, lambda step: 1e-3)
+  state = steps.create_train_state(model, tx, 32, 0, init_from=str(path))
+  scratch = steps.create_train_state(model, tx, 32, 0)
+  want = pretrained.load_pretrained(
+      {'params': scratch.params, 'batch_stats': scratch.batch_stats}, path)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want['params'])):
+    np.testing.assert_array_equal(a, b)
+  kernel = state.params['backbone']['conv1']['kernel']
+  np.testing.assert_allclose(  # OIHW -> HWIO
+      kernel, torch.load(path)['conv1.weight'].numpy().transpose(2, 3, 1, 0))

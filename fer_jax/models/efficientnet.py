@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fer_jax.models.resnet import conv_init
+from fer_jax.models.layers import conv_init, torch_style_layers
 
 # torchvision's MBConv stages of B0: (expand ratio, kernel, stride,
 # output channels, blocks); the input of stage 1 is the 32-channel stem.
@@ -85,12 +85,8 @@ class EfficientNetB0(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=conv_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype,
-                             axis_name=self.axis_name if train else None)
+    conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
+                                    self.bn_epsilon, self.axis_name)
     x = conv(STEM_CHANNELS, (3, 3), (2, 2), padding=((1, 1), (1, 1)),
              name='stem_conv')(x)
     x = nn.silu(norm(name='stem_bn')(x))

@@ -1,13 +1,11 @@
 """ResNet18 backbone with torchvision's topology, in NHWC."""
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-# torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+from fer_jax.models.layers import torch_style_layers
 
 
 class BasicBlock(nn.Module):
@@ -43,12 +41,8 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=conv_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype,
-                             axis_name=self.axis_name if train else None)
+    conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
+                                    self.bn_epsilon, self.axis_name)
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

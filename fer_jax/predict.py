@@ -64,14 +64,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   for chunk in _batches(_decoded(paths, config.data.image_size, skipped),
                         batch_size):
     n = len(chunk)
-    images = np.stack([image for _, image in chunk])
-    images = np.concatenate([images, np.repeat(images[:1], batch_size - n, 0)])
-    batch = {'image': images, 'label': np.zeros(batch_size, np.int32),
-             'va': np.zeros((batch_size, 2), np.float32),
-             'va_mask': np.zeros(batch_size, bool),
-             'mask': np.arange(batch_size) < n}
-    batch = {k: v.reshape(num_devices, -1, *v.shape[1:])
-             for k, v in batch.items()}
+    batch = {'image': np.stack([image for _, image in chunk]),
+             'label': np.zeros(n, np.int32), 'va': np.zeros((n, 2), np.float32),
+             'va_mask': np.zeros(n, bool), 'mask': np.ones(n, bool)}
+    batch = pipeline.pad_and_shard(batch, batch_size, num_devices)
     out = jax.device_get(p_eval(state, batch))
     probs = out['probs'].reshape(batch_size, -1)[:n]
     va = np.clip(out['va'].reshape(batch_size, 2)[:n], -1, 1)

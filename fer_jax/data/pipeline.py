@@ -64,8 +64,8 @@ def _shard(batch: dict, num_devices: int) -> dict:
   return {k: v.reshape(num_devices, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
-def _pad_and_shard(batch: dict, batch_size: int, num_devices: int) -> dict:
-  """Completes a short final batch with masked copies of its first row."""
+def pad_and_shard(batch: dict, batch_size: int, num_devices: int) -> dict:
+  """A short batch completed with masked copies of its first row, sharded."""
   n = len(batch['mask'])
   if n < batch_size:
     batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])
@@ -142,6 +142,6 @@ def eval_batches(records: Records, config: ml_collections.ConfigDict,
   ds = (grain.MapDataset.source(records)
         .map(functools.partial(_load, image_size=config.data.image_size))
         .batch(batch_size, drop_remainder=False)
-        .map(functools.partial(_pad_and_shard, batch_size=batch_size,
+        .map(functools.partial(pad_and_shard, batch_size=batch_size,
                                num_devices=num_devices)))
   return iter(_read(ds, config.data))

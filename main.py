@@ -1,11 +1,13 @@
 """fer_jax entry point: python main.py [--config=...] [--workdir=...] [--mode=...]."""
 
 import logging as python_logging
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file('config', 'configs/default.py',
                                 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes.')
@@ -23,7 +25,9 @@ flags.DEFINE_integer('process_id', None, 'Multi-host: this process.')
 
 def _quiet_libraries(record) -> bool:
   """Keeps INFO lines of fer_jax; libraries (Orbax, JAX) speak at WARNING."""
-  return record.levelno >= python_logging.WARNING or 'fer_jax' in record.pathname
+  ours = (record.pathname.startswith(PROJECT_ROOT)
+          and 'site-packages' not in record.pathname)
+  return record.levelno >= python_logging.WARNING or ours
 
 
 def main(argv):

@@ -90,23 +90,29 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: Path,
 
 def with_trained_model(config: ml_collections.ConfigDict, workdir: Path
                        ) -> ml_collections.ConfigDict:
-  """config with the model and image settings of the run in workdir.
+  """config with the settings of the run in workdir that its results hang on.
 
-  The checkpoint fixes the architecture and the input it expects, so those
-  (and the generated set's settings) come from the run's config.json; the
-  data layout, location and batch sizes stay as given on the command line.
+  From the run's config.json: the model, the training section (loss terms
+  and optimiser, so the checkpoint restores and losses mean the same), the
+  input (image size, normalisation) and how the splits were drawn
+  (validation protocol, fraction, seed, the generated set). From the
+  command line: where the data is (layout, root), error handling, workers
+  and the evaluation batch size.
   """
   path = Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path}: not found; is {workdir} a training '
                             'workdir?')
-  saved = json.loads(path.read_text())
+  saved = ml_collections.ConfigDict(json.loads(path.read_text()))
   config = config.copy_and_resolve_references()
-  config.model = ml_collections.ConfigDict(saved['model'])
-  config.data.synthetic = ml_collections.ConfigDict(saved['data']['synthetic'])
+  eval_batch_size = config.train.eval_batch_size
+  config.model, config.train = saved.model, saved.train
+  config.train.eval_batch_size = eval_batch_size
+  config.data.synthetic = saved.data.synthetic
   config.data.synthetic.regenerate = False
-  for key in ('image_size', 'mean_rgb', 'std_rgb'):
-    config.data[key] = type(config.data[key])(saved['data'][key])
+  for key in ('image_size', 'mean_rgb', 'std_rgb', 'validation',
+              'val_fraction', 'split_seed'):
+    config.data[key] = type(config.data[key])(saved.data[key])
   return config
 
 

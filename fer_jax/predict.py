@@ -10,9 +10,9 @@ from absl import logging
 
 from fer_jax import evaluate
 from fer_jax.data import pipeline
+from fer_jax.data.affectnet import IMAGE_SUFFIXES
 from fer_jax.labels import EXPRESSIONS
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 
 def list_images(input_path: str) -> list[Path]:

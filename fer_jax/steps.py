@@ -30,15 +30,15 @@ def learning_rate_fn(config: ml_collections.ConfigDict,
                      steps_per_epoch: int) -> optax.Schedule:
   """Linear warm-up to train.learning_rate, then cosine decay or constant."""
   peak = config.learning_rate
-  total = max(1, config.num_epochs * steps_per_epoch)
-  warmup = min(int(config.warmup_epochs * steps_per_epoch), total - 1)
+  warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
+  total = max(warmup + 1, config.num_epochs * steps_per_epoch)
   if config.schedule == 'cosine':
-    return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup, 1),
-                                              total, end_value=0.0)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total,
+                                              end_value=0.0)
   if config.schedule == 'constant':
     return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, max(warmup, 1)),
-         optax.constant_schedule(peak)], [max(warmup, 1)])
+        [optax.linear_schedule(0.0, peak, warmup),
+         optax.constant_schedule(peak)], [warmup])
   raise ValueError(f"train.schedule: {config.schedule!r} is not 'cosine' or "
                    "'constant'")
 
@@ -77,12 +77,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
                     opt_state=tx.init(params), rng=rng)
 
 
-def normalise_images(images: jax.Array, mean_rgb, std_rgb,
-                     dtype=jnp.float32) -> jax.Array:
-  """uint8 images to (x / 255 - mean) / std in the compute dtype."""
+def normalise_images(images: jax.Array, mean_rgb, std_rgb) -> jax.Array:
+  """uint8 images to float32 (x / 255 - mean) / std; the model casts."""
   mean = jnp.asarray(mean_rgb, jnp.float32) * 255
   std = jnp.asarray(std_rgb, jnp.float32) * 255
-  return ((images.astype(jnp.float32) - mean) / std).astype(dtype)
+  return (images.astype(jnp.float32) - mean) / std
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
@@ -131,7 +130,8 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
   outputs = model.apply({'params': state.params,
                          'batch_stats': state.batch_stats}, images,
                         train=False)
-  sums = jax.lax.psum(losses.loss_sums(outputs, batch, weights=weights), AXIS)
+  sums = jax.lax.psum(losses.loss_sums(
+      outputs, batch, config.train.label_smoothing, weights), AXIS)
   return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
           'sums': sums}
 

@@ -1,5 +1,6 @@
 """--mode=train: the training loop, then the test report of the best model."""
 
+import json
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,33 @@ def _tensorboard_tag(key: str) -> str:
   """'val_macro_f1' -> 'val/macro_f1', so TensorBoard groups by split."""
   split, _, name = key.partition('_')
   return f'{split}/{name}' if split in ('train', 'val') else key
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def _warn_if_config_changed(path: Path, config: ml_collections.ConfigDict
+                            ) -> None:
+  """Says which fields differ from the config a workdir was started with."""
+  if not path.exists():
+    return
+  old = _flatten(json.loads(path.read_text()))
+  new = _flatten(json.loads(json.dumps(config.to_dict())))
+  changed = sorted(k for k in old.keys() | new.keys()
+                   if old.get(k) != new.get(k))
+  if changed:
+    logging.warning('%s: this run changes %s: %s', path.parent,
+                    'these fields' if len(changed) > 1 else 'this field',
+                    ', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}'
+                              for k in changed))
 
 
 def _check_finite(metrics: dict, epoch: int, step: int) -> None:
@@ -75,9 +103,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if not config.train.best_metric.startswith(('val_', 'train_')):
     raise ValueError(f'train.best_metric: {config.train.best_metric!r} must '
                      "name a metrics.jsonl field, e.g. 'val_macro_f1'")
+  if jax.process_count() > 1:
+    # Per-process data shards and process-0-only files are not built yet:
+    # every process would read the same batches and write the same files.
+    raise NotImplementedError('training on several processes is not '
+                              'supported yet; run one process per machine')
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   num_devices = jax.local_device_count()
+  _warn_if_config_changed(workdir / 'config.json', config)
 
   # Data: splits, their report, and the split itself for auditing.
   splits, data_report = data.load_splits(config)
@@ -136,11 +170,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     val_metrics, _ = evaluate.evaluate_records(p_eval, state, splits['val'],
                                                config)
     record = {'epoch': epoch + 1, 'step': step,
-              'learning_rate': float(schedule(step)),
+              'learning_rate': float(schedule(step - 1)),  # the last step's
               'images_per_sec': images_per_sec,
               **{f'train_{k}': v for k, v in train_metrics.items()},
               **{f'val_{k}': v for k, v in val_metrics.items()
                  if isinstance(v, (int, float))}}
+    if config.train.best_metric not in record:
+      raise ValueError(f'train.best_metric: {config.train.best_metric!r} is '
+                       f'not one of {sorted(record)}')
     value = record[config.train.best_metric]
 
     # Checkpoint, log, and stop early when val stops improving.

@@ -35,6 +35,9 @@ def test_evaluate_uses_the_trained_model_settings(trained):
   other = config.copy_and_resolve_references()
   other.model.va_activation = 'none'
   other.data.image_size = 48
+  other.data.validation = 'released'  # would swap val and test
+  other.train.optimizer = 'sgd'       # another optimiser state to restore
+  other.train.num_epochs = 1
   result = evaluate.evaluate(other, str(workdir), 'test')
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
 

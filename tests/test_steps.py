@@ -89,6 +89,16 @@ def test_schedule_warms_up_then_decays_to_zero(data_cache):
   assert float(schedule(25)) == pytest.approx(0.05, rel=1e-4)
 
 
+def test_schedule_of_a_single_step_run(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache).train
+  config.num_epochs, config.learning_rate = 1, 0.1
+  for kind in ('cosine', 'constant'):
+    config.schedule = kind
+    schedule = steps.learning_rate_fn(config, steps_per_epoch=1)
+    assert float(schedule(1)) == pytest.approx(0.1)
+
+
 def test_class_weights_balance_the_classes():
   counts = np.array([260, 470, 90, 50, 20, 13, 90, 13])
   w = losses.class_weights('inverse_frequency', counts)

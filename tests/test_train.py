@@ -84,11 +84,15 @@ def test_resume_after_interruption_matches_uninterrupted(trained, tmp_path,
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_finished_run_is_not_trained_again(trained, tmp_path, capsys):
+def test_finished_run_is_not_trained_again(trained, tmp_path, capsys,
+                                           caplog):
   config, workdir, metrics = trained
   again = tmp_path / 'again'
   shutil.copytree(workdir, again)
+  config = config.copy_and_resolve_references()
+  config.train.log_every_steps = 3
   result = train.train_and_evaluate(config, str(again))
+  assert 'train.log_every_steps 2 -> 3' in caplog.text
   out = capsys.readouterr().out
   assert 'Resuming from the checkpoint of epoch 2' in out
   assert 'Training has finished' in out

@@ -7,13 +7,15 @@ masked out of the valence/arousal loss and metrics.
 """
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fer_jax.labels import EXTRA_CODES, NUM_CLASSES
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +50,8 @@ def read_scalar(path: Path) -> float:
   """The single number in an annotation file: a string, 0-d or 1-element."""
   try:
     value = np.load(path, allow_pickle=False)
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{path}: cannot read annotation: {e}') from e
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(f'{path}: cannot read annotation: {e!r}') from e
   if value.size != 1:
     raise ValueError(f'{path}: expected one value, found shape {value.shape}')
   item = value.reshape(-1)[0]
@@ -62,7 +64,8 @@ def read_scalar(path: Path) -> float:
 def read_expression(path: Path) -> int:
   """The expression code 0..10 of an _exp.npy file."""
   value = read_scalar(path)
-  if value != int(value) or not 0 <= value <= max(EXTRA_CODES):
+  if not math.isfinite(value) or value != int(value) or not (
+      0 <= value <= max(EXTRA_CODES)):
     raise ValueError(f'{path}: expression {value:g} not in '
                      f'0..{max(EXTRA_CODES)}')
   return int(value)
@@ -86,6 +89,7 @@ def read_npy_split(split_dir: Path, on_error: str = 'raise'
   for image in image_files:
     try:
       label, values = _read_annotations(annotations, image.stem)
+      check_image(image)
     except (ValueError, FileNotFoundError) as e:
       if on_error == 'raise':
         raise
@@ -110,6 +114,15 @@ def read_npy_split(split_dir: Path, on_error: str = 'raise'
                     np.array(va, dtype=np.float32).reshape(-1, 2),
                     np.array(va_mask, dtype=bool))
   return records, report
+
+
+def check_image(path: Path) -> None:
+  """Raises if path is not a readable image (its header; decoding is later)."""
+  try:
+    with Image.open(path) as image:
+      image.verify()
+  except (OSError, SyntaxError) as e:
+    raise ValueError(f'{path}: not a readable image: {e}') from e
 
 
 def _read_annotations(annotations: Path, stem: str

@@ -56,11 +56,31 @@ def test_codes_8_to_10_dropped_and_counted_and_missing_va_masked(tmp_path):
     (np.array('abc'), r"_exp\.npy: 'abc' is not a number"),
     (np.array('2.5'), r"_exp\.npy: expression 2\.5 not in"),
     (np.array([1, 2]), r"_exp\.npy: expected one value, found shape \(2,\)"),
+    (np.array('nan'), r"_exp\.npy: expression nan not in"),
+    (np.array('inf'), r"_exp\.npy: expression inf not in"),
 ])
 def test_bad_expression_raises_naming_the_file(tmp_path, exp, message):
   write_sample(tmp_path, '5', exp, np.array('0'), np.array('0'))
   with pytest.raises(ValueError, match=message):
     affectnet.read_npy_split(tmp_path)
+
+
+def test_empty_annotation_file_is_named(tmp_path):
+  write_sample(tmp_path, '5', np.array('1'), np.array('0'), np.array('0'))
+  (tmp_path / 'annotations' / '5_val.npy').write_bytes(b'')
+  with pytest.raises(ValueError, match=r'5_val\.npy: cannot read annotation'):
+    affectnet.read_npy_split(tmp_path)
+
+
+def test_broken_image_raises_or_is_skipped(tmp_path):
+  write_sample(tmp_path, '1', np.array('1'), np.array('0'), np.array('0'))
+  write_sample(tmp_path, '2', np.array('2'), np.array('0'), np.array('0'))
+  (tmp_path / 'images' / '2.jpg').write_bytes(b'\xff\xd8 truncated')
+  with pytest.raises(ValueError, match=r'2\.jpg: not a readable image'):
+    affectnet.read_npy_split(tmp_path)
+  records, report = affectnet.read_npy_split(tmp_path, on_error='skip')
+  assert [Path(p).stem for p in records.paths] == ['1']
+  assert [Path(s['path']).name for s in report.skipped] == ['2.jpg']
 
 
 def test_skip_mode_reports_every_skipped_file(tmp_path):

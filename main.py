@@ -11,7 +11,7 @@ PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file('config', 'configs/default.py',
                                 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict'],
+flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'benchmark'],
                   'What to do.')
 flags.DEFINE_string('input', None, 'predict: an image file or folder.')
 flags.DEFINE_string('split', 'test', 'evaluate: train, val or test.')
@@ -51,6 +51,12 @@ def main(argv):
     from fer_jax import predict
     predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.input,
                     FLAGS.checkpoint_step)
+  elif FLAGS.mode == 'benchmark':
+    if 'benchmark' not in FLAGS.config:
+      raise app.UsageError('--mode=benchmark needs a config with a benchmark '
+                           'section: --config=configs/benchmark.py')
+    from fer_jax import benchmark
+    benchmark.run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,250 @@
+"""--mode=benchmark: the compiled train step, the input pipeline, and both.
+
+For every model x batch size x image size x dtype of `config.benchmark`:
+  step      the pmapped train step on device-resident random data: compile
+            time, warm-up, then the median and spread of N timed steps, each
+            ended with block_until_ready; FLOPs from XLA's cost analysis.
+  pipeline  the Grain training pipeline alone (decode + augment + batch).
+  fed       the step fed by the pipeline, so input-bound runs show.
+Rows go to workdir/benchmark.json and a table is printed.
+"""
+
+import functools
+import os
+import platform
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fer_jax import data, models, reporting, steps
+from fer_jax.data import pipeline
+from fer_jax.models import efficientnet
+
+
+def random_batch(batch_size: int, image_size: int, devices: list,
+                 seed: int = 0) -> dict:
+  """A random uint8 training batch, sharded over devices and resident there."""
+  rng = np.random.default_rng(seed)
+  d, n = len(devices), batch_size // len(devices)
+  batch = {
+      'image': rng.integers(0, 256, (d, n, image_size, image_size, 3),
+                            dtype=np.uint8),
+      'label': rng.integers(0, 8, (d, n)).astype(np.int32),
+      'va': rng.uniform(-1, 1, (d, n, 2)).astype(np.float32),
+      'va_mask': np.ones((d, n), bool),
+      'mask': np.ones((d, n), bool)}
+  return jax.pmap(lambda x: x, devices=devices)(batch)
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> np.ndarray:
+  """Seconds of `repeats` calls of fn after `warmup` calls, each waited for."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return np.asarray(times)
+
+
+def _cost(compiled) -> dict:
+  """XLA's cost analysis as one dict (a list of one in older JAX)."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return cost or {}
+
+
+def peak_memory_bytes(device) -> int | None:
+  """The backend's peak allocation on device, where it reports one."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  return (stats or {}).get('peak_bytes_in_use')
+
+
+def _step_config(config: ml_collections.ConfigDict, name: str,
+                 batch_size: int, image_size: int,
+                 dtype: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.name, config.model.dtype = name, dtype
+  config.train.batch_size, config.data.image_size = batch_size, image_size
+  return config
+
+
+def compiled_step(config: ml_collections.ConfigDict, devices: list):
+  """(compiled train step, replicated state, batch, compile seconds, cost)."""
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train,
+                              lambda _: config.train.learning_rate)
+  state = steps.replicate(steps.create_train_state(
+      model, tx, config.data.image_size, config.train.seed), devices)
+  batch = random_batch(config.train.batch_size, config.data.image_size,
+                       devices)
+  p_train, _ = steps.pmap_steps(model, tx, config, devices=devices)
+  start = time.perf_counter()
+  compiled = p_train.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  return compiled, state, batch, compile_s, _cost(compiled)
+
+
+def benchmark_step(config: ml_collections.ConfigDict, devices: list
+                   ) -> tuple[dict, Callable, dict]:
+  """One configuration's train step on device-resident data.
+
+  Returns the row, the compiled step and a holder of its current state.
+  """
+  bench = config.benchmark
+  compiled, state, batch, compile_s, cost = compiled_step(config, devices)
+  holder = {'state': state}
+
+  def step():
+    holder['state'], metrics = compiled(holder['state'], batch)
+    return metrics
+
+  times = timed(step, bench.warmup_steps, bench.steps)
+  median = float(np.median(times))
+  batch_size = config.train.batch_size
+  flops = cost.get('flops')  # one device's program: its share of the batch
+  flops_per_image = flops * len(devices) / batch_size if flops else None
+  peak = peak_memory_bytes(devices[0])
+  row = {
+      'step_ms_median': median * 1e3,
+      'step_ms_p10': float(np.percentile(times, 10)) * 1e3,
+      'step_ms_p90': float(np.percentile(times, 90)) * 1e3,
+      'compile_s': compile_s,
+      'images_per_sec': batch_size / median,
+      'images_per_sec_per_device': batch_size / median / len(devices),
+      'train_flops_per_image': flops_per_image,
+      'achieved_tflops': (flops_per_image * batch_size / median / 1e12
+                          if flops_per_image else None),
+      'peak_memory_gb': peak / 2**30 if peak else None,
+      'loss_finite': bool(np.isfinite(np.asarray(step()['loss'])).all()),
+  }
+  return row, compiled, holder
+
+
+def _pipeline_records(config: ml_collections.ConfigDict):
+  splits, _ = data.load_splits(config)
+  return splits['train']
+
+
+def _take(batches: Iterator[dict], count: int) -> Iterator[dict]:
+  for _, batch in zip(range(count), batches):
+    yield batch
+
+
+def benchmark_pipeline(config: ml_collections.ConfigDict, records,
+                       num_devices: int) -> dict:
+  """Images/s of the training pipeline alone, after warm-up batches."""
+  bench = config.benchmark
+  batches = pipeline.train_batches(records, config, 0, num_devices)
+  for _ in _take(batches, bench.warmup_steps):
+    pass
+  start = time.perf_counter()
+  count = sum(1 for _ in _take(batches, bench.pipeline_batches))
+  seconds = time.perf_counter() - start
+  workers = config.data.num_workers
+  return {'pipeline_images_per_sec': count * config.train.batch_size / seconds,
+          'pipeline_images_per_sec_per_worker':
+              count * config.train.batch_size / seconds / max(workers, 1),
+          'num_workers': workers, 'num_threads': config.data.num_threads}
+
+
+def benchmark_fed(config: ml_collections.ConfigDict, records,
+                  num_devices: int, compiled: Callable, holder: dict) -> dict:
+  """Images/s of train steps fed by the pipeline (host to device included)."""
+  bench = config.benchmark
+  batches = pipeline.train_batches(records, config, 0, num_devices)
+
+  def step():  # as in training: the host batch goes to the devices here
+    holder['state'], metrics = compiled(holder['state'], next(batches))
+    return metrics
+
+  times = timed(step, bench.warmup_steps, bench.pipeline_batches)
+  return {'fed_images_per_sec': config.train.batch_size / float(
+      np.median(times))}
+
+
+def _grid(bench: ml_collections.ConfigDict):
+  for name in bench.models:
+    for dtype in bench.dtypes:
+      for image_size in bench.image_sizes:
+        for batch_size in bench.batch_sizes:
+          yield name, batch_size, image_size, dtype
+
+
+def _data_config(config: ml_collections.ConfigDict,
+                 image_size: int) -> ml_collections.ConfigDict:
+  """The pipeline benchmark's data: a small synthetic set at image_size."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.image_size = image_size
+  config.data.synthetic.image_size = image_size
+  return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Every row of config.benchmark; writes workdir/benchmark.json."""
+  devices = jax.local_devices()
+  bench = config.benchmark
+  rows, records = [], {}
+  for name, batch_size, image_size, dtype in _grid(bench):
+    if batch_size % len(devices):
+      raise ValueError(f'benchmark.batch_sizes: {batch_size} is not divisible'
+                       f' by {len(devices)} devices')
+    row_config = _step_config(config, name, batch_size, image_size, dtype)
+    row = {'framework': 'jax', 'model': name, 'batch_size': batch_size,
+           'image_size': image_size, 'dtype': dtype,
+           'num_devices': len(devices), 'device_kind': devices[0].device_kind,
+           'backend': jax.default_backend(), 'jax': jax.__version__,
+           'mode': 'pmap', 'host': platform.node()}
+    if name == 'efficientnet_b0':
+      row['depthwise'] = efficientnet.depthwise_impl(
+          config.model.get('depthwise', 'auto'))
+    logging.info('benchmark: %s bs %d %d px %s', name, batch_size, image_size,
+                 dtype)
+    step_row, compiled, holder = benchmark_step(row_config, devices)
+    row.update(step_row)
+    if bench.pipeline:
+      if image_size not in records:
+        records[image_size] = _pipeline_records(
+            _data_config(config, image_size))
+      row_config = _data_config(row_config, image_size)
+      row.update(benchmark_pipeline(row_config, records[image_size],
+                                    len(devices)))
+      row.update(benchmark_fed(row_config, records[image_size], len(devices),
+                               compiled, holder))
+    rows.append(row)
+    print(format_table([row], header=len(rows) == 1), flush=True)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    reporting.write_json(os.path.join(workdir, 'benchmark.json'), rows)
+  print(format_table(rows))
+  return rows
+
+
+# (row key, header, width, format spec) of the printed table.
+COLUMNS = (('framework', 'framework', 9, ''), ('mode', 'mode', 8, ''),
+           ('model', 'model', 15, ''), ('depthwise', 'dw', 7, ''),
+           ('dtype', 'dtype', 8, ''),
+           ('batch_size', 'batch', 5, 'd'), ('image_size', 'px', 4, 'd'),
+           ('compile_s', 'compile s', 9, '.1f'),
+           ('step_ms_median', 'step ms', 9, '.1f'),
+           ('images_per_sec', 'img/s', 9, '.1f'),
+           ('achieved_tflops', 'TFLOP/s', 7, '.2f'),
+           ('peak_memory_gb', 'GiB', 5, '.1f'),
+           ('pipeline_images_per_sec', 'pipe img/s', 10, '.0f'),
+           ('fed_images_per_sec', 'fed img/s', 9, '.1f'))
+
+
+def format_table(rows: list[dict], header: bool = True) -> str:
+  """Rows (of either framework) as aligned text; '-' where a value is absent."""
+  lines = [' '.join(f'{h:>{w}}' for _, h, w, _ in COLUMNS)] if header else []
+  for row in rows:
+    lines.append(' '.join(
+        '-'.rjust(w) if row.get(key) is None else f'{row[key]:>{w}{spec}}'
+        for key, _, w, spec in COLUMNS))
+  return '\n'.join(lines)

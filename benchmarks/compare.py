@@ -110,7 +110,7 @@ def main():
                       'DIR/*/benchmark.json')
   parser.add_argument('--jax_flags', nargs='*', default=[],
                       help='more main.py flags, e.g. '
-                      '--config.model.depthwise=grouped')
+                      '--config.model.kernels=library')
   args = parser.parse_args()
   if args.summarise:
     summarise(args.summarise)

@@ -3,7 +3,7 @@
 #   1. fer_jax's train step and torchvision's (torch.compile and eager,
 #      channels_last), ResNet18 and EfficientNet-B0, 224 px, batch 256,
 #      float32 and bfloat16, alternating (benchmarks/compare.py);
-#   2. if time is left: EfficientNet with the other depthwise convolution,
+#   2. if time is left: EfficientNet with the other kernels (model.kernels),
 #      and the Grain pipeline at 224 px feeding the step.
 # The table of JAX / PyTorch ratios is printed last. Results go to $OUT (or
 # runs/gpu_check).
@@ -57,9 +57,9 @@ EOF
 # 2. Extras while the time budget lasts.
 if (( SECONDS - START < BUDGET )); then
   timeout 100 "$PYTHON" main.py --config=configs/benchmark.py --mode=benchmark \
-    --workdir="$OUT/depthwise_shifted" \
+    --workdir="$OUT/kernels_shifted" \
     --config.benchmark.models=efficientnet_b0 \
-    --config.benchmark.dtypes=bfloat16 --config.model.depthwise=shifted \
+    --config.benchmark.dtypes=bfloat16 --config.model.kernels=shifted \
     --config.benchmark.image_sizes="$SIZE" \
     --config.benchmark.batch_sizes="$BATCH" \
     --config.benchmark.steps="$STEPS" --config.benchmark.pipeline=False \

@@ -20,10 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0         # before the two Dense heads
   config.model.hidden_size = 0            # 0: Dense(8) and Dense(2) on the features
   config.model.va_activation = 'tanh'     # keeps valence/arousal in [-1, 1]
-  # EfficientNet's depthwise convolutions: 'shifted' multiply-adds (3-4x
-  # faster on XLA:CPU), the library's 'grouped' convolution, or 'auto'
-  # (shifted on CPU, grouped elsewhere). Same parameters and results.
-  config.model.depthwise = 'auto'
+  # Depthwise convolutions and max pooling as 'shifted' strided views
+  # (several times faster on XLA:CPU) or the 'library' ops (faster on GPUs);
+  # 'auto' picks by backend. Same parameters and results. BENCHMARKS.md.
+  config.model.kernels = 'auto'
 
   config.data = ml_collections.ConfigDict()
   config.data.layout = 'synthetic'        # 'synthetic' | 'npy' (Layout A)

@@ -22,7 +22,7 @@ from absl import logging
 
 from fer_jax import data, models, reporting, steps
 from fer_jax.data import pipeline
-from fer_jax.models import efficientnet
+from fer_jax.models.layers import kernels_impl
 
 
 def random_batch(batch_size: int, image_size: int, devices: list,
@@ -201,9 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
            'num_devices': len(devices), 'device_kind': devices[0].device_kind,
            'backend': jax.default_backend(), 'jax': jax.__version__,
            'mode': 'pmap', 'host': platform.node()}
-    if name == 'efficientnet_b0':
-      row['depthwise'] = efficientnet.depthwise_impl(
-          config.model.get('depthwise', 'auto'))
+    row['kernels'] = kernels_impl(config.model.get('kernels', 'auto'))
     logging.info('benchmark: %s bs %d %d px %s', name, batch_size, image_size,
                  dtype)
     step_row, compiled, holder = benchmark_step(row_config, devices)
@@ -228,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 # (row key, header, width, format spec) of the printed table.
 COLUMNS = (('framework', 'framework', 9, ''), ('mode', 'mode', 8, ''),
-           ('model', 'model', 15, ''), ('depthwise', 'dw', 7, ''),
+           ('model', 'model', 15, ''), ('kernels', 'kernels', 7, ''),
            ('dtype', 'dtype', 8, ''),
            ('batch_size', 'batch', 5, 'd'), ('image_size', 'px', 4, 'd'),
            ('compile_s', 'compile s', 9, '.1f'),

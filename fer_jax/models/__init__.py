@@ -30,10 +30,8 @@ def create_model(config: ml_collections.ConfigDict,
     raise ValueError(f'model.dtype: {config.dtype!r} is not one of '
                      f'{sorted(DTYPES)}')
   dtype = DTYPES[config.dtype]
-  options = ({'depthwise': config.get('depthwise', 'auto')}
-             if config.name == 'efficientnet_b0' else {})
   backbone = BACKBONES[config.name](dtype=dtype, axis_name=axis_name,
-                                    **options)
+                                    kernels=config.get('kernels', 'auto'))
   head = MultitaskHead(dropout_rate=config.dropout_rate,
                        hidden_size=config.hidden_size,
                        va_activation=config.va_activation, dtype=dtype)

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fer_jax.models.layers import conv_init, torch_style_layers
+from fer_jax.models.layers import conv_init, kernels_impl, torch_style_layers
 
 # torchvision's MBConv stages of B0: (expand ratio, kernel, stride,
 # output channels, blocks); the input of stage 1 is the 32-channel stem.
@@ -27,32 +27,101 @@ def stochastic_depth(x: jax.Array, rate: float, deterministic: bool,
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def depthwise_shifted(x: jax.Array, kernel: jax.Array, strides: int,
-                      pad: int) -> jax.Array:
-  """Depthwise convolution as k*k shifted multiply-adds; kernel [k, k, 1, C].
-
-  Equal to lax.conv_general_dilated with feature_group_count=C. XLA:CPU
-  runs it several times faster (forward and backward) than its grouped
-  convolution, which it lowers to a slow generic loop.
-  """
+def _shifted_sum(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
+  """sum_ij x[:, h*s + i, w*s + j] * kernel[i, j, 0] over the k x k taps."""
   k = kernel.shape[0]
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   batch, height, width, channels = x.shape
   out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
   out = None
   for i in range(k):
     for j in range(k):
-      window = jax.lax.slice(
-          x, (0, i, j, 0),
-          (batch, i + (out_h - 1) * strides + 1,
-           j + (out_w - 1) * strides + 1, channels),
-          (1, strides, strides, 1))
-      term = window * kernel[i, j, 0]
-      out = term if out is None else out + term
+      view = jax.lax.slice(x, (0, i, j, 0),
+                           (batch, i + (out_h - 1) * strides + 1,
+                            j + (out_w - 1) * strides + 1, channels),
+                           (1, strides, strides, 1))
+      out = view * kernel[i, j, 0] if out is None else out + view * kernel[
+          i, j, 0]
   return out
 
 
-def depthwise_grouped(x: jax.Array, kernel: jax.Array, strides: int,
+def _pad(x: jax.Array, low: int, high: int, interior: int = 0) -> jax.Array:
+  zero = jnp.zeros((), x.dtype)
+  return jax.lax.pad(x, zero, ((0, 0, 0), (low, high, interior),
+                               (low, high, interior), (0, 0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_shifted(x: jax.Array, kernel: jax.Array, strides: int,
+                      pad: int) -> jax.Array:
+  """Depthwise convolution as k*k shifted multiply-adds; kernel [k, k, 1, C].
+
+  Equal to lax.conv_general_dilated with feature_group_count=C. XLA:CPU
+  runs it several times faster than its grouped convolution; on a GPU the
+  library's is faster (BENCHMARKS.md). The input gradient is the same kind
+  of sum over the (dilated) output gradient, one fusion instead of k*k pads.
+  """
+  return _shifted_sum(_pad(x, pad, pad), kernel, strides)
+
+
+def _depthwise_forward(x, kernel, strides, pad):
+  return depthwise_shifted(x, kernel, strides, pad), (x, kernel)
+
+
+def _kernel_grad_taps(x: jax.Array, dy: jax.Array, k: int, strides: int,
+                      pad: int) -> jax.Array:
+  """[k*k, C]: sum over batch and space of each tap's input view times dy."""
+  x = _pad(x, pad, pad)
+  batch, _, _, channels = x.shape
+  out_h, out_w = dy.shape[1], dy.shape[2]
+  return jnp.stack([jnp.sum(jax.lax.slice(
+      x, (0, i, j, 0),
+      (batch, i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1,
+       channels), (1, strides, strides, 1)) * dy, axis=(0, 1, 2),
+                            dtype=jnp.float32)
+                    for i in range(k) for j in range(k)])
+
+
+def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, k: int,
+                           strides: int, pad: int,
+                           chunk_bytes: int = 2**20) -> jax.Array:
+  """The kernel gradient [k, k, 1, C], a few images at a time.
+
+  Over the whole batch, each of the k*k taps would stream the activations
+  from memory (k*k passes); a scan over chunks of about chunk_bytes keeps
+  each chunk in cache for all taps: 3.8x faster on XLA:CPU for 5x5 taps
+  at 32 x 28 x 28 x 240 (BENCHMARKS.md).
+  """
+  batch = x.shape[0]
+  image_bytes = x[0].size * x.dtype.itemsize
+  chunk = max([c for c in range(1, batch + 1)
+               if batch % c == 0 and c * image_bytes <= chunk_bytes] or [1])
+  split = lambda a: a.reshape(batch // chunk, chunk, *a.shape[1:])
+
+  def add_chunk(total, chunk_arrays):
+    return total + _kernel_grad_taps(*chunk_arrays, k, strides, pad), None
+
+  total, _ = jax.lax.scan(add_chunk,
+                          jnp.zeros((k * k, x.shape[-1]), jnp.float32),
+                          (split(x), split(dy)))
+  return total.reshape(k, k, 1, -1)
+
+
+def _depthwise_backward(strides, pad, residuals, dy):
+  x, kernel = residuals
+  k, height = kernel.shape[0], x.shape[1]
+  # The transposed convolution: dy dilated by the stride, padded so that
+  # each input pixel sees the taps that read it, and the kernel flipped.
+  dilated = (dy.shape[1] - 1) * strides + 1
+  dy_padded = _pad(dy, k - 1 - pad, height + pad - dilated, strides - 1)
+  dx = _shifted_sum(dy_padded, kernel[::-1, ::-1], 1)
+  dkernel = _depthwise_kernel_grad(x, dy, k, strides, pad)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+depthwise_shifted.defvjp(_depthwise_forward, _depthwise_backward)
+
+
+def depthwise_library(x: jax.Array, kernel: jax.Array, strides: int,
                       pad: int) -> jax.Array:
   """Depthwise convolution as the library's grouped convolution."""
   return jax.lax.conv_general_dilated(
@@ -61,17 +130,7 @@ def depthwise_grouped(x: jax.Array, kernel: jax.Array, strides: int,
       feature_group_count=x.shape[-1])
 
 
-DEPTHWISE = {'shifted': depthwise_shifted, 'grouped': depthwise_grouped}
-
-
-def depthwise_impl(name: str) -> str:
-  """'auto' resolved by backend: shifted multiply-adds on CPU, else grouped."""
-  if name == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
-  if name not in DEPTHWISE:
-    raise ValueError(f"model.depthwise: {name!r} is not 'auto' or one of "
-                     f'{sorted(DEPTHWISE)}')
-  return name
+DEPTHWISE = {'shifted': depthwise_shifted, 'library': depthwise_library}
 
 
 class DepthwiseConv(nn.Module):
@@ -79,7 +138,7 @@ class DepthwiseConv(nn.Module):
   kernel_size: int
   strides: int
   dtype: Any
-  impl: str = 'grouped'
+  impl: str = 'library'
 
   @nn.compact
   def __call__(self, x):
@@ -143,13 +202,13 @@ class EfficientNetB0(nn.Module):
   bn_epsilon: float = 1e-5
   stochastic_depth_rate: float = 0.2  # of the last block; linear in index
   axis_name: str | None = None
-  depthwise: str = 'auto'  # 'auto' | 'shifted' | 'grouped'; see DEPTHWISE
+  kernels: str = 'auto'  # 'auto' | 'shifted' | 'library'; see layers
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
                                     self.bn_epsilon, self.axis_name)
-    depthwise = depthwise_impl(self.depthwise)
+    depthwise = kernels_impl(self.kernels)
     x = conv(STEM_CHANNELS, (3, 3), (2, 2), padding=((1, 1), (1, 1)),
              name='stem_conv')(x)
     x = nn.silu(norm(name='stem_bn')(x))

@@ -4,6 +4,8 @@ import functools
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -22,3 +24,13 @@ def torch_style_layers(dtype: Any, train: bool, momentum: float,
                            momentum=momentum, epsilon=epsilon, dtype=dtype,
                            axis_name=axis_name if train else None)
   return conv, norm
+
+
+def kernels_impl(name: str) -> str:
+  """model.kernels resolved: 'auto' is 'shifted' on CPU, else 'library'."""
+  if name == 'auto':
+    return 'shifted' if jax.default_backend() == 'cpu' else 'library'
+  if name not in ('shifted', 'library'):
+    raise ValueError(f"model.kernels: {name!r} is not 'auto', 'shifted' or "
+                     "'library'")
+  return name

@@ -38,6 +38,7 @@ class ResNet18(nn.Module):
   bn_momentum: float = 0.9  # torchvision's momentum 0.1, in flax's convention.
   bn_epsilon: float = 1e-5
   axis_name: str | None = None  # pmap axis for cross-replica statistics.
+  kernels: str = 'auto'  # unused: ResNet18 has no depthwise convolutions
 
   @nn.compact
   def __call__(self, x, train: bool = False):

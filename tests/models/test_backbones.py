@@ -170,41 +170,39 @@ def test_parameter_summary_totals(flax_model):
 
 @pytest.mark.parametrize('kernel,strides,size', [(3, 1, 9), (5, 2, 11),
                                                  (3, 2, 8), (5, 1, 6)])
-def test_depthwise_shifted_equals_grouped_with_gradients(kernel, strides,
+def test_depthwise_shifted_equals_library_with_gradients(kernel, strides,
                                                          size):
   rng = np.random.default_rng(kernel * 10 + strides)
   x = jnp.asarray(rng.normal(size=(2, size, size, 6)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
   pad = (kernel - 1) // 2
 
-  def loss(impl, x, w):
-    y = efficientnet.DEPTHWISE[impl](x, w, strides, pad)
-    return jnp.sum(jnp.sin(y)), y
+  def run(impl):
+    loss = lambda x, w: jnp.sum(jnp.sin(
+        efficientnet.DEPTHWISE[impl](x, w, strides, pad)))
+    return efficientnet.DEPTHWISE[impl](x, w, strides, pad), jax.grad(
+        loss, (0, 1))(x, w)
 
-  (_, want), want_grads = jax.value_and_grad(
-      lambda x, w: loss('grouped', x, w), (0, 1), has_aux=True)(x, w)
-  (_, got), got_grads = jax.value_and_grad(
-      lambda x, w: loss('shifted', x, w), (0, 1), has_aux=True)(x, w)
-  assert got.shape == want.shape == (2, (size + 2 * pad - kernel) // strides
-                                     + 1, (size + 2 * pad - kernel)
-                                     // strides + 1, 6)
+  (want, want_grads), (got, got_grads) = run('library'), run('shifted')
+  out = (size + 2 * pad - kernel) // strides + 1
+  assert got.shape == want.shape == (2, out, out, 6)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for g, w_ in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4)
 
 
-def test_efficientnet_depthwise_choices_share_parameters_and_outputs():
+def test_kernel_choices_share_parameters_and_outputs():
+  name = 'efficientnet_b0'
+  x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
   outputs = {}
-  for impl in ('shifted', 'grouped'):
+  for impl in ('shifted', 'library'):
     config = default.get_config().model
-    config.name, config.depthwise = 'efficientnet_b0', impl
+    config.name, config.kernels = name, impl
     model = models.create_model(config)
-    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(
-        np.float32)
     variables = model.init(jax.random.PRNGKey(0), x)
     outputs[impl] = model.apply(variables, x)['features']
-  np.testing.assert_allclose(outputs['shifted'], outputs['grouped'],
+  np.testing.assert_allclose(outputs['shifted'], outputs['library'],
                              rtol=1e-4, atol=1e-5)
-  config.depthwise = 'fft'
-  with pytest.raises(ValueError, match="model.depthwise: 'fft'"):
+  config.kernels = 'fft'
+  with pytest.raises(ValueError, match="model.kernels: 'fft'"):
     models.create_model(config).init(jax.random.PRNGKey(0), x)

@@ -57,9 +57,9 @@ EOF
 # 2. Extras while the time budget lasts.
 if (( SECONDS - START < BUDGET )); then
   timeout 100 "$PYTHON" main.py --config=configs/benchmark.py --mode=benchmark \
-    --workdir="$OUT/kernels_shifted" \
+    --workdir="$OUT/kernels_cpu" \
     --config.benchmark.models=efficientnet_b0 \
-    --config.benchmark.dtypes=bfloat16 --config.model.kernels=shifted \
+    --config.benchmark.dtypes=bfloat16 --config.model.kernels=cpu \
     --config.benchmark.image_sizes="$SIZE" \
     --config.benchmark.batch_sizes="$BATCH" \
     --config.benchmark.steps="$STEPS" --config.benchmark.pipeline=False \

@@ -130,7 +130,7 @@ def depthwise_library(x: jax.Array, kernel: jax.Array, strides: int,
       feature_group_count=x.shape[-1])
 
 
-DEPTHWISE = {'shifted': depthwise_shifted, 'library': depthwise_library}
+DEPTHWISE = {'cpu': depthwise_shifted, 'library': depthwise_library}
 
 
 class DepthwiseConv(nn.Module):
@@ -202,13 +202,14 @@ class EfficientNetB0(nn.Module):
   bn_epsilon: float = 1e-5
   stochastic_depth_rate: float = 0.2  # of the last block; linear in index
   axis_name: str | None = None
-  kernels: str = 'auto'  # 'auto' | 'shifted' | 'library'; see layers
+  kernels: str = 'auto'  # 'auto' | 'cpu' | 'library'; see kernels_impl
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
-                                    self.bn_epsilon, self.axis_name)
     depthwise = kernels_impl(self.kernels)
+    conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
+                                    self.bn_epsilon, self.axis_name,
+                                    depthwise)
     x = conv(STEM_CHANNELS, (3, 3), (2, 2), padding=((1, 1), (1, 1)),
              name='stem_conv')(x)
     x = nn.silu(norm(name='stem_bn')(x))

@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fer_jax.models.layers import torch_style_layers
+from fer_jax.models.layers import kernels_impl, torch_style_layers
 
 
 class BasicBlock(nn.Module):
@@ -38,12 +38,13 @@ class ResNet18(nn.Module):
   bn_momentum: float = 0.9  # torchvision's momentum 0.1, in flax's convention.
   bn_epsilon: float = 1e-5
   axis_name: str | None = None  # pmap axis for cross-replica statistics.
-  kernels: str = 'auto'  # unused: ResNet18 has no depthwise convolutions
+  kernels: str = 'auto'  # 'auto' | 'cpu' | 'library'; see kernels_impl
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
-                                    self.bn_epsilon, self.axis_name)
+                                    self.bn_epsilon, self.axis_name,
+                                    kernels_impl(self.kernels))
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))

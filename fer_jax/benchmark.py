@@ -52,9 +52,9 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> np.ndarray:
   return np.asarray(times)
 
 
-def _cost(compiled) -> dict:
+def _cost(stage) -> dict:
   """XLA's cost analysis as one dict (a list of one in older JAX)."""
-  cost = compiled.cost_analysis()
+  cost = stage.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return cost or {}
@@ -76,7 +76,12 @@ def _step_config(config: ml_collections.ConfigDict, name: str,
 
 
 def compiled_step(config: ml_collections.ConfigDict, devices: list):
-  """(compiled train step, replicated state, batch, compile seconds, cost)."""
+  """(compiled train step, replicated state, batch, compile seconds, FLOPs).
+
+  FLOPs per image of the train step and of the forward pass (the eval
+  step), from XLA's cost analysis of the HLO before backend passes: after
+  them, GPU convolutions are library calls that the analysis cannot see.
+  """
   model = models.create_model(config.model, axis_name=steps.AXIS)
   tx = steps.create_optimizer(config.train,
                               lambda _: config.train.learning_rate)
@@ -84,11 +89,17 @@ def compiled_step(config: ml_collections.ConfigDict, devices: list):
       model, tx, config.data.image_size, config.train.seed), devices)
   batch = random_batch(config.train.batch_size, config.data.image_size,
                        devices)
-  p_train, _ = steps.pmap_steps(model, tx, config, devices=devices)
+  p_train, p_eval = steps.pmap_steps(model, tx, config, devices=devices)
   start = time.perf_counter()
-  compiled = p_train.lower(state, batch).compile()
+  lowered = p_train.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  return compiled, state, batch, compile_s, _cost(compiled)
+  per_device = config.train.batch_size // len(devices)
+  flops = {
+      'train_flops_per_image': _cost(lowered).get('flops', 0) / per_device,
+      'model_flops_per_image': _cost(p_eval.lower(state, batch)).get(
+          'flops', 0) / per_device}
+  return compiled, state, batch, compile_s, flops
 
 
 def benchmark_step(config: ml_collections.ConfigDict, devices: list
@@ -98,7 +109,7 @@ def benchmark_step(config: ml_collections.ConfigDict, devices: list
   Returns the row, the compiled step and a holder of its current state.
   """
   bench = config.benchmark
-  compiled, state, batch, compile_s, cost = compiled_step(config, devices)
+  compiled, state, batch, compile_s, flops = compiled_step(config, devices)
   holder = {'state': state}
 
   def step():
@@ -108,8 +119,6 @@ def benchmark_step(config: ml_collections.ConfigDict, devices: list
   times = timed(step, bench.warmup_steps, bench.steps)
   median = float(np.median(times))
   batch_size = config.train.batch_size
-  flops = cost.get('flops')  # one device's program: its share of the batch
-  flops_per_image = flops * len(devices) / batch_size if flops else None
   peak = peak_memory_bytes(devices[0])
   row = {
       'step_ms_median': median * 1e3,
@@ -118,13 +127,24 @@ def benchmark_step(config: ml_collections.ConfigDict, devices: list
       'compile_s': compile_s,
       'images_per_sec': batch_size / median,
       'images_per_sec_per_device': batch_size / median / len(devices),
-      'train_flops_per_image': flops_per_image,
-      'achieved_tflops': (flops_per_image * batch_size / median / 1e12
-                          if flops_per_image else None),
+      **flops,
+      'achieved_tflops': (flops['train_flops_per_image'] * batch_size
+                          / median / 1e12),
       'peak_memory_gb': peak / 2**30 if peak else None,
       'loss_finite': bool(np.isfinite(np.asarray(step()['loss'])).all()),
   }
   return row, compiled, holder
+
+
+def check_pipeline_size(config: ml_collections.ConfigDict, num_records: int,
+                        batch_size: int) -> None:
+  """Raises unless one epoch holds the warm-up and timed pipeline batches."""
+  needed = (config.benchmark.warmup_steps
+            + config.benchmark.pipeline_batches) * batch_size
+  if num_records < needed:
+    raise ValueError(
+        f'benchmark.pipeline_batches: {needed} training images needed, the '
+        f'train split has {num_records}; raise data.synthetic.num_train')
 
 
 def _pipeline_records(config: ml_collections.ConfigDict):
@@ -211,6 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         records[image_size] = _pipeline_records(
             _data_config(config, image_size))
       row_config = _data_config(row_config, image_size)
+      check_pipeline_size(row_config, len(records[image_size]), batch_size)
       row.update(benchmark_pipeline(row_config, records[image_size],
                                     len(devices)))
       row.update(benchmark_fed(row_config, records[image_size], len(devices),

@@ -1,0 +1,88 @@
+"""--mode=benchmark, the PyTorch reference rows and compare.py's ratios."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import compare, torch_reference
+from configs import benchmark as benchmark_config
+from fer_jax import benchmark
+from tests.conftest import NUM_DEVICES, tiny_config
+
+KEYS = ('model', 'batch_size', 'image_size', 'dtype', 'num_devices',
+        'device_kind', 'compile_s', 'step_ms_median', 'images_per_sec')
+
+
+@pytest.fixture(scope='module')
+def rows(tmp_path_factory, data_cache):
+  config = tiny_config(data_cache)
+  config.benchmark = benchmark_config.get_config().benchmark
+  config.benchmark.models = ('resnet18',)
+  config.benchmark.batch_sizes = (4, 8)
+  config.benchmark.image_sizes = (32,)
+  config.benchmark.warmup_steps = 1
+  config.benchmark.steps = 3
+  config.benchmark.pipeline_batches = 2
+  workdir = tmp_path_factory.mktemp('benchmark')
+  benchmark.run(config, str(workdir))
+  with open(workdir / 'benchmark.json') as f:
+    return json.load(f)
+
+
+def test_benchmark_json_has_a_row_per_configuration(rows):
+  assert [(r['model'], r['batch_size'], r['image_size'], r['dtype'])
+          for r in rows] == [('resnet18', 4, 32, 'float32'),
+                             ('resnet18', 8, 32, 'float32')]
+  for row in rows:
+    assert all(row[k] is not None for k in KEYS)
+    assert row['num_devices'] == NUM_DEVICES
+    assert row['loss_finite']
+    assert row['step_ms_p10'] <= row['step_ms_median'] <= row['step_ms_p90']
+    np.testing.assert_allclose(
+        row['images_per_sec'], row['batch_size'] / row['step_ms_median'] * 1e3)
+    np.testing.assert_allclose(row['images_per_sec_per_device'],
+                               row['images_per_sec'] / NUM_DEVICES)
+    assert row['pipeline_images_per_sec'] > 0 and row['fed_images_per_sec'] > 0
+
+
+def test_flops_are_per_image_whatever_the_batch(rows):
+  small, large = rows
+  np.testing.assert_allclose(small['model_flops_per_image'],
+                             large['model_flops_per_image'], rtol=1e-3)
+  # A train step is the forward pass, about twice that backward, and the
+  # optimiser's update, whose cost per step is shared by the batch.
+  assert small['train_flops_per_image'] > large['train_flops_per_image']
+  assert 2.5 < large['train_flops_per_image'] / large[
+      'model_flops_per_image'] < 4.5
+
+
+def test_too_few_images_for_the_pipeline_benchmark_names_the_fix(rows):
+  config = benchmark_config.get_config()
+  config.benchmark.pipeline_batches = 1000
+  with pytest.raises(ValueError, match='data.synthetic.num_train'):
+    benchmark.check_pipeline_size(config, num_records=100, batch_size=32)
+
+
+def test_torch_reference_row_matches_the_jax_row_format():
+  row = torch_reference.benchmark_row('resnet18', 'eager', 4, 32, 'float32',
+                                      torch.device('cpu'), 1, 2)
+  assert row['framework'] == 'torch' and row['loss_finite']
+  assert all(row[k] is not None for k in KEYS if k != 'compile_s')
+  np.testing.assert_allclose(
+      row['images_per_sec'], row['batch_size'] / row['step_ms_median'] * 1e3)
+
+
+def test_compare_ratios_and_failed_children(tmp_path):
+  jax_rows = [{'images_per_sec': 30.0}, {'images_per_sec': 40.0},
+              {'error': 'x'}]
+  torch_rows = [{'images_per_sec': 20.0, 'mode': 'eager'}]
+  assert compare.fastest(jax_rows)['images_per_sec'] == 40.0
+  assert compare.ratio(compare.fastest(jax_rows), torch_rows[0]) == 2.0
+  assert compare.ratio(None, torch_rows[0]) is None
+  failed = compare.run_child([sys.executable, '-c', 'import sys; sys.exit(3)'],
+                             str(tmp_path / 'none.json'), timeout=60)
+  assert failed[0].keys() == {'error'}
+  assert compare.fastest(failed) is None

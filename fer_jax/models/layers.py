@@ -11,26 +11,54 @@ import jax.numpy as jnp
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-class PointwiseConv(nn.Module):
-  """A bias-free 1x1 convolution as one 2-D matmul; nn.Conv's parameters.
+def im2col_conv(x: jax.Array, kernel: jax.Array, strides: int,
+                pad: int) -> jax.Array:
+  """A convolution as one 2-D matmul of the k*k strided views of x."""
+  k = kernel.shape[0]
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  batch, height, width, channels = x.shape
+  out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
+  patches = jnp.concatenate([
+      jax.lax.slice(x, (0, i, j, 0),
+                    (batch, i + (out_h - 1) * strides + 1,
+                     j + (out_w - 1) * strides + 1, channels),
+                    (1, strides, strides, 1))
+      for i in range(k) for j in range(k)], axis=-1)
+  y = jnp.dot(patches.reshape(-1, k * k * channels),
+              kernel.reshape(k * k * channels, -1))
+  return y.reshape(batch, out_h, out_w, -1)
 
-  XLA:CPU runs the matmul 3-7x faster than its 1x1 convolution, forward
-  and backward (BENCHMARKS.md).
+
+class CpuConv(nn.Module):
+  """A bias-free convolution with nn.Conv's parameters, written for XLA:CPU.
+
+  1x1: one 2-D matmul (3-7x faster forward+backward than XLA:CPU's 1x1
+  convolution). kxk, strided or on maps of at most 8x8 pixels: im2col and
+  one matmul (1.5-70x faster; XLA:CPU is slowest on maps smaller than the
+  kernel). Otherwise, and for the RGB stem, lax.conv_general_dilated.
+  BENCHMARKS.md has the measurements.
   """
   features: int
+  kernel_size: int
   strides: int = 1
+  pad: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', conv_init,
-                        (1, 1, x.shape[-1], self.features))
-    if self.strides > 1:
-      x = x[:, ::self.strides, ::self.strides]
-    batch, height, width, channels = x.shape
-    y = jnp.dot(x.reshape(-1, channels).astype(self.dtype),
-                kernel[0, 0].astype(self.dtype))
-    return y.reshape(batch, height, width, self.features)
+    k, s, channels = self.kernel_size, self.strides, x.shape[-1]
+    kernel = self.param('kernel', conv_init, (k, k, channels, self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if k == 1 and self.pad == 0:
+      x = x[:, ::s, ::s]
+      batch, height, width, _ = x.shape
+      y = jnp.dot(x.reshape(-1, channels), kernel[0, 0])
+      return y.reshape(batch, height, width, self.features)
+    if channels >= 8 and (s > 1 or x.shape[1] * x.shape[2] <= 64):
+      return im2col_conv(x, kernel, s, self.pad)
+    return jax.lax.conv_general_dilated(
+        x, kernel, (s, s), ((self.pad, self.pad),) * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 def torch_style_layers(dtype: Any, train: bool, momentum: float,
@@ -40,14 +68,18 @@ def torch_style_layers(dtype: Any, train: bool, momentum: float,
 
   In training, BatchNorm uses the batch's statistics, averaged over the
   pmap axis `axis_name`; in evaluation, its running averages. With
-  kernels='cpu', 1x1 convolutions are PointwiseConv matmuls.
+  kernels='cpu', convolutions are CpuConv. Square kernels and strides, and
+  symmetric padding, are all the backbones use.
   """
   library_conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
                                    kernel_init=conv_init)
 
-  def conv(features, kernel_size, strides=(1, 1), padding='SAME', name=None):
-    if kernels == 'cpu' and tuple(kernel_size) == (1, 1):
-      return PointwiseConv(features, strides[0], dtype, name=name)
+  def conv(features, kernel_size, strides=(1, 1), padding='VALID',
+           name=None):
+    if kernels == 'cpu':
+      pad = 0 if padding == 'VALID' else padding[0][0]
+      return CpuConv(features, kernel_size[0], strides[0], pad, dtype,
+                     name=name)
     return library_conv(features, kernel_size, strides, padding=padding,
                         name=name)
 

@@ -20,16 +20,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.0         # before the two Dense heads
   config.model.hidden_size = 0            # 0: Dense(8) and Dense(2) on the features
   config.model.va_activation = 'tanh'     # keeps valence/arousal in [-1, 1]
-  # 'cpu': depthwise and 1x1 convolutions as shifted sums and matmuls
-  # (3-8x faster on XLA:CPU); 'library': XLA's convolutions (faster on
-  # GPUs); 'auto' picks by backend. Same parameters and results.
+  # 'cpu': depthwise convolutions as shifted sums, 1x1, strided and
+  # small-map ones as matmuls (1.5-70x faster on XLA:CPU); 'library': XLA's
+  # convolutions (faster on GPUs); 'auto' picks by backend. Same
+  # parameters and results.
   config.model.kernels = 'auto'
 
   config.data = ml_collections.ConfigDict()
   config.data.layout = 'synthetic'        # 'synthetic' | 'npy' (Layout A)
   config.data.root = ''                   # Layout A root; unused for synthetic
-  # 72 px, not 64: XLA:CPU runs ResNet18 4x slower when its last stage is
-  # 2x2 (48-64 px inputs) than at 3x3 (72 px); measured, see BENCHMARKS.md.
+  # 72 px, not 64: XLA's own convolutions run ResNet18 4x slower when its
+  # last stage is 2x2 (48-64 px) than at 3x3 (72 px). model.kernels='cpu'
+  # removes that (BENCHMARKS.md); README's results were measured at 72 px.
   config.data.image_size = 72
   config.data.on_error = 'raise'          # 'raise' | 'skip' a broken annotation
   config.data.validation = 'holdout'      # 'holdout': val from train_set; 'released'

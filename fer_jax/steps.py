@@ -153,8 +153,16 @@ def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def replicate(tree: Any, devices=None) -> Any:
-  """One copy of tree on every local device (or on devices), as pmap expects."""
-  return flax.jax_utils.replicate(tree, devices)
+  """One copy of tree on every local device (or on devices), as pmap expects.
+
+  Placed by a pmap over AXIS, so the copies carry the same sharding as the
+  train step's outputs: with flax.jax_utils.replicate's sharding, the
+  step's second call missed pmap's cache and compiled the step again.
+  """
+  devices = devices or jax.local_devices()
+  stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * len(devices)),
+                         tree)
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(stacked)
 
 
 def unreplicate(tree: Any) -> Any:

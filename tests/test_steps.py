@@ -41,6 +41,28 @@ def run_steps(config, batch, devices, num_steps):
   return history, steps.unreplicate(state)
 
 
+def test_the_train_step_is_traced_once(data_cache, monkeypatch):
+  from tests.conftest import tiny_config
+  traces = []
+  original = steps.train_step
+
+  def counting_train_step(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(steps, 'train_step', counting_train_step)
+  config = tiny_config(data_cache)
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, lambda step: 1e-3)
+  p_train, _ = steps.pmap_steps(model, tx, config)
+  state = steps.replicate(steps.create_train_state(
+      model, tx, config.data.image_size, 0))
+  batch = shard(fixed_batch(8, config.data.image_size), NUM_DEVICES)
+  for _ in range(3):
+    state, _ = p_train(state, batch)
+  assert len(traces) == 1
+
+
 @pytest.fixture(scope='module')
 def runs(data_cache):
   from tests.conftest import tiny_config

@@ -108,10 +108,17 @@ def main():
   parser.add_argument('--summarise', metavar='DIR',
                       help='only print the tables of DIR/compare.json and '
                       'DIR/*/benchmark.json')
+  parser.add_argument('--pair', nargs=2, metavar=('JAX_JSON', 'TORCH_JSON'),
+                      help='no runs: the ratios of two files of rows, '
+                      'written to --out/compare.json and printed')
   parser.add_argument('--jax_flags', nargs='*', default=[],
                       help='more main.py flags, e.g. '
                       '--config.model.kernels=library')
   args = parser.parse_args()
+  if args.pair:
+    os.makedirs(args.out, exist_ok=True)
+    pair(*args.pair, args.out)
+    args.summarise = args.out
   if args.summarise:
     summarise(args.summarise)
     return
@@ -131,20 +138,49 @@ def main():
             torch_command(model, batch, size, dtype, args.steps,
                           args.torch_modes, path, args.torch_device), path,
             args.timeout)
-    best_jax = fastest(jax_rows)
-    best_torch = {m: fastest([r for r in torch_rows if r.get('mode') == m])
-                  for m in args.torch_modes}
-    results.append({
-        'model': model, 'dtype': dtype, 'image_size': size,
-        'batch_size': batch, 'rounds': args.rounds, 'jax': best_jax,
-        'torch': best_torch,
-        'ratio': {m: ratio(best_jax, t) for m, t in best_torch.items()},
-        'all_rows': jax_rows + torch_rows})
+    results.append(combine((model, dtype, size, batch), jax_rows, torch_rows,
+                           args.torch_modes, args.rounds))
     print(format_ratios(results[-1:], args.torch_modes).splitlines()[-1],
           flush=True)
     with open(os.path.join(args.out, 'compare.json'), 'w') as f:
       json.dump(results, f, indent=1)  # after each, in case time runs out
   print_tables(results)
+
+
+def combine(key: tuple, jax_rows: list[dict], torch_rows: list[dict],
+            modes: list[str], rounds: int) -> dict:
+  """One configuration's fastest JAX and PyTorch rows and their ratios."""
+  best_jax = fastest(jax_rows)
+  best_torch = {m: fastest([r for r in torch_rows if r.get('mode') == m])
+                for m in modes}
+  model, dtype, size, batch = key
+  return {'model': model, 'dtype': dtype, 'image_size': size,
+          'batch_size': batch, 'rounds': rounds, 'jax': best_jax,
+          'torch': best_torch,
+          'ratio': {m: ratio(best_jax, t) for m, t in best_torch.items()},
+          'all_rows': jax_rows + torch_rows}
+
+
+def pair(jax_path: str, torch_path: str, out: str) -> None:
+  """Ratios of rows measured by two separate runs (gpu_check.sh)."""
+  rows = []
+  for path in (jax_path, torch_path):
+    if os.path.exists(path):
+      with open(path) as f:
+        rows += json.load(f)
+  config_of = lambda r: (r['model'], r['dtype'], r['image_size'],
+                         r['batch_size'])
+  keys = sorted({config_of(r) for r in rows if 'images_per_sec' in r},
+                key=lambda k: (k[1], k[0], k[2], k[3]))
+  modes = sorted({r['mode'] for r in rows if r.get('framework') == 'torch'})
+  results = [combine(
+      key, [r for r in rows if r.get('framework') == 'jax'
+            and config_of(r) == key],
+      [r for r in rows if r.get('framework') == 'torch'
+       and 'images_per_sec' in r and config_of(r) == key], modes, 1)
+             for key in keys]
+  with open(os.path.join(out, 'compare.json'), 'w') as f:
+    json.dump(results, f, indent=1)
 
 
 def print_tables(results: list[dict], extra_rows: tuple = ()) -> None:
@@ -156,7 +192,7 @@ def print_tables(results: list[dict], extra_rows: tuple = ()) -> None:
   device = next((r['jax']['device_kind'] for r in results if r['jax']), '?')
   rounds = results[0]['rounds'] if results else 0
   print(f'\nJAX / PyTorch images per second, {device}, best median of '
-        f'{rounds} alternating round(s):')
+        f'{rounds} round(s):')
   print(format_ratios(results, modes))
 
 
@@ -169,7 +205,8 @@ def summarise(directory: str) -> None:
     if os.path.exists(path):
       with open(path) as f:
         extra += json.load(f)
-  print_tables(results, extra)
+  listed = [r for result in results for r in result['all_rows']]
+  print_tables(results, [r for r in extra if r not in listed])
 
 
 if __name__ == '__main__':

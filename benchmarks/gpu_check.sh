@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One GPU check, under 8 minutes on one H100/H200 with no network:
-#   1. fer_jax's train step and torchvision's (torch.compile and eager,
+#   1. fer_jax's train step, then torchvision's (torch.compile and eager,
 #      channels_last), ResNet18 and EfficientNet-B0, 224 px, batch 256,
-#      float32 and bfloat16, alternating (benchmarks/compare.py);
-#   2. if time is left: EfficientNet with the other kernels (model.kernels),
-#      and the Grain pipeline at 224 px feeding the step.
+#      bfloat16 and float32;
+#   2. if time is left: the Grain pipeline at 224 px feeding the step, and
+#      EfficientNet with the other kernels (model.kernels='cpu').
 # The table of JAX / PyTorch ratios is printed last. Results go to $OUT (or
 # runs/gpu_check).
 #
@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--cpu-smoke" ]; then
   SIZE=32; BATCH=8; STEPS=2; PIPE_TRAIN=160; WORKERS=2; BUDGET=600
   export CUDA_VISIBLE_DEVICES='' JAX_PLATFORMS=cpu
-  TORCH_DEVICE=(--torch_device cpu)
+  TORCH_DEVICE=(--device cpu)
 else
   SIZE=224; BATCH=256; STEPS=20; PIPE_TRAIN=4096; WORKERS=8; BUDGET=300
   TORCH_DEVICE=()
@@ -48,25 +48,24 @@ print(f'python {platform.python_version()} jax {jax.__version__} '
 print('jax devices:', jax.devices())
 EOF
 
-# 1. Both frameworks, alternating, one child process per row.
-"$PYTHON" benchmarks/compare.py --models resnet18 efficientnet_b0 \
-  --dtypes bfloat16 float32 --image_sizes "$SIZE" --batch_sizes "$BATCH" \
-  --torch_modes compile eager --rounds 1 --steps "$STEPS" --timeout 200 \
-  "${TORCH_DEVICE[@]}" --out "$OUT" 2>&1 | tee "$OUT/compare.log"
+# 1. Each framework in one process for all rows (imports and CUDA start
+#    once; the first run, one process per row, took over 8 minutes):
+#    bfloat16 before float32, each row written as soon as it is measured.
+timeout 240 "$PYTHON" main.py --config=configs/benchmark.py --mode=benchmark \
+  --workdir="$OUT/jax" \
+  "--config.benchmark.models=('resnet18', 'efficientnet_b0')" \
+  "--config.benchmark.dtypes=('bfloat16', 'float32')" \
+  --config.benchmark.image_sizes="$SIZE" --config.benchmark.batch_sizes="$BATCH" \
+  --config.benchmark.steps="$STEPS" --config.benchmark.pipeline=False \
+  2>&1 | grep -v '^[IW][0-9]'
+timeout 300 "$PYTHON" -m benchmarks.torch_reference \
+  --models resnet18 efficientnet_b0 --dtypes bfloat16 float32 \
+  --modes compile eager --image_sizes "$SIZE" --batch_sizes "$BATCH" \
+  --steps "$STEPS" "${TORCH_DEVICE[@]}" --json "$OUT/torch.json"
 
 # 2. Extras while the time budget lasts.
 if (( SECONDS - START < BUDGET )); then
-  timeout 100 "$PYTHON" main.py --config=configs/benchmark.py --mode=benchmark \
-    --workdir="$OUT/kernels_cpu" \
-    --config.benchmark.models=efficientnet_b0 \
-    --config.benchmark.dtypes=bfloat16 --config.model.kernels=cpu \
-    --config.benchmark.image_sizes="$SIZE" \
-    --config.benchmark.batch_sizes="$BATCH" \
-    --config.benchmark.steps="$STEPS" --config.benchmark.pipeline=False \
-    2>&1 | grep -v '^[IW][0-9]' | tail -3
-fi
-if (( SECONDS - START < BUDGET + 60 )); then
-  timeout 120 "$PYTHON" main.py --config=configs/benchmark.py --mode=benchmark \
+  timeout 90 "$PYTHON" main.py --config=configs/benchmark.py --mode=benchmark \
     --workdir="$OUT/pipeline" --config.benchmark.models=resnet18 \
     --config.benchmark.dtypes=bfloat16 \
     --config.benchmark.image_sizes="$SIZE" \
@@ -79,5 +78,16 @@ if (( SECONDS - START < BUDGET + 60 )); then
     2>&1 | grep -v '^[IW][0-9]' | tail -3
 fi
 
+if (( SECONDS - START < BUDGET + 60 )); then
+  timeout 90 "$PYTHON" main.py --config=configs/benchmark.py --mode=benchmark \
+    --workdir="$OUT/kernels_cpu" \
+    --config.benchmark.models=efficientnet_b0 \
+    --config.benchmark.dtypes=bfloat16 --config.model.kernels=cpu \
+    --config.benchmark.image_sizes="$SIZE" \
+    --config.benchmark.batch_sizes="$BATCH" \
+    --config.benchmark.steps="$STEPS" --config.benchmark.pipeline=False \
+    2>&1 | grep -v '^[IW][0-9]' | tail -3
+fi
 echo "gpu_check: $((SECONDS - START)) s"
-"$PYTHON" benchmarks/compare.py --summarise "$OUT"
+"$PYTHON" benchmarks/compare.py --pair "$OUT/jax/benchmark.json" \
+  "$OUT/torch.json" --out "$OUT"

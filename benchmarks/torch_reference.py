@@ -162,10 +162,11 @@ def main():
               print(f'{name} {mode} {dtype}: {row["error"]}', flush=True)
             rows.append(row)
             print(format_table([row], header=len(rows) == 1), flush=True)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump(rows, f, indent=1)
+            if args.json:  # after each row, in case time runs out
+              os.makedirs(os.path.dirname(os.path.abspath(args.json)),
+                          exist_ok=True)
+              with open(args.json, 'w') as f:
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == '__main__':

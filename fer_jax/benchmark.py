@@ -238,9 +238,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                                compiled, holder))
     rows.append(row)
     print(format_table([row], header=len(rows) == 1), flush=True)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    reporting.write_json(os.path.join(workdir, 'benchmark.json'), rows)
+    if jax.process_index() == 0:  # after each row, in case time runs out
+      os.makedirs(workdir, exist_ok=True)
+      reporting.write_json(os.path.join(workdir, 'benchmark.json'), rows)
   print(format_table(rows))
   return rows
 

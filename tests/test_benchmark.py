@@ -86,3 +86,25 @@ def test_compare_ratios_and_failed_children(tmp_path):
                              str(tmp_path / 'none.json'), timeout=60)
   assert failed[0].keys() == {'error'}
   assert compare.fastest(failed) is None
+
+
+def test_pair_matches_rows_of_two_runs_by_configuration(tmp_path):
+  def row(framework, mode, model, ips):
+    return {'framework': framework, 'mode': mode, 'model': model,
+            'dtype': 'bfloat16', 'image_size': 224, 'batch_size': 256,
+            'images_per_sec': ips}
+  (tmp_path / 'jax.json').write_text(json.dumps(
+      [row('jax', 'pmap', 'resnet18', 300.0),
+       row('jax', 'pmap', 'efficientnet_b0', 90.0)]))
+  (tmp_path / 'torch.json').write_text(json.dumps(
+      [row('torch', 'compile', 'resnet18', 200.0),
+       row('torch', 'eager', 'resnet18', 100.0),
+       row('torch', 'compile', 'efficientnet_b0', 60.0),
+       {'framework': 'torch', 'mode': 'eager', 'model': 'efficientnet_b0',
+        'error': 'torch.compile failed'}]))
+  compare.pair(str(tmp_path / 'jax.json'), str(tmp_path / 'torch.json'),
+               str(tmp_path))
+  results = {r['model']: r['ratio']
+             for r in json.loads((tmp_path / 'compare.json').read_text())}
+  assert results == {'resnet18': {'compile': 1.5, 'eager': 3.0},
+                     'efficientnet_b0': {'compile': 1.5, 'eager': None}}

@@ -9,7 +9,6 @@ For every model x batch size x image size x dtype of `config.benchmark`:
 Rows go to workdir/benchmark.json and a table is printed.
 """
 
-import functools
 import os
 import platform
 import time

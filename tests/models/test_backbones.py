@@ -163,7 +163,7 @@ def test_param_labels_freeze_the_backbone_with_multi_transform(flax_model):
 def test_parameter_summary_totals(flax_model):
   name, _, variables = flax_model
   summary = models.parameter_summary(variables)
-  assert f'total params backbone' in summary
+  assert 'total params backbone' in summary
   assert f'{BACKBONE_COUNTS[name]:,}' in summary
   assert 'params/backbone/' in summary and 'batch_stats/backbone/' in summary
 

@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fer_jax.models.layers import conv_init, kernels_impl, torch_style_layers
+from fer_jax.models.layers import (conv_init, kernels_impl, strided_views,
+                                    torch_style_layers)
 
 # torchvision's MBConv stages of B0: (expand ratio, kernel, stride,
 # output channels, blocks); the input of stage 1 is the 32-channel stem.
@@ -29,19 +30,8 @@ def stochastic_depth(x: jax.Array, rate: float, deterministic: bool,
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
   """sum_ij x[:, h*s + i, w*s + j] * kernel[i, j, 0] over the k x k taps."""
-  k = kernel.shape[0]
-  batch, height, width, channels = x.shape
-  out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
-  out = None
-  for i in range(k):
-    for j in range(k):
-      view = jax.lax.slice(x, (0, i, j, 0),
-                           (batch, i + (out_h - 1) * strides + 1,
-                            j + (out_w - 1) * strides + 1, channels),
-                           (1, strides, strides, 1))
-      out = view * kernel[i, j, 0] if out is None else out + view * kernel[
-          i, j, 0]
-  return out
+  return sum(view * kernel[i, j, 0]
+             for (i, j), view in strided_views(x, kernel.shape[0], strides))
 
 
 def _pad(x: jax.Array, low: int, high: int, interior: int = 0) -> jax.Array:
@@ -70,15 +60,9 @@ def _depthwise_forward(x, kernel, strides, pad):
 def _kernel_grad_taps(x: jax.Array, dy: jax.Array, k: int, strides: int,
                       pad: int) -> jax.Array:
   """[k*k, C]: sum over batch and space of each tap's input view times dy."""
-  x = _pad(x, pad, pad)
-  batch, _, _, channels = x.shape
-  out_h, out_w = dy.shape[1], dy.shape[2]
-  return jnp.stack([jnp.sum(jax.lax.slice(
-      x, (0, i, j, 0),
-      (batch, i + (out_h - 1) * strides + 1, j + (out_w - 1) * strides + 1,
-       channels), (1, strides, strides, 1)) * dy, axis=(0, 1, 2),
-                            dtype=jnp.float32)
-                    for i in range(k) for j in range(k)])
+  return jnp.stack([
+      jnp.sum(view * dy, axis=(0, 1, 2), dtype=jnp.float32)
+      for _, view in strided_views(_pad(x, pad, pad), k, strides)])
 
 
 def _depthwise_kernel_grad(x: jax.Array, dy: jax.Array, k: int,

@@ -11,22 +11,30 @@ import jax.numpy as jnp
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def strided_views(x: jax.Array, k: int, strides: int):
+  """The k*k views of x [B, H, W, C] that a k x k window with this stride
+  reads (no padding): yields ((i, j), x[:, i + strides*h, j + strides*w])."""
+  batch, height, width, channels = x.shape
+  out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
+  for i in range(k):
+    for j in range(k):
+      yield (i, j), jax.lax.slice(
+          x, (0, i, j, 0),
+          (batch, i + (out_h - 1) * strides + 1,
+           j + (out_w - 1) * strides + 1, channels),
+          (1, strides, strides, 1))
+
+
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: int,
                 pad: int) -> jax.Array:
   """A convolution as one 2-D matmul of the k*k strided views of x."""
-  k = kernel.shape[0]
+  k, channels = kernel.shape[0], x.shape[-1]
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  batch, height, width, channels = x.shape
-  out_h, out_w = (height - k) // strides + 1, (width - k) // strides + 1
-  patches = jnp.concatenate([
-      jax.lax.slice(x, (0, i, j, 0),
-                    (batch, i + (out_h - 1) * strides + 1,
-                     j + (out_w - 1) * strides + 1, channels),
-                    (1, strides, strides, 1))
-      for i in range(k) for j in range(k)], axis=-1)
+  patches = jnp.concatenate(
+      [view for _, view in strided_views(x, k, strides)], axis=-1)
   y = jnp.dot(patches.reshape(-1, k * k * channels),
               kernel.reshape(k * k * channels, -1))
-  return y.reshape(batch, out_h, out_w, -1)
+  return y.reshape(*patches.shape[:3], -1)
 
 
 class CpuConv(nn.Module):

@@ -7,8 +7,8 @@ line.
   python main.py --config=configs/benchmark.py --mode=benchmark \\
       --workdir=runs/benchmark
   python main.py --config=configs/benchmark.py --mode=benchmark \\
-      --config.benchmark.models=resnet18, --config.benchmark.dtypes=bfloat16, \\
-      --config.benchmark.image_sizes=224, --config.benchmark.batch_sizes=256,
+      --config.benchmark.models=resnet18 --config.benchmark.dtypes=bfloat16 \\
+      --config.benchmark.image_sizes=224 --config.benchmark.batch_sizes=256
 """
 
 import ml_collections

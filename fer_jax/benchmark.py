@@ -36,7 +36,7 @@ def random_batch(batch_size: int, image_size: int, devices: list,
       'va': rng.uniform(-1, 1, (d, n, 2)).astype(np.float32),
       'va_mask': np.ones((d, n), bool),
       'mask': np.ones((d, n), bool)}
-  return jax.pmap(lambda x: x, devices=devices)(batch)
+  return steps.shard(batch, devices)
 
 
 def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> np.ndarray:

@@ -152,17 +152,22 @@ def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
   return p_train, p_eval
 
 
-def replicate(tree: Any, devices=None) -> Any:
-  """One copy of tree on every local device (or on devices), as pmap expects.
+def shard(tree: Any, devices=None) -> Any:
+  """Arrays [D, ...] placed one slice per device, as the steps' outputs are.
 
-  Placed by a pmap over AXIS, so the copies carry the same sharding as the
-  train step's outputs: with flax.jax_utils.replicate's sharding, the
-  step's second call missed pmap's cache and compiled the step again.
+  Placed by a pmap over AXIS, so they carry the same sharding as the train
+  step's outputs: with flax.jax_utils.replicate's sharding, the step's
+  second call missed pmap's cache and compiled the step again.
   """
-  devices = devices or jax.local_devices()
-  stacked = jax.tree.map(lambda x: np.stack([np.asarray(x)] * len(devices)),
-                         tree)
-  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(stacked)
+  return jax.pmap(lambda x: x, axis_name=AXIS,
+                  devices=devices or jax.local_devices())(tree)
+
+
+def replicate(tree: Any, devices=None) -> Any:
+  """One copy of tree on every local device (or on devices), as pmap expects."""
+  count = len(devices or jax.local_devices())
+  return shard(jax.tree.map(lambda x: np.stack([np.asarray(x)] * count),
+                            tree), devices)
 
 
 def unreplicate(tree: Any) -> Any:

@@ -100,9 +100,10 @@ def torch_style_layers(dtype: Any, train: bool, momentum: float,
 def kernels_impl(name: str) -> str:
   """model.kernels resolved: 'auto' is 'cpu' on the CPU, else 'library'.
 
-  'cpu': depthwise and 1x1 convolutions written as the shifted sums and
-  matmuls that XLA:CPU runs fast; 'library': lax.conv_general_dilated,
-  which cuDNN runs fast. Same parameters and results either way.
+  'cpu': depthwise convolutions as shifted sums, and 1x1, strided and
+  small-map ones as matmuls (CpuConv), which XLA:CPU runs fast; 'library':
+  lax.conv_general_dilated, which cuDNN runs fast. Same parameters and
+  results either way.
   """
   if name == 'auto':
     return 'cpu' if jax.default_backend() == 'cpu' else 'library'

@@ -24,9 +24,14 @@ flags.DEFINE_integer('process_id', None, 'Multi-host: this process.')
 
 
 def _quiet_libraries(record) -> bool:
-  """Keeps INFO lines of fer_jax; libraries (Orbax, JAX) speak at WARNING."""
+  """Keeps INFO lines of fer_jax; libraries (Orbax, JAX) speak at WARNING.
+
+  Orbax warns that mid-epoch checkpoints carry no metrics: by design.
+  """
   ours = (record.pathname.startswith(PROJECT_ROOT)
           and 'site-packages' not in record.pathname)
+  if 'did not provide metrics' in str(record.msg):
+    return False
   return record.levelno >= python_logging.WARNING or ours
 
 

@@ -27,18 +27,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.kernels = 'auto'
 
   config.data = ml_collections.ConfigDict()
-  config.data.layout = 'synthetic'        # 'synthetic' | 'npy' (Layout A)
-  config.data.root = ''                   # Layout A root; unused for synthetic
+  # 'synthetic' (generated, in Layout A) | 'npy' (Layout A: the per-image
+  # .npy release) | 'csv' (Layout B: training.csv, validation.csv) |
+  # 'folders' (ROOT/SET/<class name>/*.jpg). README: Data.
+  config.data.layout = 'synthetic'
+  config.data.root = ''                   # the data set's folder; unused for synthetic
+  config.data.train_source = ''           # '': train_set | training.csv | train
+  config.data.released_source = ''        # '': val_set | validation.csv | test
+  config.data.images_dir = 'Manually_Annotated_Images'  # csv: under root
+  config.data.face_margin = 0.1           # csv: square crop, box side x (1 + 2 margin)
+  config.data.class_folders = ''          # folders: '1:surprise,2:fear,...'; '': names
   # 72 px, not 64: XLA's own convolutions run ResNet18 4x slower when its
   # last stage is 2x2 (48-64 px) than at 3x3 (72 px). model.kernels='cpu'
   # removes that (BENCHMARKS.md); README's results were measured at 72 px.
   config.data.image_size = 72
-  config.data.on_error = 'raise'          # 'raise' | 'skip' a broken annotation
+  # A corrupt, truncated or missing image or annotation, an unparsable
+  # value or an unknown class: 'raise' names the file; 'skip' drops it and
+  # lists it in data_report.json.
+  config.data.on_error = 'raise'
+  config.data.check_images = True         # decode every image once when indexing
+  config.data.index_cache_dir = 'data/index'  # git-ignored; one .npz per set
+  config.data.index_processes = 0         # 0: one per CPU core
   config.data.validation = 'holdout'      # 'holdout': val from train_set; 'released'
   config.data.val_fraction = 0.2          # of train_set, stratified by class
   config.data.split_seed = 0
-  config.data.random_flip = True
-  config.data.crop_min_scale = 0.9        # random square crops of 90-100% side; 1: off
   # 'uniform': each image once per epoch; 'balanced': every class drawn
   # equally often (with replacement). AffectNet's imbalance (Happy 47%,
   # Contempt 1.3%) sank the reference study's ResNet18; on the synthetic set
@@ -51,6 +63,21 @@ def get_config() -> ml_collections.ConfigDict:
   # ImageNet statistics, as the pretrained backbones expect.
   config.data.mean_rgb = (0.485, 0.456, 0.406)
   config.data.std_rgb = (0.229, 0.224, 0.225)
+
+  # Training augmentation, on the host (fer_jax/data/images.py); none in
+  # evaluation. Each is off at its neutral value.
+  config.data.augment = ml_collections.ConfigDict()
+  augment = config.data.augment
+  augment.crop_scale = (0.8, 1.0)         # random resized crop: area fraction
+  augment.crop_ratio = (0.9, 1.1)         # and aspect ratio; (1, 1): square
+  augment.flip = True                     # horizontal, half the time
+  augment.rotation_degrees = 10.0         # uniform in +-this
+  augment.brightness = 0.2                # factors uniform in [1 - x, 1 + x]
+  augment.contrast = 0.2
+  augment.saturation = 0.2
+  augment.erasing_prob = 0.25             # random erasing (Zhong et al., 2020)
+  augment.erasing_scale = (0.02, 0.2)     # area fraction of the rectangle
+  augment.erasing_ratio = (0.3, 3.3)      # its aspect ratio
 
   config.data.synthetic = ml_collections.ConfigDict()
   config.data.synthetic.num_train = 8000  # train_set, AffectNet's class frequencies
@@ -82,5 +109,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.best_mode = 'max'          # 'max' | 'min'
   config.train.early_stopping_patience = 0  # epochs without improvement; 0: off
   config.train.keep_checkpoints = 2       # latest ones kept besides the best
+  # Checkpoints come after every epoch and, if > 0, every this many steps
+  # (with the data iterator's position, so a resumed run sees the same
+  # remaining batches).
+  config.train.checkpoint_every_steps = 0
   config.train.log_every_steps = 10       # progress bar and TensorBoard
   return config

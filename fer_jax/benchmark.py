@@ -160,7 +160,7 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, records,
                        num_devices: int) -> dict:
   """Images/s of the training pipeline alone, after warm-up batches."""
   bench = config.benchmark
-  batches = pipeline.train_batches(records, config, 0, num_devices)
+  batches = pipeline.train_batches(records, config, num_devices)
   for _ in _take(batches, bench.warmup_steps):
     pass
   start = time.perf_counter()
@@ -177,7 +177,7 @@ def benchmark_fed(config: ml_collections.ConfigDict, records,
                   num_devices: int, compiled: Callable, holder: dict) -> dict:
   """Images/s of train steps fed by the pipeline (host to device included)."""
   bench = config.benchmark
-  batches = pipeline.train_batches(records, config, 0, num_devices)
+  batches = pipeline.train_batches(records, config, num_devices)
 
   def step():  # as in training: the host batch goes to the devices here
     holder['state'], metrics = compiled(holder['state'], next(batches))

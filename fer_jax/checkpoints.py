@@ -1,10 +1,13 @@
-"""Orbax checkpoints: the train state and the loop's progress, every epoch.
+"""Orbax checkpoints: the train state, the loop's progress and the data.
 
-Each checkpoint holds two items: 'state' (parameters, BatchNorm statistics,
-optimiser state, step, RNG) and 'meta' (completed epochs, the best
-validation metric so far, early-stopping counters; the data iterator's
-position is the epoch, as training checkpoints at epoch boundaries). The
-latest `train.keep_checkpoints` and the best by `train.best_metric` are kept.
+Each checkpoint holds three items: 'state' (parameters, BatchNorm
+statistics, optimiser state, step, RNG), 'meta' (completed epochs, steps
+into the current one and its metric sums, the best validation metric so
+far, early-stopping counters) and 'data' (the training iterator: Grain's
+state, the step it has reached and the worker count it was saved with).
+Checkpoints come at the end of every epoch (with validation metrics) and
+every `train.checkpoint_every_steps` (without). The latest
+`train.keep_checkpoints` and the best by `train.best_metric` are kept.
 """
 
 from pathlib import Path
@@ -33,25 +36,30 @@ def create_manager(workdir: Path, config: ml_collections.ConfigDict,
       best_fn=best_fn, best_mode=train.best_mode, preservation_policy=policy,
       read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(Path(workdir).absolute() / 'checkpoints',
-                               options=options, item_names=('state', 'meta'))
+                               options=options,
+                               item_names=('state', 'meta', 'data'))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         metrics: dict) -> None:
-  """Saves asynchronously; the previous save is finished first."""
+         data: dict, metrics: dict | None) -> None:
+  """Saves asynchronously; the previous save is finished first.
+
+  metrics: the validation metrics that rank it, None mid-epoch.
+  """
   manager.wait_until_finished()
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-               metrics=metrics)
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+      data=ocp.args.JsonSave(data)), metrics=metrics)
 
 
 def restore(manager: ocp.CheckpointManager, step: int,
-            template: Any) -> tuple[Any, dict]:
-  """The state (shaped like template, on the host) and meta of a step."""
+            template: Any) -> tuple[Any, dict, dict]:
+  """The state (shaped like template, on the host), meta and data of a step."""
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-  return restored.state, restored.meta
+      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore(),
+      data=ocp.args.JsonRestore()))
+  return restored.state, restored.meta, restored.data
 
 
 def checkpoint_step(manager: ocp.CheckpointManager, requested: int | None,

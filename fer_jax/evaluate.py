@@ -11,7 +11,7 @@ from absl import logging
 
 from fer_jax import checkpoints, data, losses, metrics, models, reporting, steps
 from fer_jax.data import pipeline
-from fer_jax.data.affectnet import Records
+from fer_jax.data.index import Records
 
 
 def predict_records(p_eval: Callable, state: steps.TrainState,
@@ -81,7 +81,7 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: Path,
                                       config.train.seed)
   manager = checkpoints.create_manager(workdir, config, read_only=True)
   step = checkpoints.checkpoint_step(manager, checkpoint_step)
-  state, _ = checkpoints.restore(manager, step, template)
+  state, _, _ = checkpoints.restore(manager, step, template)
   logging.info('Restored the checkpoint of step %d from %s', step,
                manager.directory)
   _, p_eval = steps.pmap_steps(model, tx, config, weights)
@@ -94,7 +94,7 @@ def with_trained_model(config: ml_collections.ConfigDict, workdir: Path
 
   From the run's config.json: the model, the training section (loss terms
   and optimiser, so the checkpoint restores and losses mean the same), the
-  input (image size, normalisation) and how the splits were drawn
+  input (image size, face margin, normalisation) and how the splits were drawn
   (validation protocol, fraction, seed, the generated set). From the
   command line: where the data is (layout, root), error handling, workers
   and the evaluation batch size.
@@ -110,9 +110,11 @@ def with_trained_model(config: ml_collections.ConfigDict, workdir: Path
   config.train.eval_batch_size = eval_batch_size
   config.data.synthetic = saved.data.synthetic
   config.data.synthetic.regenerate = False
-  for key in ('image_size', 'mean_rgb', 'std_rgb', 'validation',
-              'val_fraction', 'split_seed'):
-    config.data[key] = type(config.data[key])(saved.data[key])
+  for key in ('image_size', 'face_margin', 'mean_rgb', 'std_rgb',
+              'validation', 'val_fraction', 'split_seed'):
+    # .get: runs saved before a field existed used its default.
+    config.data[key] = type(config.data[key])(saved.data.get(
+        key, config.data[key]))
   return config
 
 
@@ -124,6 +126,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   splits, data_report = data.load_splits(config)
   if split not in splits:
     raise ValueError(f'--split: {split!r} is not one of {sorted(splits)}')
+  reporting.write_json(workdir / 'data_report.json', data_report)
   weights = losses.class_weights(config.train.class_weights,
                                  data_report['train']['class_counts'])
   state, p_eval, step = restore_for_inference(config, workdir,

@@ -9,8 +9,8 @@ import numpy as np
 from absl import logging
 
 from fer_jax import evaluate
-from fer_jax.data import pipeline
-from fer_jax.data.affectnet import IMAGE_SUFFIXES
+from fer_jax.data import images, pipeline
+from fer_jax.data.index import IMAGE_SUFFIXES, check_image
 from fer_jax.labels import EXPRESSIONS
 
 
@@ -30,7 +30,8 @@ def _decoded(paths: list[Path], image_size: int, skipped: list[dict]):
   """(path, image) for the readable files; the rest recorded in skipped."""
   for path in paths:
     try:
-      yield path, pipeline.decode_image(str(path), image_size)
+      check_image(str(path))  # OpenCV would decode a truncated JPEG in part
+      yield path, images.load(str(path), image_size)
     except (ValueError, OSError) as e:
       logging.warning('Skipping %s', e)
       skipped.append({'path': str(path), 'reason': str(e)})

@@ -4,10 +4,10 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 from tqdm import tqdm
 
@@ -62,39 +62,78 @@ def _check_finite(metrics: dict, epoch: int, step: int) -> None:
         'train.learning_rate or check the data.')
 
 
-def train_epoch(p_train, state, batches, num_steps: int, desc: str,
-                log_every: int, batch_size: int):
-  """One pass over the training batches with a progress bar.
+def train_epoch(p_train, state, batches, epoch: int, first: int,
+                num_steps: int, sums: dict, save: Callable,
+                config: ml_collections.ConfigDict):
+  """Steps first..num_steps-1 of epoch `epoch` (0-based), with a progress bar.
 
-  Metrics come back to the host only every `log_every` steps (for the bar)
-  and once at the end of the epoch. Images/s is timed from the end of the
-  first step, so compilation does not count.
+  sums: the epoch's metric sums over its first `first` steps (from a
+  checkpoint). Every train.checkpoint_every_steps global steps, save(state,
+  steps done in the epoch, sums) checkpoints mid-epoch. Metrics come back
+  to the host only for the bar (every train.log_every_steps), such a save,
+  and at the end. Images/s is timed from the end of the first step, so
+  compilation does not count. Returns the state, the epoch's mean metrics
+  and images/s.
   """
-  history, start = [], None
-  bar = tqdm(batches, total=num_steps, desc=desc, unit='step',
-             dynamic_ncols=True, mininterval=1.0)
-  for i, batch in enumerate(bar):
-    state, metrics = p_train(state, batch)
-    history.append(metrics)
+  every, log_every = (config.train.checkpoint_every_steps,
+                      config.train.log_every_steps)
+  pending, start, timed = [], None, 0
+  bar = tqdm(total=num_steps, initial=first, unit='step', dynamic_ncols=True,
+             desc=f'epoch {epoch + 1}/{config.train.num_epochs}',
+             mininterval=1.0)
+  for i in range(first, num_steps):
+    state, metrics = p_train(state, next(batches))
+    pending.append(metrics)
+    bar.update()
     if start is None:
       jax.block_until_ready(metrics)
       start = time.perf_counter()
-    elif (i + 1) % log_every == 0 or i + 1 == num_steps:
+    else:
+      timed += 1
+    if (i + 1) % log_every == 0 or i + 1 == num_steps:
       last = jax.tree.map(lambda x: float(x[0]), metrics)
-      images_per_sec = i * batch_size / (time.perf_counter() - start)
+      rate = timed * config.train.batch_size / (time.perf_counter() - start)
       bar.set_postfix(loss=f"{last['loss']:.3f}",
-                      acc=f"{last['accuracy']:.3f}",
-                      img_s=f'{images_per_sec:.0f}')
+                      acc=f"{last['accuracy']:.3f}", img_s=f'{rate:.0f}')
+    if every and (epoch * num_steps + i + 1) % every == 0 and i + 1 < num_steps:
+      sums, pending = _add_metrics(sums, pending), []
+      save(state, i + 1, sums)
   bar.close()
-  if not history:
-    raise ValueError('no training batch: the train split is smaller than '
-                     'train.batch_size')
-  timed_steps = len(history) - 1
-  images_per_sec = (timed_steps * batch_size / (time.perf_counter() - start)
-                    if timed_steps else None)  # one step: nothing to time
-  means = jax.tree.map(lambda *x: float(np.mean([v[0] for v in x])),
-                       *jax.device_get(history))
-  return state, means, images_per_sec
+  images_per_sec = (timed * config.train.batch_size /
+                    (time.perf_counter() - start) if timed else None)
+  sums = _add_metrics(sums, pending)
+  return state, {k: v / num_steps for k, v in sums.items()}, images_per_sec
+
+
+def _add_metrics(sums: dict, history: list) -> dict:
+  """sums plus the per-step metrics of history (replicated; device 0's)."""
+  for metrics in jax.device_get(history):
+    for key, value in metrics.items():
+      sums[key] = sums.get(key, 0.0) + float(value[0])
+  return sums
+
+
+def resume_batches(records, config: ml_collections.ConfigDict,
+                   num_devices: int, step: int, saved: dict | None):
+  """The run's training batches from global step `step` on.
+
+  saved: the checkpoint's data item. Grain's own iterator state restores
+  the position when the worker count is the one it was saved with; with
+  another count the run starts its batches at `step`, which gives the
+  same batches (each depends only on the seed and its index). Returns the
+  iterator and the step its dataset starts at (part of its state).
+  """
+  if saved and saved['num_workers'] == config.data.num_workers:
+    batches = pipeline.train_batches(records, config, num_devices,
+                                     start_step=saved['first_step'])
+    batches.set_state(saved['iterator'])
+    return batches, saved['first_step']
+  if saved:
+    logging.info('data.num_workers %d differs from the checkpoint\'s %d: '
+                 'restarting the training batches at step %d',
+                 config.data.num_workers, saved['num_workers'], step)
+  return pipeline.train_batches(records, config, num_devices,
+                                start_step=step), step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -140,29 +179,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # Resume from the latest checkpoint, if any.
   manager = checkpoints.create_manager(workdir, config)
-  meta = {'epoch': 0, 'best_value': None, 'best_epoch': None,
-          'epochs_without_improvement': 0, 'stopped_early': False}
-  latest = manager.latest_step()
+  meta = {'epoch': 0, 'epoch_step': 0, 'epoch_sums': {}, 'best_value': None,
+          'best_epoch': None, 'epochs_without_improvement': 0,
+          'stopped_early': False}
+  latest, saved_data = manager.latest_step(), None
   if latest is not None:
-    state, meta = checkpoints.restore(manager, latest, state)
-    print(f"Resuming from the checkpoint of epoch {meta['epoch']} "
-          f"(step {latest}) in {manager.directory}")
+    state, meta, saved_data = checkpoints.restore(manager, latest, state)
+    where = (f"step {meta['epoch_step']} of {num_steps} in epoch "
+             f"{meta['epoch'] + 1}" if meta['epoch_step'] else
+             f"the end of epoch {meta['epoch']}")
+    print(f'Resuming from the checkpoint of step {latest} ({where}) in '
+          f'{manager.directory}')
     if meta['epoch'] >= config.train.num_epochs or meta['stopped_early']:
       print('Training has finished; evaluating the best checkpoint.')
   reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
   state = steps.replicate(state)
   tensorboard = reporting.TensorBoard(workdir / 'tb')
+  batches, first_step = resume_batches(splits['train'], config, num_devices,
+                                       latest or 0, saved_data)
+
+  def save(state, step: int, metrics: dict | None = None) -> None:
+    data_state = {'step': step, 'first_step': first_step,
+                  'num_workers': config.data.num_workers,
+                  'iterator': batches.get_state()}
+    checkpoints.save(manager, step, steps.unreplicate(state), meta,
+                     data_state, metrics)
+
+  def save_mid_epoch(state, epoch_step: int, sums: dict) -> None:
+    step = meta['epoch'] * num_steps + epoch_step
+    _check_finite(sums, meta['epoch'] + 1, step)
+    meta.update(epoch_step=epoch_step, epoch_sums=sums)
+    save(state, step)
 
   for epoch in range(meta['epoch'], config.train.num_epochs):
     if meta['stopped_early']:
       break
-    # Train one epoch.
-    batches = pipeline.train_batches(splits['train'], config, epoch,
-                                     num_devices)
+    # Train one epoch (from a mid-epoch checkpoint's step, if resumed).
     state, train_metrics, images_per_sec = train_epoch(
-        p_train, state, batches, num_steps,
-        f'epoch {epoch + 1}/{config.train.num_epochs}',
-        config.train.log_every_steps, config.train.batch_size)
+        p_train, state, batches, epoch, meta['epoch_step'], num_steps,
+        dict(meta['epoch_sums']), save_mid_epoch, config)
     step = (epoch + 1) * num_steps
     _check_finite(train_metrics, epoch + 1, step)
 
@@ -187,10 +242,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       meta['epochs_without_improvement'] += 1
     patience = config.train.early_stopping_patience
-    meta.update(epoch=epoch + 1, stopped_early=bool(
-        patience and meta['epochs_without_improvement'] >= patience))
-    checkpoints.save(manager, step, steps.unreplicate(state), meta,
-                     {config.train.best_metric: value})
+    meta.update(epoch=epoch + 1, epoch_step=0, epoch_sums={},
+                stopped_early=bool(
+                    patience and meta['epochs_without_improvement'] >= patience))
+    save(state, step, {config.train.best_metric: value})
     reporting.append_jsonl(workdir / 'metrics.jsonl', record)
     tensorboard.scalars(step, {_tensorboard_tag(k): v
                                for k, v in record.items()
@@ -205,11 +260,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f'for {patience} epochs (best {meta["best_value"]:.4f} at epoch '
             f'{meta["best_epoch"]}).')
   manager.wait_until_finished()
+  batches.close()
   tensorboard.close()
 
   # Test the best checkpoint and write the report.
   best_step = manager.best_step()
-  best_state, _ = checkpoints.restore(manager, best_step,
+  best_state, _, _ = checkpoints.restore(manager, best_step,
                                       steps.unreplicate(state))
   test_metrics, predictions = evaluate.evaluate_records(
       p_eval, steps.replicate(best_state), splits['test'], config)

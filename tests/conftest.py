@@ -10,6 +10,10 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# Grain's worker processes read absl flags, which main.py parses.
+flags.FLAGS.mark_as_parsed()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,6 +31,7 @@ def tiny_config(cache_dir: Path):
   config.data.synthetic.num_val = 32
   config.data.synthetic.cache_dir = str(cache_dir)
   config.data.synthetic.num_processes = 1
+  config.data.index_cache_dir = str(cache_dir / 'index')
   config.data.num_threads = 1
   config.train.num_epochs = 2
   config.train.batch_size = 8
@@ -50,6 +55,7 @@ def trained(tmp_path_factory, data_cache):
   """One finished two-epoch run of the tiny config: (config, workdir, metrics)."""
   from fer_jax import train
   config = tiny_config(data_cache)
+  config.train.checkpoint_every_steps = 4  # mid-epoch ones too, for resume
   workdir = tmp_path_factory.mktemp('run')
   metrics = train.train_and_evaluate(config, str(workdir))
   return config, workdir, metrics

@@ -13,8 +13,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax.data import synthetic
-from fer_jax.data.affectnet import Records, SourceReport, read_npy_split
+from fer_jax.data import affectnet, folders, index, synthetic
+from fer_jax.data.index import Records, SourceReport
 from fer_jax.labels import NUM_CLASSES
 
 SPLIT_NAMES = ('train', 'val', 'test')
@@ -33,36 +33,59 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int
   return rest, held
 
 
+# The two released sets of each layout: the one split into train and val
+# (or test), and the released evaluation set. data.train_source and
+# data.released_source override them.
+DEFAULT_SOURCES = {'npy': ('train_set', 'val_set'),
+                   'csv': ('training.csv', 'validation.csv'),
+                   'folders': ('train', 'test')}
+
+
 def dataset_root(config: ml_collections.ConfigDict) -> Path:
-  """The Layout A root of the configured data set, generated if synthetic."""
+  """The root of the configured data set, generated if synthetic."""
   if config.data.layout == 'synthetic':
     return synthetic.ensure_dataset(config)
-  if config.data.layout == 'npy':
-    if not config.data.root:
-      raise ValueError("data.root: empty; point it at the folder holding "
-                       "train_set/ and val_set/ (--config.data.root=PATH)")
-    return Path(config.data.root)
-  raise ValueError(f"data.layout: {config.data.layout!r} is not supported "
-                   "yet; use 'synthetic' or 'npy'")
+  if config.data.layout not in DEFAULT_SOURCES:
+    raise ValueError(f"data.layout: {config.data.layout!r} is not one of "
+                     f"'synthetic', {', '.join(map(repr, DEFAULT_SOURCES))}")
+  if not config.data.root:
+    raise ValueError('data.root: empty; point it at the data set '
+                     '(--config.data.root=PATH)')
+  return Path(config.data.root)
+
+
+def read_source(config: ml_collections.ConfigDict, root: Path,
+                which: str) -> tuple[Records, SourceReport]:
+  """The records of one released set: which is 'train' or 'released'."""
+  data = config.data
+  layout = 'npy' if data.layout == 'synthetic' else data.layout
+  name = data.get(f'{which}_source') or DEFAULT_SOURCES[layout][
+      which == 'released']
+  if layout == 'npy':
+    built = affectnet.index_npy(root / name, data)
+  elif layout == 'csv':
+    built = affectnet.index_csv(root / name, data, root / data.images_dir)
+  else:
+    built = folders.index_folders(root / name, data)
+  return index.to_records(built, data.on_error)
 
 
 def load_splits(config: ml_collections.ConfigDict
                 ) -> tuple[dict[str, Records], dict]:
   """The train, val and test records and the data report of DESIGN.md."""
   root = dataset_root(config)
-  train_set, train_report = read_npy_split(root / 'train_set',
-                                           config.data.on_error)
-  val_set, val_report = read_npy_split(root / 'val_set', config.data.on_error)
+  train_set, train_report = read_source(config, root, 'train')
+  released, released_report = read_source(config, root, 'released')
   rest, held = stratified_split(train_set.labels, config.data.val_fraction,
                                 config.data.split_seed)
   if config.data.validation == 'holdout':
     splits = {'train': train_set.subset(rest), 'val': train_set.subset(held),
-              'test': val_set}
-    sources = {'train': train_report, 'val': None, 'test': val_report}
+              'test': released}
+    sources = {'train': train_report, 'val': None, 'test': released_report}
   elif config.data.validation == 'released':
-    splits = {'train': train_set.subset(rest), 'val': val_set,
+    splits = {'train': train_set.subset(rest), 'val': released,
               'test': train_set.subset(held)}
-    sources = {'train': train_report, 'val': val_report, 'test': None}
+    sources = {'train': train_report, 'val': released_report, 'test': None}
   else:
     raise ValueError(f"data.validation: {config.data.validation!r} is not "
                      "'holdout' or 'released'")
@@ -72,19 +95,19 @@ def load_splits(config: ml_collections.ConfigDict
   report = {'root': str(root)}
   report.update({name: split_report(splits[name], sources[name])
                  for name in SPLIT_NAMES})
-  for name, source in (('train_set', train_report), ('val_set', val_report)):
+  for source in (train_report, released_report):
     if source.skipped:
       logging.warning('%s: skipped %d files (data.on_error=skip), listed in '
-                      'data_report.json', root / name, len(source.skipped))
+                      'data_report.json', root, len(source.skipped))
   return splits, report
 
 
 def split_report(records: Records, source: SourceReport | None) -> dict:
   """Counts of one split; dropped and skipped files where it owns them.
 
-  A released set's dropped and skipped files are reported with the split
-  that holds its remaining images (train for train_set), as they never
-  reached the stratified split.
+  A released set's dropped and skipped files, and the notes on its images,
+  are reported with the split that holds its remaining images (train for
+  train_set), as they never reached the stratified split.
   """
   return {
       'num_examples': len(records),
@@ -93,6 +116,7 @@ def split_report(records: Records, source: SourceReport | None) -> dict:
                                   minlength=NUM_CLASSES).tolist(),
       'dropped_classes': dict(source.dropped_classes) if source else {},
       'skipped': list(source.skipped) if source else [],
+      'image_notes': dict(source.image_notes) if source else {},
   }
 
 

@@ -13,49 +13,23 @@ from typing import Iterator
 import grain
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from fer_jax.data.affectnet import Records
-
-
-def decode_image(path: str, image_size: int) -> np.ndarray:
-  """The image at path as uint8 RGB [image_size, image_size, 3]."""
-  try:
-    with Image.open(path) as image:
-      image = image.convert('RGB')
-      if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size),
-                             Image.Resampling.BILINEAR)
-      return np.asarray(image)
-  except OSError as e:
-    raise ValueError(f'{path}: cannot decode image: {e}') from e
+from fer_jax.data import images
+from fer_jax.data.index import Records
 
 
-def _load(record: dict, image_size: int) -> dict:
-  return {'image': decode_image(record['path'], image_size),
+def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
+  """An example with its base image (no augmentation)."""
+  return {'image': images.load(record['path'], data.image_size,
+                               record['box'], data.face_margin),
           'label': record['label'], 'va': record['va'],
           'va_mask': record['va_mask'], 'mask': np.True_}
 
 
-def random_crop(image: np.ndarray, rng: np.random.Generator,
-                min_scale: float) -> np.ndarray:
-  """A square crop of side U(min_scale, 1) x size, resized back to size."""
-  size = image.shape[0]
-  side = int(round(size * rng.uniform(min_scale, 1.0)))
-  if side >= size:
-    return image
-  y, x = rng.integers(0, size - side + 1, 2)
-  crop = Image.fromarray(image[y:y + side, x:x + side])
-  return np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
-
-
-def _load_augmented(record: dict, rng: np.random.Generator, image_size: int,
-                    flip: bool, crop_min_scale: float) -> dict:
-  example = _load(record, image_size)
-  if crop_min_scale < 1:
-    example['image'] = random_crop(example['image'], rng, crop_min_scale)
-  if flip and rng.random() < 0.5:
-    example['image'] = example['image'][:, ::-1]
+def _load_augmented(record: dict, rng: np.random.Generator,
+                    data: ml_collections.ConfigDict) -> dict:
+  example = _load(record, data)
+  example['image'] = images.augment_image(example['image'], rng, data.augment)
   return example
 
 
@@ -98,38 +72,75 @@ def balanced_indices(labels: np.ndarray, num_samples: int,
   return rng.choice(len(labels), size=num_samples, replace=True, p=p)
 
 
-def train_batches(records: Records, config: ml_collections.ConfigDict,
-                  epoch: int, num_devices: int) -> Iterator[dict]:
-  """Epoch `epoch` (0-based) of shuffled, augmented training batches.
+class RunOrder:
+  """The examples of a whole training run: i is epoch i // E's (i % E)-th.
 
-  data.sampler 'uniform': a seeded permutation that differs per epoch
-  (Grain folds the epoch into the seed); 'balanced': as many draws with
-  replacement, each class equally likely (for class imbalance). Either way
-  the order depends only on (train.seed, epoch), so a run resumed at an
-  epoch boundary sees exactly the batches an uninterrupted run would.
+  Each epoch's order depends on (seed, epoch) alone: a permutation
+  (data.sampler 'uniform') or E draws with replacement, every class equally
+  likely ('balanced', for class imbalance). It is drawn when first needed,
+  in each worker process, so the source stays light to send to them.
   """
-  n, batch_size = len(records), config.train.batch_size
+
+  def __init__(self, records: Records, sampler: str, seed: int,
+               num_epochs: int, examples_per_epoch: int):
+    if sampler not in ('uniform', 'balanced'):
+      raise ValueError(f"data.sampler: {sampler!r} is not 'uniform' or "
+                       "'balanced'")
+    self.records, self.sampler, self.seed = records, sampler, seed
+    self.num_epochs, self.examples_per_epoch = num_epochs, examples_per_epoch
+    self._orders = {}
+
+  def __len__(self) -> int:
+    return self.num_epochs * self.examples_per_epoch
+
+  def __getstate__(self) -> dict:
+    return {**self.__dict__, '_orders': {}}
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """Positions in records of epoch `epoch` (0-based), in order."""
+    rng = np.random.default_rng([self.seed, epoch])
+    n = len(self.records)
+    if self.sampler == 'uniform':
+      return rng.permutation(n)[:self.examples_per_epoch]
+    return balanced_indices(self.records.labels, self.examples_per_epoch, rng)
+
+  def __getitem__(self, i: int) -> dict:
+    epoch, position = divmod(int(i), self.examples_per_epoch)
+    order = self._orders.get(epoch)  # threads may race here: both compute
+    if order is None:
+      order = self.epoch_order(epoch)
+      self._orders = {epoch: order, **{
+          k: v for k, v in self._orders.items() if k == epoch - 1}}
+    return self.records[int(order[position])]
+
+
+def train_batches(records: Records, config: ml_collections.ConfigDict,
+                  num_devices: int, start_step: int = 0
+                  ) -> grain.DatasetIterator:
+  """The shuffled, augmented batches of a whole run, from start_step on.
+
+  train.num_epochs x steps_per_epoch batches; no batch spans two epochs.
+  Batch k depends only on (train.seed, k): the iterator's state
+  (get_state / set_state, saved in checkpoints) or start_step resumes a run
+  exactly. Augmentation draws from a generator Grain seeds per example.
+  """
+  batch_size = config.train.batch_size
   if batch_size % num_devices:
     raise ValueError(f'train.batch_size: {batch_size} is not divisible by '
                      f'{num_devices} devices')
-  load = functools.partial(_load_augmented, image_size=config.data.image_size,
-                           flip=config.data.random_flip,
-                           crop_min_scale=config.data.crop_min_scale)
-  if config.data.sampler == 'uniform':
-    ds = (grain.MapDataset.source(records).seed(config.train.seed).shuffle()
-          .random_map(load).repeat(config.train.num_epochs))
-    ds = ds[epoch * n:(epoch + 1) * n]
-  elif config.data.sampler == 'balanced':
-    rng = np.random.default_rng([config.train.seed, epoch])
-    epoch_records = records.subset(balanced_indices(records.labels, n, rng))
-    ds = (grain.MapDataset.source(epoch_records)
-          .seed(int(rng.integers(2**31))).random_map(load))
-  else:
-    raise ValueError(f"data.sampler: {config.data.sampler!r} is not "
-                     "'uniform' or 'balanced'")
-  ds = (ds.batch(batch_size, drop_remainder=True)
+  steps = steps_per_epoch(len(records), batch_size)
+  if steps == 0:
+    raise ValueError(f'train.batch_size: {batch_size} is more than the '
+                     f'{len(records)} training examples')
+  source = RunOrder(records.without_landmarks(), config.data.sampler,
+                    config.train.seed, config.train.num_epochs,
+                    steps * batch_size)
+  load = functools.partial(_load_augmented,
+                           data=ml_collections.FrozenConfigDict(config.data))
+  ds = (grain.MapDataset.source(source).seed(config.train.seed)
+        .random_map(load).batch(batch_size, drop_remainder=True)
         .map(functools.partial(_shard, num_devices=num_devices)))
-  return iter(_read(ds, config.data))
+  return iter(_read(ds[start_step:], config.data))
 
 
 def eval_batches(records: Records, config: ml_collections.ConfigDict,
@@ -139,8 +150,9 @@ def eval_batches(records: Records, config: ml_collections.ConfigDict,
   if batch_size % num_devices:
     raise ValueError(f'train.eval_batch_size: {batch_size} is not divisible '
                      f'by {num_devices} devices')
-  ds = (grain.MapDataset.source(records)
-        .map(functools.partial(_load, image_size=config.data.image_size))
+  ds = (grain.MapDataset.source(records.without_landmarks())
+        .map(functools.partial(
+            _load, data=ml_collections.FrozenConfigDict(config.data)))
         .batch(batch_size, drop_remainder=False)
         .map(functools.partial(pad_and_shard, batch_size=batch_size,
                                num_devices=num_devices)))

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from fer_jax.data import affectnet, faces, synthetic
+from configs import default
+from fer_jax.data import affectnet, faces, index, synthetic
 from fer_jax.labels import NUM_CLASSES
 
 
@@ -21,10 +22,13 @@ def written(tmp_path_factory):
   return root, table
 
 
-def test_files_read_back_to_the_labels_written(written):
+def test_files_read_back_to_the_labels_written(written, tmp_path):
   root, table = written
+  data = default.get_config().data
+  data.index_cache_dir = str(tmp_path)
   for split in ('train_set', 'val_set'):
-    records, report = affectnet.read_npy_split(root / split)
+    records, report = index.to_records(
+        affectnet.index_npy(root / split, data), 'raise')
     rows = {str(i): (label, v, a) for s, i, label, v, a in table
             if s == split}
     assert len(records) == len(rows) and not report.skipped

@@ -54,12 +54,19 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
 
 def restore(manager: ocp.CheckpointManager, step: int,
             template: Any) -> tuple[Any, dict, dict]:
-  """The state (shaped like template, on the host), meta and data of a step."""
+  """The state (shaped like template, on the host), meta and data of a step.
+
+  data is None for checkpoints from before it was saved.
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore(),
-      data=ocp.args.JsonRestore()))
-  return restored.state, restored.meta, restored.data
+  items = {'state': ocp.args.StandardRestore(abstract),
+           'meta': ocp.args.JsonRestore()}
+  # Checkpoints written before the data item existed restore without it.
+  has_data = (Path(manager.directory) / str(step) / 'data').exists()
+  if has_data:
+    items['data'] = ocp.args.JsonRestore()
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored.state, restored.meta, restored.data if has_data else None
 
 
 def checkpoint_step(manager: ocp.CheckpointManager, requested: int | None,

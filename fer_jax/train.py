@@ -184,7 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           'stopped_early': False}
   latest, saved_data = manager.latest_step(), None
   if latest is not None:
-    state, meta, saved_data = checkpoints.restore(manager, latest, state)
+    state, saved_meta, saved_data = checkpoints.restore(manager, latest,
+                                                        state)
+    meta.update(saved_meta)  # older checkpoints lack the mid-epoch fields
     where = (f"step {meta['epoch_step']} of {num_steps} in epoch "
              f"{meta['epoch'] + 1}" if meta['epoch_step'] else
              f"the end of epoch {meta['epoch']}")

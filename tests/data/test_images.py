@@ -69,7 +69,8 @@ def _area_resize(image: np.ndarray, size: int) -> np.ndarray:
   """Float64 area averaging of [H, W, C] to [size, size, C]."""
   rows = _area_weights(image.shape[0], size)
   cols = _area_weights(image.shape[1], size)
-  return np.einsum('uh,hwc,vw->uvc', rows, image.astype(np.float64), cols)
+  return np.einsum('uh,hwc,vw->uvc', rows, image.astype(np.float64), cols,
+                   optimize=True)
 
 
 # warp_matrix
@@ -127,7 +128,7 @@ def test_augment_is_deterministic_per_seed_and_keeps_shape_and_dtype():
 @pytest.mark.parametrize('seed', range(10))
 def test_colour_matrix_matches_torchvision_brightness_contrast_saturation(
     seed):
-  augment = _augment(brightness=0.2, contrast=0.2, saturation=0.2)
+  augment = _augment(brightness=0.1, contrast=0.3, saturation=0.2)
   rng = np.random.default_rng(seed)
   image = rng.integers(60, 181, (8, 8, 3), dtype=np.uint8)
   factors = copy.deepcopy(rng)
@@ -148,9 +149,13 @@ def test_saturation_jitter_keeps_a_grey_image_grey():
   rng = np.random.default_rng(0)
   grey = np.repeat(rng.integers(40, 200, (8, 8, 1), dtype=np.uint8), 3, -1)
   for _ in range(5):
-    got = cv2.transform(grey, images.colour_matrix(rng, grey, augment))
-    np.testing.assert_array_equal(got[..., 0], got[..., 1])
-    np.testing.assert_array_equal(got[..., 0], got[..., 2])
+    matrix = images.colour_matrix(rng, grey, augment)
+    exact = grey.astype(np.float64) @ matrix[:, :3].T + matrix[:, 3]
+    np.testing.assert_allclose(exact[..., 1:], exact[..., :1].repeat(2, -1),
+                               atol=1e-9)
+    # cv2.transform on uint8 rounds the matrix to 1/1024ths: one level off.
+    got = cv2.transform(grey, matrix).astype(int)
+    assert np.ptp(got, axis=-1).max() <= 1
 
 
 # erase
@@ -203,11 +208,14 @@ def test_load_resizes_another_size_to_a_square_uint8_rgb(tmp_path, fmt,
                                                          suffix):
   image = _smooth_image(7, 64)[:, :48]  # 48 wide, 64 high
   path = _save(tmp_path / f'a.{suffix}', image, fmt, **(
-      {'quality': 95} if fmt == 'JPEG' else {}))
+      {'quality': 95, 'subsampling': 0} if fmt == 'JPEG' else {}))
   got = images.load(path, 32)
   assert got.shape == (32, 32, 3) and got.dtype == np.uint8
-  tolerance = 1 if fmt == 'PNG' else 4  # lossless, or JPEG's loss
-  assert _diff(got, _area_resize(image, 32)).max() <= tolerance
+  diff = _diff(got, _area_resize(image, 32))
+  if fmt == 'PNG':  # lossless
+    assert diff.max() <= 1
+  else:
+    assert diff.max() <= 8 and diff.mean() < 1.5
 
 
 def test_load_greyscale_png_named_jpg_gives_three_equal_channels(tmp_path):
@@ -282,3 +290,15 @@ def test_load_of_a_non_image_raises_value_error_naming_the_file(tmp_path):
   path.write_bytes(b'this is not an image')
   with pytest.raises(ValueError, match='not_a_face.jpg'):
     images.load(str(path), S)
+
+
+def test_load_box_on_a_reduced_jpeg_whose_width_is_not_a_multiple_of_8(
+    tmp_path):
+  y, x = np.mgrid[:400, :801]  # 801 wide: decoded at 1/8 as 101 px
+  scene = np.stack([np.clip(x - 560, 0, 255), np.clip(y - 60, 0, 255),
+                    np.full(x.shape, 128)], -1).astype(np.uint8)
+  path = _save(tmp_path / 'wide.jpg', scene, 'JPEG', quality=98,
+               subsampling=0)
+  got = images.load(path, 16, box=np.array([640, 120, 160, 160]))
+  want = _area_resize(scene[120:280, 640:800], 16)
+  assert _diff(got, want).max() <= 4

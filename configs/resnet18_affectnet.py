@@ -18,6 +18,9 @@ def get_config():
   config.data.image_size = 224           # the release's face crops
   config.data.num_workers = 8            # JPEG decoding at 224 px needs processes
   config.data.num_threads = 4
+  # Photographs have redundancy the synthetic faces lack; random erasing
+  # is the usual occlusion augmentation (Zhong et al., 2020). Untested here.
+  config.data.augment.erasing_prob = 0.25
   config.train.num_epochs = 10           # as in the reference study
   config.train.batch_size = 256
   config.train.eval_batch_size = 512

@@ -244,9 +244,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     else:
       meta['epochs_without_improvement'] += 1
     patience = config.train.early_stopping_patience
+    stop = bool(patience and meta['epochs_without_improvement'] >= patience)
     meta.update(epoch=epoch + 1, epoch_step=0, epoch_sums={},
-                stopped_early=bool(
-                    patience and meta['epochs_without_improvement'] >= patience))
+                stopped_early=stop)
     save(state, step, {config.train.best_metric: value})
     reporting.append_jsonl(workdir / 'metrics.jsonl', record)
     tensorboard.scalars(step, {_tensorboard_tag(k): v

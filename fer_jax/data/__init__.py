@@ -1,8 +1,12 @@
 """Data sets and splits: which images are train, val and test.
 
-`data.validation` selects the reference study's two protocols:
-'holdout' (ResNet18): a seeded stratified split of train_set into train and
-val (`data.val_fraction`), the released val_set as the balanced test set;
+Each layout ('npy', 'csv', 'folders'; 'synthetic' is generated in Layout
+A) has two released sets, read through the cached index
+(fer_jax.data.index): the one split into train and val (or test), and the
+released evaluation set. `data.validation` selects the reference study's
+two protocols: 'holdout' (ResNet18): a seeded stratified split of
+train_set into train and val (`data.val_fraction`), the released val_set as
+the balanced test set;
 'released' (EfficientNet-B0): the same split of train_set gives train and
 test, and the released val_set is the validation set.
 """

@@ -35,7 +35,8 @@ NUM_DISTINCT = 50  # distinct images and valence/arousal values
 
 
 def _pools(folder: Path) -> dict[str, list[Path]]:
-  """A few distinct files of each kind for the links to share."""
+  """A few distinct files of each kind for the links to share (ext4 allows
+  65,000 links to one file)."""
   folder.mkdir(parents=True)
   rng = np.random.default_rng(0)
   pools = {'jpg': [], 'exp': [], 'val': [], 'aro': [], 'lnd': []}
@@ -47,14 +48,13 @@ def _pools(folder: Path) -> dict[str, list[Path]]:
     pools['jpg'].append(folder / f'{k}.jpg')
     pools['jpg'][-1].write_bytes(buffer.getvalue())
     for kind, value in (('val', f'{rng.uniform(-1, 1):.4f}'),
-                        ('aro', f'{rng.uniform(-1, 1):.4f}')):
+                        ('aro', f'{rng.uniform(-1, 1):.4f}'),
+                        ('lnd', rng.uniform(0, 224, 136))):
       pools[kind].append(folder / f'{k}_{kind}.npy')
       np.save(pools[kind][-1], np.array(value))
   for code in range(11):
     pools['exp'].append(folder / f'code{code}_exp.npy')
     np.save(pools['exp'][-1], np.array(str(code)))
-  pools['lnd'].append(folder / 'lnd.npy')
-  np.save(pools['lnd'][-1], rng.uniform(0, 224, 136))
   return pools
 
 

@@ -10,6 +10,7 @@ every `train.checkpoint_every_steps` (without). The latest
 `train.keep_checkpoints` and the best by `train.best_metric` are kept.
 """
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
   metrics: the validation metrics that rank it, None mid-epoch.
   """
   manager.wait_until_finished()
+  # Copies: the JSON items are written in the background, while the
+  # caller goes on changing its dicts.
   manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
-      data=ocp.args.JsonSave(data)), metrics=metrics)
+      state=ocp.args.StandardSave(state),
+      meta=ocp.args.JsonSave(copy.deepcopy(meta)),
+      data=ocp.args.JsonSave(copy.deepcopy(data))), metrics=metrics)
 
 
 def restore(manager: ocp.CheckpointManager, step: int,

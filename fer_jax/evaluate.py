@@ -118,6 +118,20 @@ def with_trained_model(config: ml_collections.ConfigDict, workdir: Path
   return config
 
 
+def _warn_if_split_changed(path: Path, split: str, records: Records) -> None:
+  """Says so when a split's images are not the ones training recorded."""
+  if not path.exists():
+    return
+  with np.load(path) as saved:
+    if split in saved and not np.array_equal(saved[split], records.paths):
+      then = set(saved[split].tolist())
+      now = set(records.paths.tolist())
+      logging.warning('%s: split %r differs from the one training used: %d '
+                      'images no longer in it, %d new (other data, or files '
+                      'changed or skipped)', path.parent, split,
+                      len(then - now), len(now - then))
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
              checkpoint_step: int | None = None) -> dict:
   """Evaluates the best (or given) checkpoint of workdir on one split."""
@@ -126,7 +140,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   splits, data_report = data.load_splits(config)
   if split not in splits:
     raise ValueError(f'--split: {split!r} is not one of {sorted(splits)}')
-  reporting.write_json(workdir / 'data_report.json', data_report)
+  # Beside the metrics: the workdir's own data_report.json is training's.
+  reporting.write_json(workdir / 'report' / f'{split}_data_report.json',
+                       data_report)
+  _warn_if_split_changed(workdir / 'splits.npz', split, splits[split])
   weights = losses.class_weights(config.train.class_weights,
                                  data_report['train']['class_counts'])
   state, p_eval, step = restore_for_inference(config, workdir,

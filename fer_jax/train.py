@@ -1,5 +1,6 @@
 """--mode=train: the training loop, then the test report of the best model."""
 
+import hashlib
 import json
 import math
 import time
@@ -113,6 +114,13 @@ def _add_metrics(sums: dict, history: list) -> dict:
   return sums
 
 
+def split_digest(records) -> str:
+  """A fingerprint of the training split: its paths and labels, in order."""
+  digest = hashlib.sha1('\n'.join(records.paths.tolist()).encode())
+  digest.update(records.labels.tobytes())
+  return digest.hexdigest()
+
+
 def resume_batches(records, config: ml_collections.ConfigDict,
                    num_devices: int, step: int, saved: dict | None):
   """The run's training batches from global step `step` on.
@@ -197,13 +205,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
   state = steps.replicate(state)
   tensorboard = reporting.TensorBoard(workdir / 'tb')
-  batches, first_step = resume_batches(splits['train'], config, num_devices,
-                                       latest or 0, saved_data)
+  digest = split_digest(splits['train'])
+  if saved_data and saved_data.get('train_digest', digest) != digest:
+    raise ValueError(
+        f'{workdir}: the training split differs from the one this run was '
+        'checkpointed with (files added, removed or now skipped), so it '
+        'cannot continue with the same data. Restore the data, or start a '
+        'new --workdir.')
+  batches, first_step = None, 0
+  if meta['epoch'] < config.train.num_epochs and not meta['stopped_early']:
+    batches, first_step = resume_batches(splits['train'], config,
+                                         num_devices, latest or 0, saved_data)
 
   def save(state, step: int, metrics: dict | None = None) -> None:
     data_state = {'step': step, 'first_step': first_step,
                   'num_workers': config.data.num_workers,
-                  'iterator': batches.get_state()}
+                  'train_digest': digest, 'iterator': batches.get_state()}
     checkpoints.save(manager, step, steps.unreplicate(state), meta,
                      data_state, metrics)
 
@@ -262,7 +279,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f'for {patience} epochs (best {meta["best_value"]:.4f} at epoch '
             f'{meta["best_epoch"]}).')
   manager.wait_until_finished()
-  batches.close()
+  if batches is not None:
+    batches.close()
   tensorboard.close()
 
   # Test the best checkpoint and write the report.

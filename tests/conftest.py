@@ -55,7 +55,10 @@ def trained(tmp_path_factory, data_cache):
   """One finished two-epoch run of the tiny config: (config, workdir, metrics)."""
   from fer_jax import train
   config = tiny_config(data_cache)
-  config.train.checkpoint_every_steps = 4  # mid-epoch ones too, for resume
+  # Mid-epoch checkpoints too (steps 4, 8, 12, 16 of 2 x 9), for resume;
+  # keeping 5 keeps epoch 1's (step 9) for the evaluation tests.
+  config.train.checkpoint_every_steps = 4
+  config.train.keep_checkpoints = 5
   workdir = tmp_path_factory.mktemp('run')
   metrics = train.train_and_evaluate(config, str(workdir))
   return config, workdir, metrics

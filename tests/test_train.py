@@ -116,6 +116,31 @@ def test_finished_run_is_not_trained_again(trained, tmp_path, capsys,
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
 
 
+def test_fewer_epochs_than_trained_only_evaluates(trained, tmp_path,
+                                                 capsys):
+  config, workdir, metrics = trained
+  again = tmp_path / 'again'
+  shutil.copytree(workdir, again)
+  config = config.copy_and_resolve_references()
+  config.train.num_epochs = 1
+  result = train.train_and_evaluate(config, str(again))
+  assert 'Training has finished' in capsys.readouterr().out
+  assert result['accuracy'] == pytest.approx(metrics['accuracy'])
+
+
+def test_resume_refuses_a_training_split_that_changed(trained, tmp_path):
+  config, workdir, _ = trained
+  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
+  changed = tmp_path / 'changed'
+  shutil.copytree(workdir, changed)
+  shutil.rmtree(changed / 'checkpoints' / str(records[-1]['step']))
+  config = config.copy_and_resolve_references()
+  config.data.val_fraction = 0.3  # other images in train than checkpointed
+  with pytest.raises(ValueError, match='the training split differs from '
+                     'the one this run was checkpointed with'):
+    train.train_and_evaluate(config, str(changed))
+
+
 def test_diverging_loss_stops_and_keeps_the_last_checkpoint(trained,
                                                             tmp_path):
   config, workdir, _ = trained

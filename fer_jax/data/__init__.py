@@ -11,6 +11,8 @@ the balanced test set;
 test, and the released val_set is the validation set.
 """
 
+import hashlib
+import os
 from pathlib import Path
 
 import ml_collections
@@ -24,17 +26,32 @@ from fer_jax.labels import NUM_CLASSES
 SPLIT_NAMES = ('train', 'val', 'test')
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
-  """Indices (rest, held out) with `fraction` of every class held out."""
-  rng = np.random.default_rng(seed)
+def stratified_split(labels: np.ndarray, keys: np.ndarray, fraction: float,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """Indices (rest, held out) with `fraction` of every class held out.
+
+  Within a class, examples are ranked by a seeded hash of their key (the
+  image's path below the data root), not by position: a file added,
+  removed or skipped moves at most one other example across the split, and
+  moving the data set's folder moves none.
+  """
+  ranks = np.array([int.from_bytes(hashlib.blake2b(
+      f'{seed}/{key}'.encode(), digest_size=8).digest(), 'big')
+                    for key in keys], dtype=np.uint64)
   held = []
   for c in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == c))
+    members = np.flatnonzero(labels == c)
+    members = members[np.argsort(ranks[members], kind='stable')]
     held.append(members[:int(round(fraction * len(members)))])
   held = np.sort(np.concatenate(held)) if held else np.zeros(0, int)
   rest = np.setdiff1d(np.arange(len(labels)), held)
   return rest, held
+
+
+def relative_paths(paths: np.ndarray, root: Path) -> list[str]:
+  """paths below root without it (others unchanged)."""
+  prefix = os.path.join(str(root), '')
+  return [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
 
 
 # The two released sets of each layout: the one split into train and val
@@ -80,8 +97,9 @@ def load_splits(config: ml_collections.ConfigDict
   root = dataset_root(config)
   train_set, train_report = read_source(config, root, 'train')
   released, released_report = read_source(config, root, 'released')
-  rest, held = stratified_split(train_set.labels, config.data.val_fraction,
-                                config.data.split_seed)
+  rest, held = stratified_split(
+      train_set.labels, relative_paths(train_set.paths, root),
+      config.data.val_fraction, config.data.split_seed)
   if config.data.validation == 'holdout':
     splits = {'train': train_set.subset(rest), 'val': train_set.subset(held),
               'test': released}

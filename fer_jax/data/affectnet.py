@@ -20,7 +20,7 @@ import numpy as np
 
 from fer_jax.data import index as index_lib
 from fer_jax.data.index import IMAGE_SUFFIXES, NUM_LANDMARKS, row
-from fer_jax.labels import EXTRA_CODES
+from fer_jax.labels import EXTRA_CODES, NUM_CLASSES
 
 CSV_COLUMNS = ('subDirectory_filePath', 'face_x', 'face_y', 'face_width',
                'face_height', 'facial_landmarks', 'expression', 'valence',
@@ -93,6 +93,8 @@ def parse_npy_row(job: tuple) -> dict:
   image, stem, check = job
   try:
     code = parse_code(read_scalar(f'{stem}_exp.npy'), f'{stem}_exp.npy')
+    if code >= NUM_CLASSES:
+      return row(image, code)  # dropped: the rest of it does not matter
     va = (read_scalar(f'{stem}_val.npy'), read_scalar(f'{stem}_aro.npy'))
     landmarks = read_landmarks(f'{stem}_lnd.npy')
     info = index_lib.image_info(image, check)
@@ -135,10 +137,12 @@ def parse_csv_row(job: tuple) -> dict:
   """The index row of one Layout B line."""
   where, image, fields, check = job
   try:
+    code = parse_code(fields['expression'], f'{where}: expression')
+    if code >= NUM_CLASSES:
+      return row(image, code)  # dropped: the rest of it does not matter
     numbers = {k: parse_number(fields[k], f'{where}: {k}') for k in (
         'face_x', 'face_y', 'face_width', 'face_height', 'valence',
         'arousal')}
-    code = parse_code(fields['expression'], f'{where}: expression')
     box = np.array([numbers[k] for k in ('face_x', 'face_y', 'face_width',
                                          'face_height')])
     if not np.all(np.isfinite(box)) or box[2] <= 0 or box[3] <= 0:
@@ -164,7 +168,7 @@ def read_csv_jobs(csv_path: Path, images_dir: Path, check: bool
   if not csv_path.is_file():
     raise FileNotFoundError(f'{csv_path}: file not found (Layout B needs '
                             'training.csv and validation.csv)')
-  with open(csv_path, newline='', encoding='utf-8') as f:
+  with open(csv_path, newline='', encoding='utf-8-sig') as f:
     reader = csv.reader(f)
     header = [h.strip() for h in next(reader, [])]
     missing = [c for c in CSV_COLUMNS if c not in header]
@@ -172,7 +176,8 @@ def read_csv_jobs(csv_path: Path, images_dir: Path, check: bool
       raise ValueError(f'{csv_path}: missing columns {missing} (has {header})')
     position = {c: header.index(c) for c in CSV_COLUMNS}
     jobs = []
-    for line, values in enumerate(reader, start=2):
+    for values in reader:
+      line = reader.line_num  # the last line of a row spanning several
       if not values:
         continue
       fields = {c: values[i] if i < len(values) else ''

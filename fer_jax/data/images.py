@@ -107,6 +107,10 @@ def load(path: str, size: int, box: np.ndarray | None = None,
   whole = box is None or not np.all(np.isfinite(box))
   region = (np.array([0.0, 0.0, max(width, height)]) if whole
             else face_region(box, margin))
+  x0, y0, side = region
+  if x0 >= width or y0 >= height or x0 + side <= 0 or y0 + side <= 0:
+    raise ValueError(f'{path}: face box {np.asarray(box).tolist()} lies '
+                     f'outside the {width}x{height} image')
   reduce = _reduction(min(region[2], width, height), size, is_jpeg)
   image = decode(data, path, reduce)
   if whole:

@@ -36,6 +36,8 @@ INDEX_VERSION = 1
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 NUM_LANDMARKS = 68
 _GREY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
+# Pillow's names of the formats OpenCV decodes (MPO: multi-picture JPEG).
+DECODED_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'WEBP', 'TIFF')
 _SUFFIX_FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.png': 'PNG',
                    '.bmp': 'BMP', '.webp': 'WEBP', '.tif': 'TIFF',
                    '.tiff': 'TIFF'}
@@ -91,7 +93,8 @@ def check_image(path: str) -> tuple[int, int, str, str]:
   """(width, height, mode, format) of a fully decodable image, else raises.
 
   JPEGs decode at 1/8 scale (the whole file is still read, so truncation
-  and corruption show).
+  and corruption show). Formats OpenCV cannot decode (GIF, TGA, ICO, ...)
+  are refused here rather than in the middle of training.
   """
   try:
     with Image.open(path) as image:
@@ -103,6 +106,9 @@ def check_image(path: str) -> tuple[int, int, str, str]:
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError
           ) as e:
     raise ValueError(f'{path}: not a readable image: {e}') from e
+  if info[3] not in DECODED_FORMATS:  # training decodes with OpenCV
+    raise ValueError(f'{path}: {info[3] or "unknown"} images are not '
+                     f'supported (only {", ".join(DECODED_FORMATS)})')
   return info
 
 

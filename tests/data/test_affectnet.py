@@ -301,3 +301,42 @@ def test_parallel_index_equals_serial(tmp_path, monkeypatch):
   assert serial.keys() == parallel.keys()
   for key in serial:
     np.testing.assert_array_equal(serial[key], parallel[key], err_msg=key)
+
+
+def test_dropped_codes_are_counted_whatever_else_is_wrong(tmp_path,
+                                                          csv_root):
+  """A No-Face row needs no box, image or valence to be dropped."""
+  split = tmp_path / 'train_set'
+  write_sample(split, '1', np.array('10'), None, None)
+  write_sample(split, '2', np.array('1'), np.array('0'), np.array('0'))
+  records, report = read_npy(split)
+  assert len(records) == 1 and report.dropped_classes == {'No-Face': 1}
+  write_csv(csv_root / 'training.csv', [
+      csv_row('12/a.jpg'),
+      csv_row('12/missing.jpg', expression='10', box=(0, 0, 0, 0),
+              landmarks='', valence='', arousal='')])
+  records, report = read_csv(csv_root)
+  assert len(records) == 1 and report.dropped_classes == {'No-Face': 1}
+
+
+def test_formats_training_cannot_decode_are_refused_when_indexing(tmp_path):
+  split = tmp_path / 'train_set'
+  buffer = io.BytesIO()
+  Image.new('RGB', (8, 8)).save(buffer, 'GIF')
+  write_sample(split, '1', np.array('1'), np.array('0'), np.array('0'),
+               image=buffer.getvalue())
+  with pytest.raises(ValueError, match=r'1\.jpg: GIF images are not '
+                     r'supported \(only JPEG'):
+    read_npy(split)
+
+
+def test_csv_with_byte_order_mark_and_multiline_field(csv_root):
+  """Excel's UTF-8 BOM; line numbers count the lines a quoted field spans."""
+  path = csv_root / 'training.csv'
+  write_csv(path, [csv_row('12/a.jpg'), csv_row('12/b.jpg', valence='x')])
+  text = path.read_text().replace('12/a.jpg', '"12/a.jpg"').replace(
+      ',0.5,', ',"0.5\n",', 1)
+  path.write_text('\ufeff' + text)
+  records, report = read_csv(csv_root, on_error='skip')
+  assert [Path(p).name for p in records.paths] == ['a.jpg']
+  assert report.skipped[0]['reason'].startswith(f'{path}:4: valence')

@@ -302,3 +302,12 @@ def test_load_box_on_a_reduced_jpeg_whose_width_is_not_a_multiple_of_8(
   got = images.load(path, 16, box=np.array([640, 120, 160, 160]))
   want = _area_resize(scene[120:280, 640:800], 16)
   assert _diff(got, want).max() <= 4
+
+
+def test_load_refuses_a_face_box_outside_the_image(tmp_path):
+  """Unchecked indexes can hold such boxes: never a black labelled face."""
+  path = tmp_path / 'small.png'
+  Image.new('RGB', (64, 64), (200, 10, 10)).save(path)
+  with pytest.raises(ValueError, match=r'small\.png: face box \[500\.0, '
+                     r'500\.0, 50\.0, 50\.0\] lies outside the 64x64 image'):
+    images.load(str(path), 16, box=np.array([500.0, 500, 50, 50]))

@@ -174,3 +174,17 @@ def test_released_protocol_uses_val_set_for_validation(loaded):
   released, _ = data.load_splits(config)
   np.testing.assert_array_equal(released['val'].paths, splits['test'].paths)
   np.testing.assert_array_equal(released['test'].paths, splits['val'].paths)
+
+
+def test_split_moves_at_most_one_other_example_when_a_file_goes():
+  """Ranks by a hash of the path: a removed file reshuffles nothing."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 8, 2000)
+  keys = np.array([f'train_set/images/{i}.jpg' for i in range(2000)])
+  _, held = data.stratified_split(labels, keys, 0.2, 0)
+  keep = np.arange(2000) != 123
+  _, held_after = data.stratified_split(labels[keep], keys[keep], 0.2, 0)
+  before, after = set(keys[held]) - {keys[123]}, set(keys[keep][held_after])
+  assert len(before ^ after) <= 1
+  _, other_seed = data.stratified_split(labels, keys, 0.2, 1)
+  assert len(set(held) ^ set(other_seed)) > 100

@@ -14,6 +14,7 @@ Uncompressed uint8 batches come out, as the train step consumes them.
 
 import dataclasses
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -84,7 +85,8 @@ def main(argv):
   config.data.sampler = 'uniform'
   records = data.load_splits(config)[0]['train']
   if FLAGS.textured:
-    records = textured(records, Path(tempfile.mkdtemp()))
+    folder = Path(tempfile.mkdtemp())
+    records = textured(records, folder)
   needed = (FLAGS.warmup_batches + FLAGS.batches) * FLAGS.batch_size
   config.train.num_epochs = -(-needed // len(records)) + 1
   rows = []
@@ -104,6 +106,8 @@ def main(argv):
   if FLAGS.output:
     with open(FLAGS.output, 'w') as f:
       json.dump(rows, f, indent=1)
+  if FLAGS.textured:
+    shutil.rmtree(folder)
 
 
 if __name__ == '__main__':

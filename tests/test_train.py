@@ -100,31 +100,23 @@ def test_resume_mid_epoch_matches_uninterrupted(trained, tmp_path, capsys,
     np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('field,value', [('log_every_steps', 3),
+                                         ('num_epochs', 1)])
 def test_finished_run_is_not_trained_again(trained, tmp_path, capsys,
-                                           caplog):
+                                           caplog, field, value):
+  """Also with fewer epochs than it has trained: nothing is left to do."""
   config, workdir, metrics = trained
   again = tmp_path / 'again'
   shutil.copytree(workdir, again)
   config = config.copy_and_resolve_references()
-  config.train.log_every_steps = 3
+  old = config.train[field]
+  config.train[field] = value
   result = train.train_and_evaluate(config, str(again))
-  assert 'train.log_every_steps 2 -> 3' in caplog.text
+  assert f'train.{field} {old} -> {value}' in caplog.text
   out = capsys.readouterr().out
   assert 'Resuming from the checkpoint of step 18 (the end of epoch 2)' in out
   assert 'Training has finished' in out
   assert len(reporting.read_jsonl(again / 'metrics.jsonl')) == 2
-  assert result['accuracy'] == pytest.approx(metrics['accuracy'])
-
-
-def test_fewer_epochs_than_trained_only_evaluates(trained, tmp_path,
-                                                 capsys):
-  config, workdir, metrics = trained
-  again = tmp_path / 'again'
-  shutil.copytree(workdir, again)
-  config = config.copy_and_resolve_references()
-  config.train.num_epochs = 1
-  result = train.train_and_evaluate(config, str(again))
-  assert 'Training has finished' in capsys.readouterr().out
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
 
 

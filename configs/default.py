@@ -92,6 +92,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic.regenerate = False          # True: draw the set again
   config.data.synthetic.num_processes = 0           # 0: one per CPU core
 
+  config.eval = ml_collections.ConfigDict()
+  # 'flip': probabilities and valence/arousal averaged over the image and
+  # its mirror (validation, test and --mode=evaluate/predict).
+  config.eval.tta = 'none'                # 'none' | 'flip'
+
   config.train = ml_collections.ConfigDict()
   config.train.seed = 0
   config.train.num_epochs = 3

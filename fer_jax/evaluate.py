@@ -48,23 +48,34 @@ def evaluate_records(p_eval: Callable, state: steps.TrainState,
 
 
 def write_split_report(workdir: Path, split: str, result: dict,
-                       predictions: dict, records: Records) -> None:
-  """report/{split}_metrics.json and the split's figures.
+                       predictions: dict, records: Records,
+                       config: ml_collections.ConfigDict) -> None:
+  """report/{split}_metrics.json, the split's figures and summary page.
 
-  The test split's figures are report/confusion_matrix.png and
-  report/va_scatter.png; other splits' carry the split name as a prefix.
+  The test split's files are report/confusion_matrix.png, va_scatter.png
+  and summary.md; other splits' carry the split name as a prefix. The
+  training curves (curves.png) come from metrics.jsonl when it exists.
   """
-  report = Path(workdir) / 'report'
+  workdir = Path(workdir)
+  report = workdir / 'report'
   prefix = '' if split == 'test' else f'{split}_'
   reporting.write_json(report / f'{split}_metrics.json', result)
+  figures = {'confusion matrix': f'{prefix}confusion_matrix.png',
+             'valence and arousal': f'{prefix}va_scatter.png'}
   reporting.plot_confusion_matrix(
-      report / f'{prefix}confusion_matrix.png', result['confusion_matrix'],
+      report / figures['confusion matrix'], result['confusion_matrix'],
       f"{split}: accuracy {result['accuracy']:.3f}, macro F1 "
       f"{result['macro_f1']:.3f}")
   mask = records.va_mask
-  reporting.plot_va_scatter(report / f'{prefix}va_scatter.png',
+  reporting.plot_va_scatter(report / figures['valence and arousal'],
                             records.va[mask], predictions['va'][mask],
                             records.labels[mask], result)
+  if (workdir / 'metrics.jsonl').exists():
+    figures['training curves'] = 'curves.png'
+    reporting.plot_curves(report / 'curves.png',
+                          reporting.read_jsonl(workdir / 'metrics.jsonl'))
+  (report / f'{prefix}summary.md').write_text(reporting.summary_markdown(
+      split, result, json.loads(json.dumps(config.to_dict())), figures))
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: Path,
@@ -150,7 +161,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
                                               checkpoint_step, weights)
   result, predictions = evaluate_records(p_eval, state, splits[split], config)
   result['checkpoint_step'] = step
-  write_split_report(workdir, split, result, predictions, splits[split])
+  write_split_report(workdir, split, result, predictions, splits[split],
+                     config)
   print(reporting.format_summary(result, split))
   print(f"Report: {workdir / 'report'}/{split}_metrics.json")
   return result

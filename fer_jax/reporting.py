@@ -152,3 +152,61 @@ def format_summary(metrics: dict, split: str) -> str:
     lines.append(f"  {name:10s} {row['precision']:10.3f} {row['recall']:7.3f}"
                  f" {row['f1']:6.3f} {row['support']:8d}")
   return '\n'.join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+  """Markdown table lines; floats with 4 decimals, None as a dash."""
+  def cell(v):
+    if v is None:
+      return '-'
+    return f'{v:.4f}' if isinstance(v, float) else str(v)
+  return (['| ' + ' | '.join(header) + ' |',
+           '|' + '|'.join('---' if i == 0 else '---:'
+                          for i in range(len(header))) + '|'] +
+          ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in rows])
+
+
+def summary_markdown(split: str, metrics: dict, config: dict,
+                     figures: dict[str, str]) -> str:
+  """One page for a split: the run's essentials, metrics, classes, figures.
+
+  config: the resolved config as a dict; figures: {caption: file name
+  relative to the page}.
+  """
+  model, data, train = config['model'], config['data'], config['train']
+  source = ('generated synthetic set' if data['layout'] == 'synthetic'
+            else f"{data['layout']} layout at {data['root']}")
+  essentials = [
+      ('model', f"{model['name']}, {model['dtype']}, "
+                f"{model.get('init_from') or 'from scratch'}"),
+      ('data', f"{source}, {data['image_size']} px, validation "
+               f"'{data['validation']}', sampler '{data['sampler']}'"),
+      ('training', f"{train['num_epochs']} epochs, batch {train['batch_size']},"
+                   f" {train['optimizer']} at {train['learning_rate']:g} "
+                   f"({train['schedule']}), class weights "
+                   f"'{train['class_weights']}', VA loss weight "
+                   f"{train['va_loss_weight']:g}"),
+      ('checkpoint', f"step {metrics.get('checkpoint_step')}"
+                     + (f", best epoch {metrics['best_epoch']}"
+                        if metrics.get('best_epoch') else '')),
+      ('test-time augmentation', config.get('eval', {}).get('tta', 'none')),
+  ]
+  lines = [f'# {split}: {metrics["num_examples"]} images', '']
+  lines += [f'- **{name}**: {value}' for name, value in essentials]
+  lines += ['', '## Expression', ''] + _table(
+      ['accuracy', 'balanced accuracy', 'macro F1', 'weighted F1'],
+      [[metrics[k] for k in ('accuracy', 'balanced_accuracy', 'macro_f1',
+                             'weighted_f1')]])
+  lines += ['', f"## Valence and arousal ({metrics['num_va_examples']} "
+            'images with both)', ''] + _table(
+      ['', 'RMSE', 'MAE', 'PCC', 'CCC', 'SAGR'],
+      [[name] + [metrics[f'{name}_{k}'] for k in ('rmse', 'mae', 'pcc',
+                                                  'ccc', 'sagr')]
+       for name in ('valence', 'arousal')])
+  lines += ['', '## Per class', ''] + _table(
+      ['class', 'precision', 'recall', 'F1', 'support'],
+      [[name, row['precision'], row['recall'], row['f1'], row['support']]
+       for name, row in metrics['per_class'].items()])
+  lines += ['', '## Figures', '']
+  lines += [f'![{caption}]({name})' for caption, name in figures.items()]
+  return '\n'.join(lines) + '\n'

@@ -124,16 +124,27 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
               config: ml_collections.ConfigDict,
               weights: np.ndarray | None) -> dict:
-  """Probabilities, valence/arousal and loss sums of one shard."""
+  """Probabilities, valence/arousal and loss sums of one shard.
+
+  eval.tta 'flip': the image and its mirror, probabilities and
+  valence/arousal averaged (the loss is that of the averaged probabilities).
+  """
   images = normalise_images(batch['image'], config.data.mean_rgb,
                             config.data.std_rgb)
-  outputs = model.apply({'params': state.params,
-                         'batch_stats': state.batch_stats}, images,
-                        train=False)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  outputs = model.apply(variables, images, train=False)
+  probs, va = jax.nn.softmax(outputs['logits']), outputs['va']
+  tta = config.get('eval', {}).get('tta', 'none')
+  if tta == 'flip':
+    mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+    probs = (probs + jax.nn.softmax(mirrored['logits'])) / 2
+    va = (va + mirrored['va']) / 2
+    outputs = {'logits': jnp.log(probs), 'va': va}
+  elif tta != 'none':
+    raise ValueError(f"eval.tta: {tta!r} is not 'none' or 'flip'")
   sums = jax.lax.psum(losses.loss_sums(
       outputs, batch, config.train.label_smoothing, weights), AXIS)
-  return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
-          'sums': sums}
+  return {'probs': probs, 'va': va, 'sums': sums}
 
 
 def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,

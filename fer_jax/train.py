@@ -291,14 +291,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       p_eval, steps.replicate(best_state), splits['test'], config)
   test_metrics.update(checkpoint_step=best_step, best_epoch=meta['best_epoch'])
   evaluate.write_split_report(workdir, 'test', test_metrics, predictions,
-                              splits['test'])
-  reporting.plot_curves(workdir / 'report' / 'curves.png',
-                        reporting.read_jsonl(workdir / 'metrics.jsonl'))
+                              splits['test'], config)
   manager.close()
   print(f"\nBest checkpoint: epoch {meta['best_epoch']} (step {best_step}, "
         f"{config.train.best_metric} {meta['best_value']:.4f})")
   print(reporting.format_summary(test_metrics, 'test'))
-  print(f'\nFiles in {workdir}: report/ (test_metrics.json, '
+  print(f'\nFiles in {workdir}: report/ (summary.md, test_metrics.json, '
         'confusion_matrix.png, curves.png, va_scatter.png), metrics.jsonl, '
         'data_report.json, config.json, checkpoints/, tb/')
   return test_metrics

@@ -1,10 +1,15 @@
 """--mode=evaluate on a finished run."""
 
 import json
+import re
 
+import jax
+import numpy as np
 import pytest
 
-from fer_jax import evaluate, reporting
+from fer_jax import data, evaluate, models, reporting, steps
+from fer_jax.data import pipeline
+from tests.conftest import NUM_DEVICES
 
 
 def test_evaluate_reproduces_the_test_report_of_training(trained):
@@ -48,3 +53,45 @@ def test_unknown_split_and_step_are_named(trained):
     evaluate.evaluate(config, str(workdir), 'dev')
   with pytest.raises(ValueError, match='--checkpoint_step: 7 not in'):
     evaluate.evaluate(config, str(workdir), 'test', checkpoint_step=7)
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(config):
+  """On a freshly initialised model, whose outputs differ under a mirror."""
+  records = data.load_splits(config)[0]['test'].subset(np.arange(16))
+  batch = next(pipeline.eval_batches(records, config, NUM_DEVICES))
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, lambda step: 0.0)
+  state = steps.replicate(steps.create_train_state(
+      model, tx, config.data.image_size, config.train.seed))
+  _, p_plain = steps.pmap_steps(model, tx, config)
+  flip_config = config.copy_and_resolve_references()  # steps trace lazily
+  flip_config.eval.tta = 'flip'
+  _, p_flip = steps.pmap_steps(model, tx, flip_config)
+  flipped = dict(batch, image=batch['image'][:, :, :, ::-1])
+  plain, mirrored, tta = (jax.device_get(p(state, b)) for p, b in (
+      (p_plain, batch), (p_plain, flipped), (p_flip, batch)))
+  assert not np.allclose(plain['probs'], mirrored['probs'], atol=1e-3)
+  np.testing.assert_allclose(tta['probs'],
+                             (plain['probs'] + mirrored['probs']) / 2,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(tta['va'], (plain['va'] + mirrored['va']) / 2,
+                             rtol=1e-5, atol=1e-6)
+  expected_nll = -np.log(np.take_along_axis(
+      tta['probs'].reshape(-1, 8), batch['label'].reshape(-1, 1), 1)).sum()
+  assert float(tta['sums']['ce'][0]) == pytest.approx(expected_nll, rel=1e-4)
+
+
+def test_summary_page_holds_the_report_and_links_existing_figures(trained):
+  _, workdir, metrics = trained
+  page = (workdir / 'report' / 'summary.md').read_text()
+  assert f"| {metrics['accuracy']:.4f} | {metrics['balanced_accuracy']:.4f}"\
+      in page
+  assert f"| valence | {metrics['valence_rmse']:.4f} |" in page
+  for name, row in metrics['per_class'].items():
+    assert (f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | "
+            f"{row['f1']:.4f} | {row['support']} |") in page
+  links = re.findall(r'!\[[^]]*\]\(([^)]+)\)', page)
+  assert set(links) == {'confusion_matrix.png', 'va_scatter.png',
+                        'curves.png'}
+  for link in links:
+    assert (workdir / 'report' / link).stat().st_size > 10_000

@@ -22,6 +22,8 @@ def test_predictions_csv_matches_evaluation_and_skips_broken_files(
   Image.open(test.paths[3]).resize((50, 50)).save(folder / 'nested' / 'big.jpg')
   Image.open(test.paths[4]).convert('L').save(folder / 'nested' / 'gray.jpg')
   (folder / 'broken.jpg').write_bytes(b'not an image')
+  whole = open(test.paths[5], 'rb').read()  # OpenCV would decode half of it
+  (folder / 'cut.jpg').write_bytes(whole[:len(whole) // 2])
   (folder / 'notes.txt').write_text('ignored')
   output = predict.predict(config, str(workdir), str(folder))
   rows = list(csv.DictReader(open(output)))
@@ -38,7 +40,8 @@ def test_predictions_csv_matches_evaluation_and_skips_broken_files(
     assert int(row['expression_id']) == probs.argmax()
     assert -1 <= float(row['valence']) <= 1
   out = capsys.readouterr().out
-  assert 'Skipped 1 unreadable files' in out and 'broken.jpg' in out
+  assert 'Skipped 2 unreadable files' in out
+  assert 'broken.jpg' in out and 'cut.jpg' in out
 
 
 def test_predict_single_file_and_missing_input(trained, tmp_path):

@@ -112,9 +112,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.warmup_epochs = 1.0
   config.train.schedule = 'cosine'        # 'cosine' | 'constant'
   config.train.label_smoothing = 0.0
-  # 'inverse_frequency' scales each class's CE by N / (8 n_c); an
-  # alternative to data.sampler='balanced', not to combine with it.
-  config.train.class_weights = 'none'     # 'none' | 'inverse_frequency'
+  # Per-class CE weights from the train split's counts n_c: 'none' |
+  # 'inverse_frequency' (N / (8 n_c)) | 'max_over_count' (max n / n_c, as
+  # HSEmotion) | 'effective_number' (Cui et al., 2019; class_weight_beta).
+  # An alternative to data.sampler='balanced', not to combine with it.
+  config.train.class_weights = 'none'
+  config.train.class_weight_beta = 0.999  # effective_number only
   config.train.va_loss_weight = 1.0       # total = CE + weight * masked VA MSE
   config.train.best_metric = 'val_macro_f1'  # keeps the best checkpoint
   config.train.best_mode = 'max'          # 'max' | 'min'

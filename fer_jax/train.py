@@ -181,8 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   print(f'{config.model.name}: ' + ', '.join(
       f'{k} {n:,}' for k, n in models.parameter_totals(variables).items()) +
         f" (every variable in {workdir / 'model_summary.txt'})")
-  weights = losses.class_weights(config.train.class_weights,
-                                 data_report['train']['class_counts'])
+  weights = losses.class_weights(
+      config.train.class_weights, data_report['train']['class_counts'],
+      config.train.get('class_weight_beta', 0.999))  # older runs lack it
   p_train, p_eval = steps.pmap_steps(model, tx, config, weights)
 
   # Resume from the latest checkpoint, if any.

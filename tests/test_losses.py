@@ -83,3 +83,42 @@ def test_accuracy_counts_only_valid_examples():
        'mask': np.array([True, True, True, False]),
        'va_mask': np.ones(4, bool)}), 1.0)
   assert float(got['accuracy']) == pytest.approx(2 / 3)
+
+
+AFFECTNET_COUNTS = np.array([74874, 134415, 25459, 14090, 6378, 3803, 24882,
+                             3750])  # training set, Mollahosseini et al.
+
+
+def test_class_weights_follow_their_formulas_in_float64():
+  n = AFFECTNET_COUNTS.astype(np.float64)
+  np.testing.assert_allclose(
+      losses.class_weights('inverse_frequency', n), n.sum() / (8 * n),
+      rtol=1e-6)
+  np.testing.assert_allclose(losses.class_weights('max_over_count', n),
+                             134415 / n, rtol=1e-6)
+  beta = 0.9999
+  effective = (1 - beta) / (1 - beta ** n)
+  np.testing.assert_allclose(
+      losses.class_weights('effective_number', n, beta),
+      effective / effective.sum() * 8, rtol=1e-5)
+  assert losses.class_weights('none', n) is None
+
+
+def test_effective_number_spans_no_weighting_to_inverse_frequency():
+  n = AFFECTNET_COUNTS
+  np.testing.assert_allclose(losses.class_weights('effective_number', n, 0.0),
+                             np.ones(8), rtol=1e-6)
+  near_one = losses.class_weights('effective_number', n, 1 - 1e-9)
+  inverse = 1 / n
+  np.testing.assert_allclose(near_one, inverse / inverse.sum() * 8,
+                             rtol=1e-3)
+
+
+def test_class_weights_survive_an_absent_class_and_name_bad_settings():
+  counts = np.array([10, 0, 5, 5, 5, 5, 5, 5])
+  for kind in ('inverse_frequency', 'max_over_count', 'effective_number'):
+    assert np.all(np.isfinite(losses.class_weights(kind, counts)))
+  with pytest.raises(ValueError, match="train.class_weights: 'sqrt'"):
+    losses.class_weights('sqrt', counts)
+  with pytest.raises(ValueError, match='train.class_weight_beta: 1.0'):
+    losses.class_weights('effective_number', counts, 1.0)

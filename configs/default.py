@@ -118,7 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
   # An alternative to data.sampler='balanced', not to combine with it.
   config.train.class_weights = 'none'
   config.train.class_weight_beta = 0.999  # effective_number only
-  config.train.va_loss_weight = 1.0       # total = CE + weight * masked VA MSE
+  # Valence/arousal loss on the VA-valid examples: 'mse' | 'ccc' (1 - CCC
+  # over the batch, mean of both) | 'mse+ccc'; total = CE + weight x it.
+  config.train.va_loss = 'mse'
+  config.train.va_loss_weight = 1.0
   config.train.best_metric = 'val_macro_f1'  # keeps the best checkpoint
   config.train.best_mode = 'max'          # 'max' | 'min'
   config.train.early_stopping_patience = 0  # epochs without improvement; 0: off

@@ -28,7 +28,8 @@ def predict_records(p_eval: Callable, state: steps.TrainState,
     keep = batch['mask'].reshape(-1)
     probs.append(out['probs'].reshape(-1, out['probs'].shape[-1])[keep])
     va.append(out['va'].reshape(-1, 2)[keep])
-    batch_sums = jax.tree.map(lambda x: float(x[0]), out['sums'])
+    batch_sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64),
+                              out['sums'])
     sums = batch_sums if sums is None else jax.tree.map(
         np.add, sums, batch_sums)
   return {'probs': np.concatenate(probs), 'va': np.concatenate(va),
@@ -42,7 +43,8 @@ def evaluate_records(p_eval: Callable, state: steps.TrainState,
   out = predict_records(p_eval, state, records, config)
   result = metrics.compute_metrics(records.labels, out['probs'].argmax(-1),
                                    records.va, out['va'], records.va_mask)
-  loss = losses.normalise(out['sums'], config.train.va_loss_weight)
+  loss = losses.normalise(out['sums'], config.train.va_loss_weight,
+                          config.train.get('va_loss', 'mse'))
   result.update({k: float(v) for k, v in loss.items() if k != 'accuracy'})
   return result, out
 

@@ -1,8 +1,9 @@
-"""Losses of the multitask model: cross-entropy and masked valence/arousal MSE.
+"""Losses of the multitask model: cross-entropy and masked valence/arousal.
 
 Losses are built from sums and counts so that a batch split over devices
 (or evaluation accumulated over batches) gives exactly the loss of the whole
-batch: `loss_sums` per shard, added up, then `normalise`.
+batch: `loss_sums` per shard, added up, then `normalise`. The CCC loss is
+too: it needs only the sums of p, g, p^2, g^2 and p*g per dimension.
 """
 
 import jax
@@ -66,18 +67,55 @@ def loss_sums(outputs: dict, batch: dict, label_smoothing: float = 0.0,
   ce = cross_entropy(outputs['logits'], batch['label'], label_smoothing)
   if weights is not None:
     ce = ce * jnp.asarray(weights)[batch['label']]
-  va_se = jnp.sum((outputs['va'] - batch['va']) ** 2, axis=-1)
+  pred, true = outputs['va'], batch['va']
+  va_se = jnp.sum((pred - true) ** 2, axis=-1)
   correct = jnp.argmax(outputs['logits'], -1) == batch['label']
+  weight = va_mask[:, None]
   return {'ce': jnp.sum(ce * mask), 'va_se': jnp.sum(va_se * va_mask),
           'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask),
-          'va_count': jnp.sum(va_mask)}
+          'va_count': jnp.sum(va_mask),
+          # Per dimension [2], over the VA-valid examples, for the CCC.
+          'va_p': jnp.sum(pred * weight, 0), 'va_g': jnp.sum(true * weight, 0),
+          'va_pp': jnp.sum(pred ** 2 * weight, 0),
+          'va_gg': jnp.sum(true ** 2 * weight, 0),
+          'va_pg': jnp.sum(pred * true * weight, 0)}
 
 
-def normalise(sums: dict, va_loss_weight: float) -> dict:
-  """Mean losses and accuracy from sums; a batch with no VA gives VA loss 0."""
+def ccc_from_sums(sums: dict) -> jax.Array:
+  """CCC [2] of valence and arousal over the examples the sums cover.
+
+  Population moments, as metrics.ccc; 0 with fewer than two examples.
+  """
+  n = jnp.maximum(sums['va_count'], 1.0)
+  mean_p, mean_g = sums['va_p'] / n, sums['va_g'] / n
+  var_p = sums['va_pp'] / n - mean_p ** 2
+  var_g = sums['va_gg'] / n - mean_g ** 2
+  covariance = sums['va_pg'] / n - mean_p * mean_g
+  denominator = jnp.maximum(var_p + var_g + (mean_p - mean_g) ** 2, 1e-8)
+  return jnp.where(sums['va_count'] >= 2, 2 * covariance / denominator, 0.0)
+
+
+VA_LOSSES = ('mse', 'ccc', 'mse+ccc')
+
+
+def normalise(sums: dict, va_loss_weight: float,
+              va_loss: str = 'mse') -> dict:
+  """Mean losses and accuracy from sums; a batch with no VA gives VA loss 0.
+
+  va_loss: 'mse' (over both dimensions), 'ccc' (1 - CCC, the mean of the
+  two dimensions, over the batch), or 'mse+ccc' (their sum). The total is
+  CE + va_loss_weight x that.
+  """
+  if va_loss not in VA_LOSSES:
+    raise ValueError(f'train.va_loss: {va_loss!r} is not one of {VA_LOSSES}')
   count = jnp.maximum(sums['count'], 1.0)
   ce_loss = sums['ce'] / count
   # Each valid example contributes two squared errors, valence and arousal.
-  va_loss = sums['va_se'] / (2.0 * jnp.maximum(sums['va_count'], 1.0))
-  return {'loss': ce_loss + va_loss_weight * va_loss, 'ce_loss': ce_loss,
-          'va_loss': va_loss, 'accuracy': sums['correct'] / count}
+  va_mse = sums['va_se'] / (2.0 * jnp.maximum(sums['va_count'], 1.0))
+  ccc = ccc_from_sums(sums)
+  va_ccc_loss = jnp.where(sums['va_count'] >= 2, 1.0 - ccc.mean(), 0.0)
+  va = {'mse': va_mse, 'ccc': va_ccc_loss,
+        'mse+ccc': va_mse + va_ccc_loss}[va_loss]
+  return {'loss': ce_loss + va_loss_weight * va, 'ce_loss': ce_loss,
+          'va_loss': va, 'va_mse': va_mse, 'va_ccc_loss': va_ccc_loss,
+          'accuracy': sums['correct'] / count}

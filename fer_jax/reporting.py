@@ -184,7 +184,8 @@ def summary_markdown(split: str, metrics: dict, config: dict,
       ('training', f"{train['num_epochs']} epochs, batch {train['batch_size']},"
                    f" {train['optimizer']} at {train['learning_rate']:g} "
                    f"({train['schedule']}), class weights "
-                   f"'{train['class_weights']}', VA loss weight "
+                   f"'{train['class_weights']}', VA loss "
+                   f"'{train.get('va_loss', 'mse')}' x "
                    f"{train['va_loss_weight']:g}"),
       ('checkpoint', f"step {metrics.get('checkpoint_step')}"
                      + (f", best epoch {metrics['best_epoch']}"

@@ -93,31 +93,37 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                            jax.lax.axis_index(AXIS))
   images = normalise_images(batch['image'], config.data.mean_rgb,
                             config.data.std_rgb)
-  # Counts over all devices, so that each shard's loss is its share of the
-  # global mean and the summed gradients equal those of the whole batch.
   sums_of = functools.partial(losses.loss_sums,
                               label_smoothing=config.train.label_smoothing,
                               weights=weights)
+  total = lambda sums: losses.normalise(
+      sums, config.train.va_loss_weight,
+      config.train.get('va_loss', 'mse'))['loss']
 
   def loss_fn(params):
     outputs, updates = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images,
         train=True, mutable=['batch_stats'], rngs={'dropout': rng})
     sums = sums_of(outputs, batch)
-    counts = jax.lax.psum({'count': sums['count'],
-                           'va_count': sums['va_count']}, AXIS)
-    loss = losses.normalise({**sums, **counts},
-                            config.train.va_loss_weight)['loss']
-    return loss, (sums, updates['batch_stats'])
+    # The loss is a function of the whole batch's sums. Each shard's
+    # surrogate, sum_k dL/dS_k x s_k with the derivatives taken at the
+    # global sums, has this shard's share of the gradient: summed over
+    # devices, exactly the whole batch's (also for the non-linear CCC).
+    global_sums = jax.lax.psum(jax.lax.stop_gradient(sums), AXIS)
+    slopes = jax.grad(total)(global_sums)
+    surrogate = sum(jnp.sum(jax.lax.stop_gradient(slopes[k]) * sums[k])
+                    for k in sums)
+    return surrogate, (global_sums, updates['batch_stats'])
 
-  grads, (sums, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (global_sums, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+      state.params)
   grads = jax.lax.psum(grads, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   state = state.replace(step=state.step + 1,
                         params=optax.apply_updates(state.params, updates),
                         batch_stats=batch_stats, opt_state=opt_state)
-  metrics = losses.normalise(jax.lax.psum(sums, AXIS),
-                             config.train.va_loss_weight)
+  metrics = losses.normalise(global_sums, config.train.va_loss_weight,
+                             config.train.get('va_loss', 'mse'))
   return state, metrics
 
 

@@ -1,5 +1,6 @@
 """Losses against float64 NumPy references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -122,3 +123,51 @@ def test_class_weights_survive_an_absent_class_and_name_bad_settings():
     losses.class_weights('sqrt', counts)
   with pytest.raises(ValueError, match='train.class_weight_beta: 1.0'):
     losses.class_weights('effective_number', counts, 1.0)
+
+
+def reference_ccc_loss(va_pred, va_true, valid):
+  """1 - CCC per dimension (population moments), averaged, in float64."""
+  if valid.sum() < 2:
+    return 0.0
+  p, g = va_pred[valid].astype(np.float64), va_true[valid].astype(np.float64)
+  cov = ((p - p.mean(0)) * (g - g.mean(0))).mean(0)
+  ccc = 2 * cov / (p.var(0) + g.var(0) + (p.mean(0) - g.mean(0)) ** 2)
+  return float(np.mean(1 - ccc))
+
+
+def va_loss(b, kind, weight=0.5):
+  outputs = {'logits': jnp.asarray(b['logits']), 'va': jnp.asarray(b['va_pred'])}
+  batch = {k: jnp.asarray(b[k]) for k in ('label', 'va', 'mask', 'va_mask')}
+  return losses.normalise(losses.loss_sums(outputs, batch), weight, kind)
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_ccc_losses_match_float64_reference(seed):
+  b = random_batch(np.random.default_rng(seed), 41)
+  b['va_pred'] = (0.6 * b['va'] + np.random.default_rng(seed + 9).normal(
+      0, 0.3, b['va'].shape)).astype(np.float32)
+  valid = b['mask'] & b['va_mask']
+  _, ce, mse = reference_loss(b['logits'], b['label'], b['va_pred'], b['va'],
+                              b['mask'], b['va_mask'], 0.0, 1.0)
+  ccc = reference_ccc_loss(b['va_pred'], b['va'], valid)
+  for kind, want in (('mse', mse), ('ccc', ccc), ('mse+ccc', mse + ccc)):
+    got = va_loss(b, kind)
+    np.testing.assert_allclose([got['va_loss'], got['loss']],
+                               [want, ce + 0.5 * want], rtol=2e-5)
+  assert 0.1 < ccc < 1.0  # a real signal, not a degenerate case
+
+
+@pytest.mark.parametrize('kind', ['ccc', 'mse+ccc'])
+def test_ccc_loss_of_an_all_masked_batch_is_zero_with_finite_gradients(kind):
+  b = random_batch(np.random.default_rng(5), 16, va_mask_rate=1.1)
+  batch = {k: jnp.asarray(b[k]) for k in ('label', 'va', 'mask', 'va_mask')}
+
+  def loss(va_pred):
+    outputs = {'logits': jnp.asarray(b['logits']), 'va': va_pred}
+    return losses.normalise(losses.loss_sums(outputs, batch), 1.0,
+                            kind)['va_loss']
+  value, grad = jax.value_and_grad(loss)(jnp.asarray(b['va_pred']))
+  assert float(value) == 0.0
+  assert np.all(np.isfinite(grad)) and not np.any(grad)
+  with pytest.raises(ValueError, match="train.va_loss: 'l1'"):
+    va_loss(b, 'l1')

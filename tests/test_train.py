@@ -1,13 +1,20 @@
 """The train mode end to end: the output contract, resume, divergence."""
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
+from configs import default
 from fer_jax import checkpoints, reporting, train
+from tests.conftest import ROOT
 
 REPORT_KEYS = {'num_examples', 'num_va_examples', 'accuracy',
                'balanced_accuracy', 'macro_f1', 'weighted_f1', 'per_class',
@@ -162,3 +169,45 @@ def test_efficientnet_b0_trains_and_evaluates_end_to_end(config, tmp_path,
       == config.data.synthetic.num_val
   assert 'stage7_0/dw_conv/kernel' in (tmp_path / 'model_summary.txt'
                                        ).read_text()
+
+
+def command_line(config, workdir) -> list[str]:
+  """main.py with the flags that turn the default config into config."""
+  flat = lambda c: train._flatten(json.loads(json.dumps(c.to_dict())))
+  want, default_fields = flat(config), flat(default.get_config())
+  flags = [f'--config.{key}={want[key]}' for key in sorted(want)
+           if want[key] != default_fields.get(key)]
+  return [sys.executable, str(ROOT / 'main.py'), f'--workdir={workdir}',
+          *flags]
+
+
+def test_sigkill_mid_epoch_then_restart_matches_uninterrupted(trained,
+                                                              tmp_path):
+  """main.py killed with SIGKILL in epoch 2, after a mid-epoch checkpoint."""
+  config, workdir, metrics = trained
+  killed = tmp_path / 'killed'
+  command = command_line(config, killed)
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  # Checkpoint 12 is step 3 of 9 in epoch 2; kill as soon as it lands.
+  deadline = time.monotonic() + 300
+  while not (killed / 'checkpoints' / '12').exists():
+    assert process.poll() is None, 'the run ended before step 12'
+    assert time.monotonic() < deadline, 'no checkpoint 12 in 5 minutes'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (killed / 'report' / 'test_metrics.json').exists()
+  restarted = subprocess.run(command, cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert re.search(r'Resuming from the checkpoint of step 1[26] \(step [37] '
+                   r'of 9 in epoch 2\)', restarted.stdout), restarted.stdout
+  report = json.loads((killed / 'report' / 'test_metrics.json').read_text())
+  assert report['accuracy'] == pytest.approx(metrics['accuracy'], abs=1e-9)
+  assert report['valence_ccc'] == pytest.approx(metrics['valence_ccc'],
+                                                abs=1e-6)
+  want, _ = final_params(config, workdir)
+  got, _ = final_params(config, killed)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)

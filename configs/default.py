@@ -110,7 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 3-epoch run at chance for its whole first epoch (test accuracy 0.42);
   # with 1 the same run reaches 0.884 (BENCHMARKS.md, The default run).
   config.train.warmup_epochs = 1.0
-  config.train.schedule = 'cosine'        # 'cosine' | 'constant'
+  config.train.schedule = 'cosine'        # 'cosine' | 'step' | 'constant'
+  config.train.step_decay_epochs = (10, 20)  # 'step': the rate x factor at each
+  config.train.step_decay_factor = 0.1
+  config.train.grad_clip_norm = 0.0       # > 0: clip the global gradient norm
   config.train.label_smoothing = 0.0
   # Per-class CE weights from the train split's counts n_c: 'none' |
   # 'inverse_frequency' (N / (8 n_c)) | 'max_over_count' (max n / n_c, as

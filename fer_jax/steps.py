@@ -28,7 +28,11 @@ class TrainState:
 
 def learning_rate_fn(config: ml_collections.ConfigDict,
                      steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up to train.learning_rate, then cosine decay or constant."""
+  """Linear warm-up to train.learning_rate, then cosine, step or constant.
+
+  'step': the rate is multiplied by train.step_decay_factor at each epoch
+  in train.step_decay_epochs (counted from the start of training).
+  """
   peak = config.learning_rate
   warmup = max(1, int(config.warmup_epochs * steps_per_epoch))
   total = max(warmup + 1, config.num_epochs * steps_per_epoch)
@@ -36,26 +40,41 @@ def learning_rate_fn(config: ml_collections.ConfigDict,
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total,
                                               end_value=0.0)
   if config.schedule == 'constant':
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup),
-         optax.constant_schedule(peak)], [warmup])
-  raise ValueError(f"train.schedule: {config.schedule!r} is not 'cosine' or "
-                   "'constant'")
+    after = optax.constant_schedule(peak)
+  elif config.schedule == 'step':
+    boundaries = {int(e * steps_per_epoch) - warmup: config.step_decay_factor
+                  for e in config.step_decay_epochs}
+    if min(boundaries, default=1) <= 0:
+      raise ValueError(f'train.step_decay_epochs: {config.step_decay_epochs}'
+                       f' must come after the warm-up '
+                       f'({config.warmup_epochs} epochs)')
+    after = optax.piecewise_constant_schedule(peak, boundaries)
+  else:
+    raise ValueError(f"train.schedule: {config.schedule!r} is not 'cosine', "
+                     "'step' or 'constant'")
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                               after], [warmup])
 
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """AdamW or SGD; weight decay skips biases and BatchNorm (1-D) parameters."""
+  """AdamW or SGD; weight decay skips biases and BatchNorm (1-D) parameters.
+
+  train.grad_clip_norm > 0 first clips the gradients' global norm.
+  """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   if config.optimizer == 'adamw':
-    return optax.adamw(schedule, weight_decay=config.weight_decay,
-                       mask=decay_mask)
-  if config.optimizer == 'sgd':
-    return optax.chain(
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay,
+                     mask=decay_mask)
+  elif config.optimizer == 'sgd':
+    tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
         optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-  raise ValueError(f"train.optimizer: {config.optimizer!r} is not 'adamw' or "
-                   "'sgd'")
+  else:
+    raise ValueError(f"train.optimizer: {config.optimizer!r} is not 'adamw' "
+                     "or 'sgd'")
+  clip = config.get('grad_clip_norm', 0.0)
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from fer_jax import losses, models, steps
@@ -125,6 +126,39 @@ def test_schedule_of_a_single_step_run(data_cache):
     config.schedule = kind
     schedule = steps.learning_rate_fn(config, steps_per_epoch=1)
     assert float(schedule(1)) == pytest.approx(0.1)
+
+
+def test_step_schedule_decays_at_the_given_epochs(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache).train
+  config.update(dict(num_epochs=4, warmup_epochs=1, learning_rate=0.1,
+                     schedule='step', step_decay_epochs=(2, 3),
+                     step_decay_factor=0.1))
+  schedule = steps.learning_rate_fn(config, steps_per_epoch=10)
+  got = [float(schedule(s)) for s in (5, 10, 19, 20, 29, 30, 39)]
+  np.testing.assert_allclose(got, [0.05, 0.1, 0.1, 0.01, 0.01, 0.001,
+                                   0.001], rtol=1e-5)
+  config.step_decay_epochs = (0.5,)
+  with pytest.raises(ValueError, match='must come after the warm-up'):
+    steps.learning_rate_fn(config, steps_per_epoch=10)
+
+
+def test_gradient_clipping_bounds_the_global_norm(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache).train
+  config.update(dict(optimizer='sgd', weight_decay=0.0, momentum=0.9))
+  params = {'w': np.ones((3, 4), np.float32), 'b': np.ones(4, np.float32)}
+  grads = {'w': np.full((3, 4), 5.0, np.float32),
+           'b': np.full(4, 5.0, np.float32)}  # global norm 20
+  norms = {}
+  for clip in (0.0, 2.0):
+    config.grad_clip_norm = clip
+    tx = steps.create_optimizer(config, lambda step: 1.0)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    norms[clip] = float(optax.tree.norm(updates))
+  # The first Nesterov step moves by (1 + momentum) x the gradient.
+  assert norms[0.0] == pytest.approx(1.9 * 20, rel=1e-5)
+  assert norms[2.0] == pytest.approx(1.9 * 2, rel=1e-5)
 
 
 def test_class_weights_balance_the_classes():

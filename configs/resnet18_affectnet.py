@@ -21,6 +21,19 @@ def get_config():
   # Photographs have redundancy the synthetic faces lack; random erasing
   # is the usual occlusion augmentation (Zhong et al., 2020). Untested here.
   config.data.augment.erasing_prob = 0.25
+  # The reference study fine-tuned ImageNet weights: point this at
+  # torchvision's resnet18-f37072fd.pth (README: pretrained weights).
+  config.model.init_from = ''
+  # Class imbalance (Happy 47%, Contempt 1.3%): each image once per epoch,
+  # with class-weighted cross-entropy by the effective number of samples
+  # (Cui et al., 2019); beta 0.9999 weights Contempt 3.2x Happy on
+  # AffectNet's counts, where inverse frequency would weight it 36x.
+  config.data.sampler = 'uniform'
+  config.train.class_weights = 'effective_number'
+  config.train.class_weight_beta = 0.9999
+  # MSE and 1 - CCC for valence/arousal: CCC is what the literature
+  # reports (Toisoul et al., 2021 train EmoNet with it).
+  config.train.va_loss = 'mse+ccc'
   config.train.num_epochs = 10           # as in the reference study
   config.train.batch_size = 256
   config.train.eval_batch_size = 512

@@ -90,8 +90,9 @@ def restore_for_inference(config: ml_collections.ConfigDict, workdir: Path,
   model = models.create_model(config.model, axis_name=steps.AXIS)
   tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
       config.train, 1))
-  template = steps.create_train_state(model, tx, config.data.image_size,
-                                      config.train.seed)
+  template = steps.create_train_state(
+      model, tx, config.data.image_size, config.train.seed,
+      ema=config.train.get('ema_decay', 0.0) > 0)  # older runs lack it
   manager = checkpoints.create_manager(workdir, config, read_only=True)
   step = checkpoints.checkpoint_step(manager, checkpoint_step)
   state, _, _ = checkpoints.restore(manager, step, template)

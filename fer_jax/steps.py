@@ -24,6 +24,7 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  ema_params: Any = None  # train.ema_decay > 0: what evaluation uses
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict,
@@ -78,11 +79,13 @@ def create_optimizer(config: ml_collections.ConfigDict,
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       image_size: int, seed: int,
-                       init_from: str = '') -> TrainState:
+                       image_size: int, seed: int, init_from: str = '',
+                       ema: bool = False) -> TrainState:
   """Initial parameters, BatchNorm statistics and optimiser state (one copy).
 
   init_from: a torchvision checkpoint whose backbone replaces the random one.
+  ema: keep an exponential moving average of the parameters, starting at
+  them.
   """
   init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -93,7 +96,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params), rng=rng)
+                    opt_state=tx.init(params), rng=rng,
+                    ema_params=params if ema else None)
 
 
 def normalise_images(images: jax.Array, mean_rgb, std_rgb) -> jax.Array:
@@ -138,9 +142,14 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
       state.params)
   grads = jax.lax.psum(grads, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  state = state.replace(step=state.step + 1,
-                        params=optax.apply_updates(state.params, updates),
-                        batch_stats=batch_stats, opt_state=opt_state)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = optax.incremental_update(params, ema_params,
+                                          1 - config.train.ema_decay)
+  state = state.replace(step=state.step + 1, params=params,
+                        batch_stats=batch_stats, opt_state=opt_state,
+                        ema_params=ema_params)
   metrics = losses.normalise(global_sums, config.train.va_loss_weight,
                              config.train.get('va_loss', 'mse'))
   return state, metrics
@@ -156,7 +165,8 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
   """
   images = normalise_images(batch['image'], config.data.mean_rgb,
                             config.data.std_rgb)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  params = state.params if state.ema_params is None else state.ema_params
+  variables = {'params': params, 'batch_stats': state.batch_stats}
   outputs = model.apply(variables, images, train=False)
   probs, va = jax.nn.softmax(outputs['logits']), outputs['va']
   tta = config.get('eval', {}).get('tta', 'none')

@@ -174,7 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   schedule = steps.learning_rate_fn(config.train, num_steps)
   tx = steps.create_optimizer(config.train, schedule)
   state = steps.create_train_state(model, tx, config.data.image_size,
-                                   config.train.seed, config.model.init_from)
+                                   config.train.seed, config.model.init_from,
+                                   ema=config.train.ema_decay > 0)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   (workdir / 'model_summary.txt').write_text(
       models.parameter_summary(variables) + '\n')

@@ -190,3 +190,29 @@ def test_init_from_starts_training_from_the_checkpoint(data_cache, tmp_path):
   kernel = state.params['backbone']['conv1']['kernel']
   np.testing.assert_allclose(  # OIHW -> HWIO
       kernel, torch.load(path)['conv1.weight'].numpy().transpose(2, 3, 1, 0))
+
+
+def test_ema_follows_the_parameters_and_is_what_evaluation_uses(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache)
+  config.train.ema_decay = 0.8
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, lambda step: 1e-3)
+  p_train, p_eval = steps.pmap_steps(model, tx, config)
+  state = steps.replicate(steps.create_train_state(
+      model, tx, config.data.image_size, 0, ema=True))
+  batch = shard(fixed_batch(8, config.data.image_size), NUM_DEVICES)
+  ema = jax.tree.map(np.float64, steps.unreplicate(state).params)
+  for _ in range(3):
+    state, _ = p_train(state, batch)
+    params = steps.unreplicate(state).params
+    ema = jax.tree.map(lambda e, p: 0.8 * e + 0.2 * p, ema, params)
+  got = steps.unreplicate(state).ema_params
+  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(got)[0],
+                         jax.tree.leaves(params)[0])
+  with_ema = jax.device_get(p_eval(state, batch))['probs']
+  swapped = state.replace(params=state.ema_params, ema_params=None)
+  np.testing.assert_allclose(
+      with_ema, jax.device_get(p_eval(swapped, batch))['probs'], rtol=1e-6)

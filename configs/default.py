@@ -117,6 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: evaluation, checkpoints' best and the test use an exponential
   # moving average of the parameters (e.g. 0.999 per step).
   config.train.ema_decay = 0.0
+  # Only the head learns for this many epochs (a pretrained backbone is
+  # not disturbed by a random head's first gradients); 0: off.
+  config.train.freeze_backbone_epochs = 0.0
   config.train.label_smoothing = 0.0
   # Per-class CE weights from the train split's counts n_c: 'none' |
   # 'inverse_frequency' (N / (8 n_c)) | 'max_over_count' (max n / n_c, as

@@ -107,11 +107,24 @@ def normalise_images(images: jax.Array, mean_rgb, std_rgb) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
+def _freeze_backbone(tree: dict, frozen: jax.Array) -> dict:
+  """tree with its 'backbone' part zeroed while frozen."""
+  return {**tree, 'backbone': jax.tree.map(
+      lambda x: jnp.where(frozen, jnp.zeros_like(x), x), tree['backbone'])}
+
+
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict,
-               weights: np.ndarray | None) -> tuple[TrainState, dict]:
-  """One step on this device's shard; run under pmap with axis AXIS."""
+               weights: np.ndarray | None,
+               freeze_backbone_steps: int = 0) -> tuple[TrainState, dict]:
+  """One step on this device's shard; run under pmap with axis AXIS.
+
+  For its first freeze_backbone_steps steps only the head learns: the
+  backbone's gradients and updates (weight decay included) are zero, so
+  its optimiser moments start at zero when it thaws. Its BatchNorm
+  statistics keep adapting to the data.
+  """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                            jax.lax.axis_index(AXIS))
   images = normalise_images(batch['image'], config.data.mean_rgb,
@@ -141,7 +154,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   grads, (global_sums, batch_stats) = jax.grad(loss_fn, has_aux=True)(
       state.params)
   grads = jax.lax.psum(grads, AXIS)
+  frozen = state.step < freeze_backbone_steps
+  if freeze_backbone_steps:
+    grads = _freeze_backbone(grads, frozen)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  if freeze_backbone_steps:
+    updates = _freeze_backbone(updates, frozen)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params
   if ema_params is not None:
@@ -184,14 +202,17 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
 
 def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict,
-               weights: np.ndarray | None = None, devices=None):
+               weights: np.ndarray | None = None, devices=None,
+               freeze_backbone_steps: int = 0):
   """The train step (state donated) and eval step, pmapped over devices.
 
   weights: per-class cross-entropy weights (losses.class_weights) or None.
   """
-  p_train = jax.pmap(functools.partial(train_step, model=model, tx=tx,
-                                       config=config, weights=weights),
-                     axis_name=AXIS, donate_argnums=(0,), devices=devices)
+  p_train = jax.pmap(
+      functools.partial(train_step, model=model, tx=tx, config=config,
+                        weights=weights,
+                        freeze_backbone_steps=freeze_backbone_steps),
+      axis_name=AXIS, donate_argnums=(0,), devices=devices)
   p_eval = jax.pmap(functools.partial(eval_step, model=model, config=config,
                                       weights=weights),
                     axis_name=AXIS, devices=devices)

@@ -185,7 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   weights = losses.class_weights(
       config.train.class_weights, data_report['train']['class_counts'],
       config.train.get('class_weight_beta', 0.999))  # older runs lack it
-  p_train, p_eval = steps.pmap_steps(model, tx, config, weights)
+  p_train, p_eval = steps.pmap_steps(
+      model, tx, config, weights, freeze_backbone_steps=int(
+          config.train.freeze_backbone_epochs * num_steps))
 
   # Resume from the latest checkpoint, if any.
   manager = checkpoints.create_manager(workdir, config)

@@ -216,3 +216,25 @@ def test_ema_follows_the_parameters_and_is_what_evaluation_uses(data_cache):
   swapped = state.replace(params=state.ema_params, ema_params=None)
   np.testing.assert_allclose(
       with_ema, jax.device_get(p_eval(swapped, batch))['probs'], rtol=1e-6)
+
+
+def test_frozen_backbone_stays_put_while_the_head_learns(data_cache):
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache)
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, lambda step: 1e-2)
+  p_train, _ = steps.pmap_steps(model, tx, config, freeze_backbone_steps=2)
+  state = steps.replicate(steps.create_train_state(
+      model, tx, config.data.image_size, 0))
+  batch = shard(fixed_batch(8, config.data.image_size), NUM_DEVICES)
+  start = steps.unreplicate(state).params
+  moved = []
+  for _ in range(3):
+    state, _ = p_train(state, batch)
+    params = steps.unreplicate(state).params
+    moved.append({part: max(float(np.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(params[part]), jax.tree.leaves(start[part])))
+                  for part in ('backbone', 'head')})
+  assert moved[0]['backbone'] == moved[1]['backbone'] == 0.0
+  assert 0 < moved[0]['head'] < moved[1]['head']
+  assert moved[2]['backbone'] > 0  # thawed at step 3

@@ -1,12 +1,17 @@
 """The pmapped train step: it learns, and sharding does not change it."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import optax
 import pytest
 
 from fer_jax import losses, models, steps
-from tests.conftest import NUM_DEVICES
+from tests.conftest import NUM_DEVICES, ROOT
 
 
 def fixed_batch(n, size, seed=0):
@@ -238,3 +243,16 @@ def test_frozen_backbone_stays_put_while_the_head_learns(data_cache):
   assert moved[0]['backbone'] == moved[1]['backbone'] == 0.0
   assert 0 < moved[0]['head'] < moved[1]['head']
   assert moved[2]['backbone'] > 0  # thawed at step 3
+
+
+def test_one_and_four_devices_agree_within_1e5(data_cache):
+  """Four simulated devices need their own process (XLA_FLAGS is read once)."""
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'tests' / 'four_devices.py'),
+       str(data_cache), 'mse+ccc'], capture_output=True, text=True,
+      timeout=300, env={**os.environ, 'XLA_FLAGS': ''})
+  assert result.returncode == 0, result.stderr[-3000:]
+  losses_by_devices = json.loads(result.stdout.strip().splitlines()[-1])
+  one, four = losses_by_devices['1'], losses_by_devices['4']
+  assert len(one) == 3 and one[-1] < 0.5 * one[0]  # it trains
+  np.testing.assert_allclose(four, one, rtol=1e-5)

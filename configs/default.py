@@ -140,4 +140,5 @@ def get_config() -> ml_collections.ConfigDict:
   # remaining batches).
   config.train.checkpoint_every_steps = 0
   config.train.log_every_steps = 10       # progress bar and TensorBoard
+  config.train.num_sample_images = 8      # val images + predictions, TensorBoard
   return config

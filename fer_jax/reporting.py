@@ -53,8 +53,37 @@ class TensorBoard:
         self.writer.add_scalar(name, float(value), step)
     self.writer.flush()
 
+  def figure(self, step: int, tag: str, fig) -> None:
+    """A matplotlib figure as an image (closed afterwards)."""
+    self.writer.add_figure(tag, fig, step, close=True)
+    self.writer.flush()
+
   def close(self) -> None:
     self.writer.close()
+
+
+def sample_predictions_figure(paths: list[str], images: list[np.ndarray],
+                              labels: np.ndarray, probs: np.ndarray,
+                              va_true: np.ndarray, va_pred: np.ndarray):
+  """A grid of images titled with the predicted and true expression, the
+  prediction's probability and the predicted (true) valence/arousal."""
+  columns = min(4, len(images))
+  rows = -(-len(images) // columns)
+  fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns,
+                                                   3.2 * rows), squeeze=False)
+  for ax in axes.ravel():
+    ax.axis('off')
+  for ax, path, image, label, p, true, pred in zip(
+      axes.ravel(), paths, images, labels, probs, va_true, va_pred):
+    guess = int(p.argmax())
+    ax.imshow(image)
+    ax.set_title(f'{EXPRESSIONS[guess]} {p[guess]:.2f}\n'
+                 f'true {EXPRESSIONS[int(label)]}\n'
+                 f'v {pred[0]:+.2f} ({true[0]:+.2f}) '
+                 f'a {pred[1]:+.2f} ({true[1]:+.2f})', fontsize=7,
+                 color='green' if guess == label else 'red')
+  fig.tight_layout()
+  return fig
 
 
 def plot_confusion_matrix(path: Path, cm: np.ndarray, title: str) -> None:

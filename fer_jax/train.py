@@ -54,6 +54,19 @@ def _warn_if_config_changed(path: Path, config: ml_collections.ConfigDict
                               for k in changed))
 
 
+def _sample_figure(records, predictions: dict,
+                   config: ml_collections.ConfigDict):
+  """The first train.num_sample_images of a split with their predictions.
+
+  The same images every epoch, so TensorBoard shows them being learnt.
+  """
+  n = min(config.train.get('num_sample_images', 8), len(records))
+  images = [pipeline.load_image(records[i], config.data) for i in range(n)]
+  return reporting.sample_predictions_figure(
+      list(records.paths[:n]), images, records.labels[:n],
+      predictions['probs'][:n], records.va[:n], predictions['va'][:n])
+
+
 def _check_finite(metrics: dict, epoch: int, step: int) -> None:
   """Stops a diverged run before it can overwrite a good checkpoint."""
   if not math.isfinite(metrics['loss']):
@@ -245,8 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _check_finite(train_metrics, epoch + 1, step)
 
     # Evaluate on val.
-    val_metrics, _ = evaluate.evaluate_records(p_eval, state, splits['val'],
-                                               config)
+    val_metrics, val_out = evaluate.evaluate_records(p_eval, state,
+                                                     splits['val'], config)
     record = {'epoch': epoch + 1, 'step': step,
               'learning_rate': float(schedule(step - 1)),  # the last step's
               'images_per_sec': images_per_sec,
@@ -273,6 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     tensorboard.scalars(step, {_tensorboard_tag(k): v
                                for k, v in record.items()
                                if k not in ('epoch', 'step')})
+    tensorboard.figure(step, 'val/samples', _sample_figure(
+        splits['val'], val_out, config))
     logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc '
                  '%.4f macro F1 %.4f | %.0f img/s', epoch + 1,
                  record['train_loss'], record['train_accuracy'],

@@ -47,7 +47,11 @@ def test_run_writes_every_file_of_the_contract(trained):
               'val_accuracy', 'val_macro_f1', 'learning_rate',
               'images_per_sec'):
     assert all(np.isfinite(r[key]) for r in records), key
-  assert list((workdir / 'tb').glob('events.out.tfevents.*'))
+  events = b''.join(p.read_bytes()
+                    for p in (workdir / 'tb').glob('events.out.tfevents.*'))
+  assert b'val/macro_f1' in events and b'train/loss' in events
+  # The sample images with their predictions, once per epoch, as PNGs.
+  assert events.count(b'val/samples') == 2 and b'\x89PNG' in events
   for name in ('confusion_matrix.png', 'curves.png', 'va_scatter.png'):
     assert (workdir / 'report' / name).stat().st_size > 10_000
   assert (workdir / 'splits.npz').exists()

@@ -18,10 +18,15 @@ from fer_jax.data import images
 from fer_jax.data.index import Records
 
 
+def load_image(record: dict, data: ml_collections.ConfigDict) -> np.ndarray:
+  """A record's base image, as evaluation sees it."""
+  return images.load(record['path'], data.image_size, record['box'],
+                     data.face_margin)
+
+
 def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
   """An example with its base image (no augmentation)."""
-  return {'image': images.load(record['path'], data.image_size,
-                               record['box'], data.face_margin),
+  return {'image': load_image(record, data),
           'label': record['label'], 'va': record['va'],
           'va_mask': record['va_mask'], 'mask': np.True_}
 

@@ -114,6 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.step_decay_epochs = (10, 20)  # 'step': the rate x factor at each
   config.train.step_decay_factor = 0.1
   config.train.grad_clip_norm = 0.0       # > 0: clip the global gradient norm
+  # > 0: sharpness-aware minimisation with this radius (Foret et al., 2021;
+  # HSEmotion's best AffectNet models used it); two passes per step.
+  config.train.sam_rho = 0.0
   # > 0: evaluation, checkpoints' best and the test use an exponential
   # moving average of the parameters (e.g. 0.999 per step).
   config.train.ema_decay = 0.0

@@ -154,6 +154,14 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   grads, (global_sums, batch_stats) = jax.grad(loss_fn, has_aux=True)(
       state.params)
   grads = jax.lax.psum(grads, AXIS)
+  rho = config.train.get('sam_rho', 0.0)
+  if rho:
+    # Sharpness-aware minimisation (Foret et al., 2021): the gradient at
+    # the steepest point within rho of the parameters. Metrics and
+    # BatchNorm statistics stay those of the parameters themselves.
+    scale = rho / (optax.tree.norm(grads) + 1e-12)
+    perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, grads)
+    grads = jax.lax.psum(jax.grad(loss_fn, has_aux=True)(perturbed)[0], AXIS)
   frozen = state.step < freeze_backbone_steps
   if freeze_backbone_steps:
     grads = _freeze_backbone(grads, frozen)

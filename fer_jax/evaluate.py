@@ -158,9 +158,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   reporting.write_json(workdir / 'report' / f'{split}_data_report.json',
                        data_report)
   _warn_if_split_changed(workdir / 'splits.npz', split, splits[split])
-  weights = losses.class_weights(
-      config.train.class_weights, data_report['train']['class_counts'],
-      config.train.get('class_weight_beta', 0.999))  # older runs lack it
+  weights = losses.configured_class_weights(
+      config.train, data_report['train']['class_counts'])
   state, p_eval, step = restore_for_inference(config, workdir,
                                               checkpoint_step, weights)
   result, predictions = evaluate_records(p_eval, state, splits[split], config)

@@ -8,6 +8,7 @@ too: it needs only the sums of p, g, p^2, g^2 and p*g per dimension.
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from fer_jax.labels import NUM_CLASSES
@@ -53,6 +54,16 @@ def class_weights(kind: str, class_counts: np.ndarray,
     weights = (1 - beta) / (1 - beta ** counts)
     weights = weights * NUM_CLASSES / weights.sum()
   return weights.astype(np.float32)
+
+
+def configured_class_weights(train: ml_collections.ConfigDict,
+                             class_counts: np.ndarray) -> np.ndarray | None:
+  """class_weights as train.class_weights and class_weight_beta ask.
+
+  Configs saved before class_weight_beta existed get its default.
+  """
+  return class_weights(train.class_weights, class_counts,
+                       train.get('class_weight_beta', 0.999))
 
 
 def loss_sums(outputs: dict, batch: dict, label_smoothing: float = 0.0,

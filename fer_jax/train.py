@@ -195,9 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   print(f'{config.model.name}: ' + ', '.join(
       f'{k} {n:,}' for k, n in models.parameter_totals(variables).items()) +
         f" (every variable in {workdir / 'model_summary.txt'})")
-  weights = losses.class_weights(
-      config.train.class_weights, data_report['train']['class_counts'],
-      config.train.get('class_weight_beta', 0.999))  # older runs lack it
+  weights = losses.configured_class_weights(
+      config.train, data_report['train']['class_counts'])
   p_train, p_eval = steps.pmap_steps(
       model, tx, config, weights, freeze_backbone_steps=int(
           config.train.freeze_backbone_epochs * num_steps))
@@ -305,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Test the best checkpoint and write the report.
   best_step = manager.best_step()
   best_state, _, _ = checkpoints.restore(manager, best_step,
-                                      steps.unreplicate(state))
+                                         steps.unreplicate(state))
   test_metrics, predictions = evaluate.evaluate_records(
       p_eval, steps.replicate(best_state), splits['test'], config)
   test_metrics.update(checkpoint_step=best_step, best_epoch=meta['best_epoch'])

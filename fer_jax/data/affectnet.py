@@ -25,7 +25,6 @@ from fer_jax.labels import EXTRA_CODES, NUM_CLASSES
 CSV_COLUMNS = ('subDirectory_filePath', 'face_x', 'face_y', 'face_width',
                'face_height', 'facial_landmarks', 'expression', 'valence',
                'arousal')
-ANNOTATIONS = ('exp', 'val', 'aro', 'lnd')
 _MAX_CODE = max(EXTRA_CODES)
 
 

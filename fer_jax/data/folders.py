@@ -42,9 +42,9 @@ def class_map(spec: str) -> dict[str, int]:
 def parse_folder_row(job: tuple) -> dict:
   """The index row of one image in a class folder."""
   image, code, error, check = job
+  if error:  # no label: the image need not be read
+    return row(image, error=error)
   try:
-    if error:
-      raise ValueError(error)
     info = index_lib.image_info(image, check)
   except ValueError as e:
     return row(image, error=str(e))

@@ -33,14 +33,15 @@ from PIL import Image
 from fer_jax.labels import EXTRA_CODES, NUM_CLASSES
 
 INDEX_VERSION = 1
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+# Image file names, and the format (Pillow's name) each suffix promises.
+_SUFFIX_FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.png': 'PNG',
+                   '.bmp': 'BMP', '.webp': 'WEBP', '.tif': 'TIFF',
+                   '.tiff': 'TIFF'}
+IMAGE_SUFFIXES = tuple(_SUFFIX_FORMATS)
 NUM_LANDMARKS = 68
 _GREY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
 # Pillow's names of the formats OpenCV decodes (MPO: multi-picture JPEG).
 DECODED_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'WEBP', 'TIFF')
-_SUFFIX_FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.png': 'PNG',
-                   '.bmp': 'BMP', '.webp': 'WEBP', '.tif': 'TIFF',
-                   '.tiff': 'TIFF'}
 # Indexing in worker processes pays off only past their start-up time.
 _MIN_PARALLEL_JOBS = 2000
 

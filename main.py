@@ -10,8 +10,10 @@ FLAGS = flags.FLAGS
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file('config', 'configs/default.py',
                                 'Experiment config file.', lock_config=True)
-flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'benchmark'],
+flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes; '
+                    'ablate: runs/ablations/<config file name> by default.')
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'evaluate', 'predict', 'benchmark', 'ablate'],
                   'What to do.')
 flags.DEFINE_string('input', None, 'predict: an image file or folder.')
 flags.DEFINE_string('split', 'test', 'evaluate: train, val or test.')
@@ -43,6 +45,9 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address,
                                FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX devices: %s', jax.devices())
+  if 'ablate' in FLAGS.config and FLAGS.mode != 'ablate':
+    raise app.UsageError('this is an ablation config: run it with '
+                         '--mode=ablate')
   if FLAGS.mode == 'train':
     from fer_jax import train
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -62,6 +67,15 @@ def main(argv):
                            'section: --config=configs/benchmark.py')
     from fer_jax import benchmark
     benchmark.run(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'ablate':
+    if 'ablate' not in FLAGS.config:
+      raise app.UsageError('--mode=ablate needs an ablation config: '
+                           '--config=configs/ablations/imbalance.py')
+    workdir = FLAGS.workdir if FLAGS['workdir'].present else os.path.join(
+        'runs', 'ablations', os.path.splitext(os.path.basename(
+            config_flags.get_config_filename(FLAGS['config'])))[0])
+    from fer_jax import ablate
+    ablate.run(FLAGS.config, workdir)
 
 
 if __name__ == '__main__':

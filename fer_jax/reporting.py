@@ -162,6 +162,44 @@ def _save(fig, path: Path) -> None:
   plt.close(fig)
 
 
+def plot_ablation(path: Path, variants: list[str], metrics: list[str],
+                  values: dict) -> None:
+  """Each metric per variant (seeds as dots, mean ± std as a bar) and the
+  per-class recall per variant (mean, std as error bars).
+
+  values: {metric or 'recall_<class>': {variant: [one value per seed]}}.
+  """
+  fig = plt.figure(figsize=(max(12, 2.8 * len(metrics)), 8.5))
+  grid = fig.add_gridspec(2, len(metrics), height_ratios=(1, 1.1))
+  spread = lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0
+  for j, metric in enumerate(metrics):
+    ax = fig.add_subplot(grid[0, j])
+    for x, variant in enumerate(variants):
+      v = np.asarray(values[metric][variant], dtype=np.float64)
+      if len(v):
+        ax.scatter(x + np.linspace(-0.12, 0.12, len(v)), v, s=14, alpha=0.6)
+        ax.errorbar(x, v.mean(), yerr=spread(v), fmt='_', color='black',
+                    markersize=22, capsize=5)
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha='right')
+    ax.set_title(metric)
+    ax.grid(axis='y', alpha=0.3)
+  ax = fig.add_subplot(grid[1, :])
+  width = 0.8 / len(variants)
+  for i, variant in enumerate(variants):
+    recall = [np.asarray(values[f'recall_{c}'][variant], dtype=np.float64)
+              for c in EXPRESSIONS]
+    if all(len(r) for r in recall):
+      ax.bar(np.arange(len(EXPRESSIONS)) + (i - (len(variants) - 1) / 2) *
+             width, [r.mean() for r in recall], width, label=variant,
+             yerr=[spread(r) for r in recall], capsize=2)
+  ax.set_xticks(range(len(EXPRESSIONS)), EXPRESSIONS)
+  ax.set_ylabel('test recall')
+  ax.set_ylim(0, 1.05)
+  ax.grid(axis='y', alpha=0.3)
+  ax.legend(fontsize=8, ncol=min(len(variants), 6))
+  _save(fig, path)
+
+
 def format_summary(metrics: dict, split: str) -> str:
   """A one-screen table of a split's metrics."""
   lines = [f"{split}: {metrics['num_examples']} images "
@@ -183,7 +221,7 @@ def format_summary(metrics: dict, split: str) -> str:
   return '\n'.join(lines)
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
   """Markdown table lines; floats with 4 decimals, None as a dash."""
   def cell(v):
     if v is None:
@@ -195,17 +233,12 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
           ['| ' + ' | '.join(cell(v) for v in row) + ' |' for row in rows])
 
 
-def summary_markdown(split: str, metrics: dict, config: dict,
-                     figures: dict[str, str]) -> str:
-  """One page for a split: the run's essentials, metrics, classes, figures.
-
-  config: the resolved config as a dict; figures: {caption: file name
-  relative to the page}.
-  """
+def run_essentials(config: dict) -> list[tuple[str, str]]:
+  """(name, description) of a run's model, data and training recipe."""
   model, data, train = config['model'], config['data'], config['train']
   source = ('generated synthetic set' if data['layout'] == 'synthetic'
             else f"{data['layout']} layout at {data['root']}")
-  essentials = [
+  return [
       ('model', f"{model['name']}, {model['dtype']}, "
                 f"{model.get('init_from') or 'from scratch'}"),
       ('data', f"{source}, {data['image_size']} px, validation "
@@ -216,6 +249,17 @@ def summary_markdown(split: str, metrics: dict, config: dict,
                    f"'{train['class_weights']}', VA loss "
                    f"'{train.get('va_loss', 'mse')}' x "
                    f"{train['va_loss_weight']:g}"),
+  ]
+
+
+def summary_markdown(split: str, metrics: dict, config: dict,
+                     figures: dict[str, str]) -> str:
+  """One page for a split: the run's essentials, metrics, classes, figures.
+
+  config: the resolved config as a dict; figures: {caption: file name
+  relative to the page}.
+  """
+  essentials = run_essentials(config) + [
       ('checkpoint', f"step {metrics.get('checkpoint_step')}"
                      + (f", best epoch {metrics['best_epoch']}"
                         if metrics.get('best_epoch') else '')),
@@ -223,17 +267,17 @@ def summary_markdown(split: str, metrics: dict, config: dict,
   ]
   lines = [f'# {split}: {metrics["num_examples"]} images', '']
   lines += [f'- **{name}**: {value}' for name, value in essentials]
-  lines += ['', '## Expression', ''] + _table(
+  lines += ['', '## Expression', ''] + markdown_table(
       ['accuracy', 'balanced accuracy', 'macro F1', 'weighted F1'],
       [[metrics[k] for k in ('accuracy', 'balanced_accuracy', 'macro_f1',
                              'weighted_f1')]])
   lines += ['', f"## Valence and arousal ({metrics['num_va_examples']} "
-            'images with both)', ''] + _table(
+            'images with both)', ''] + markdown_table(
       ['', 'RMSE', 'MAE', 'PCC', 'CCC', 'SAGR'],
       [[name] + [metrics[f'{name}_{k}'] for k in ('rmse', 'mae', 'pcc',
                                                   'ccc', 'sagr')]
        for name in ('valence', 'arousal')])
-  lines += ['', '## Per class', ''] + _table(
+  lines += ['', '## Per class', ''] + markdown_table(
       ['class', 'precision', 'recall', 'F1', 'support'],
       [[name, row['precision'], row['recall'], row['f1'], row['support']]
        for name, row in metrics['per_class'].items()])

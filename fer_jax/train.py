@@ -27,31 +27,37 @@ def _tensorboard_tag(key: str) -> str:
   return f'{split}/{name}' if split in ('train', 'val') else key
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict:
+def flatten(tree: dict, prefix: str = '') -> dict:
   """{'a': {'b': 1}} -> {'a.b': 1}."""
   flat = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
+      flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value
   return flat
 
 
+def config_changes(path: Path, config: ml_collections.ConfigDict) -> dict:
+  """{field: (saved, new)} where config differs from the config.json at
+  path (in JSON form); {} if there is none."""
+  if not Path(path).exists():
+    return {}
+  old = flatten(json.loads(Path(path).read_text()))
+  new = flatten(json.loads(json.dumps(config.to_dict())))
+  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k)}
+
+
 def _warn_if_config_changed(path: Path, config: ml_collections.ConfigDict
                             ) -> None:
   """Says which fields differ from the config a workdir was started with."""
-  if not path.exists():
-    return
-  old = _flatten(json.loads(path.read_text()))
-  new = _flatten(json.loads(json.dumps(config.to_dict())))
-  changed = sorted(k for k in old.keys() | new.keys()
-                   if old.get(k) != new.get(k))
+  changed = config_changes(path, config)
   if changed:
     logging.warning('%s: this run changes %s: %s', path.parent,
                     'these fields' if len(changed) > 1 else 'this field',
-                    ', '.join(f'{k} {old.get(k)!r} -> {new.get(k)!r}'
-                              for k in changed))
+                    ', '.join(f'{k} {old!r} -> {new!r}'
+                              for k, (old, new) in changed.items()))
 
 
 def _sample_figure(records, predictions: dict,
@@ -205,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   manager = checkpoints.create_manager(workdir, config)
   meta = {'epoch': 0, 'epoch_step': 0, 'epoch_sums': {}, 'best_value': None,
           'best_epoch': None, 'epochs_without_improvement': 0,
-          'stopped_early': False}
+          'stopped_early': False, 'train_seconds': 0.0}
   latest, saved_data = manager.latest_step(), None
   if latest is not None:
     state, saved_meta, saved_data = checkpoints.restore(manager, latest,
@@ -233,7 +239,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     batches, first_step = resume_batches(splits['train'], config,
                                          num_devices, latest or 0, saved_data)
 
+  # Wall time of training and validation, over all sessions of the run.
+  clock, seconds_before = time.perf_counter(), meta['train_seconds']
+
   def save(state, step: int, metrics: dict | None = None) -> None:
+    meta['train_seconds'] = seconds_before + time.perf_counter() - clock
     data_state = {'step': step, 'first_step': first_step,
                   'num_workers': config.data.num_workers,
                   'train_digest': digest, 'iterator': batches.get_state()}
@@ -262,6 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     record = {'epoch': epoch + 1, 'step': step,
               'learning_rate': float(schedule(step - 1)),  # the last step's
               'images_per_sec': images_per_sec,
+              'train_seconds': seconds_before + time.perf_counter() - clock,
               **{f'train_{k}': v for k, v in train_metrics.items()},
               **{f'val_{k}': v for k, v in val_metrics.items()
                  if isinstance(v, (int, float))}}
@@ -307,7 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                          steps.unreplicate(state))
   test_metrics, predictions = evaluate.evaluate_records(
       p_eval, steps.replicate(best_state), splits['test'], config)
-  test_metrics.update(checkpoint_step=best_step, best_epoch=meta['best_epoch'])
+  test_metrics.update(checkpoint_step=best_step, best_epoch=meta['best_epoch'],
+                      epochs_trained=meta['epoch'],
+                      train_seconds=meta['train_seconds'])
   evaluate.write_split_report(workdir, 'test', test_metrics, predictions,
                               splits['test'], config)
   manager.close()

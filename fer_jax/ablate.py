@@ -1,0 +1,362 @@
+"""--mode=ablate: every variant x seed of an ablation config, then one table.
+
+Each run is an ordinary training workdir, workdir/<variant>/seed_<k>: a
+finished one (it has report/test_metrics.json) is skipped, an interrupted
+one resumes from its checkpoints, and one that fails leaves error.txt and
+does not stop the others. ablation.csv (one row per run), ablation.md (mean
+and spread per variant, differences to the baseline) and ablation.png
+gather them.
+"""
+
+import copy
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import re
+import time
+import traceback
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fer_jax import reporting, train
+from fer_jax.labels import EXPRESSIONS
+
+# Fields that change how fast a run goes or where caches live, not what it
+# computes: a run may resume, or be collected, with other values of them.
+SPEED_FIELDS = ('data.num_workers', 'data.num_threads',
+                'data.prefetch_batches', 'data.index_processes',
+                'data.index_cache_dir', 'data.synthetic.num_processes',
+                'data.synthetic.cache_dir', 'train.log_every_steps')
+# Metrics where lower is better contain one of these.
+LOWER_IS_BETTER = ('rmse', 'mae', 'loss', 'seconds')
+_VARIANT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+=-]*')
+
+
+@dataclasses.dataclass
+class Run:
+  """One variant trained with one seed."""
+  variant: str
+  seed: int
+  workdir: Path
+  config: ml_collections.ConfigDict
+
+
+def run_status(run: Run) -> str:
+  """'finished' | 'failed' | 'interrupted' | 'not run', from its files."""
+  if (run.workdir / 'report' / 'test_metrics.json').exists():
+    return 'finished'
+  if (run.workdir / 'error.txt').exists():
+    return 'failed'
+  if (run.workdir / 'checkpoints').exists():
+    return 'interrupted'
+  return 'not run'
+
+
+def set_field(config: ml_collections.ConfigDict, path: str, value,
+              where: str) -> None:
+  """config's field at the dotted path = value, with errors that name where."""
+  node, (*parents, name) = config, path.split('.')
+  for part in parents:
+    node = node.get(part) if isinstance(node, ml_collections.ConfigDict) \
+        else None
+  if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+    fields = train.flatten(config.to_dict())
+    close = difflib.get_close_matches(path, fields, n=1)
+    raise ValueError(f'{where}: {path!r} is not a field of the base config'
+                     + (f'; did you mean {close[0]!r}?' if close else ''))
+  try:
+    node[name] = tuple(value) if isinstance(value, list) else value
+  except TypeError as error:
+    raise ValueError(f'{where}: {path}={value!r}: {error}') from None
+
+
+def run_config(base: ml_collections.ConfigDict, fields: dict, seed: int,
+               seed_fields: tuple[str, ...], where: str
+               ) -> ml_collections.ConfigDict:
+  """The base config with a variant's fields and the seed set."""
+  config = copy.deepcopy(base)  # keeps field references (image sizes)
+  for path, value in fields.items():
+    set_field(config, path, value, where)
+  for path in seed_fields:
+    set_field(config, path, seed, 'ablate.seed_fields')
+  return config
+
+
+def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[Run]:
+  """Every variant x seed with its config, after checking the ablate section."""
+  ablate = config.ablate
+  names = [name for name, _ in ablate.variants]
+  for name in names:
+    if not _VARIANT_NAME.fullmatch(name):
+      raise ValueError(f'ablate.variants: {name!r} is not a folder name '
+                       '(letters, digits, _ . + = -)')
+  if len(set(names)) < len(names) or not names:
+    raise ValueError(f'ablate.variants: names must be unique and at least '
+                     f'one: {names}')
+  if ablate.baseline not in names:
+    raise ValueError(f'ablate.baseline: {ablate.baseline!r} is not one of '
+                     f'the variants {names}')
+  seeds = list(ablate.seeds)
+  if not seeds or len(set(seeds)) < len(seeds):
+    raise ValueError(f'ablate.seeds: {seeds} must be unique and at least one')
+  return [Run(name, seed, workdir / name / f'seed_{seed}',
+              run_config(config.base, fields, seed, ablate.seed_fields,
+                         f'ablate.variants[{name!r}]'))
+          for name, fields in ablate.variants for seed in seeds]
+
+
+def config_differences(run: Run) -> dict:
+  """{field: (old, new)} between a run folder's config.json and its config,
+  ignoring SPEED_FIELDS."""
+  changes = train.config_changes(run.workdir / 'config.json', run.config)
+  return {k: v for k, v in changes.items() if k not in SPEED_FIELDS}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Trains every unfinished run (unless ablate.collect_only), then writes
+  ablation.csv, ablation.md and ablation.png. Returns the csv's rows."""
+  workdir = Path(workdir)
+  runs = plan(config, workdir)
+  changed = {one.workdir: config_differences(one) for one in runs}
+  changed = {path: diff for path, diff in changed.items() if diff}
+  if changed and not config.ablate.collect_only:
+    raise ValueError(
+        'these runs were started with another config, so neither skipping '
+        'nor resuming them would give this ablation\'s result:\n' +
+        '\n'.join(f'  {path}: ' + ', '.join(f'{k} {old!r} -> {new!r}' for k,
+                                             (old, new) in diff.items())
+                  for path, diff in changed.items()) +
+        '\nDelete those folders to run them with this config, or use '
+        'another --workdir.')
+  workdir.mkdir(parents=True, exist_ok=True)
+  reporting.write_json(workdir / 'ablation_config.json', config.to_dict())
+  statuses = [run_status(one) for one in runs]
+  print(f'Ablation in {workdir}: {len(runs)} runs; ' + ', '.join(
+      f'{statuses.count(s)} {s}' for s in dict.fromkeys(statuses)))
+  if not config.ablate.collect_only:
+    # Seed by seed, so that an early stop leaves every variant compared.
+    todo = sorted((one for one, s in zip(runs, statuses) if s != 'finished'),
+                  key=lambda one: list(config.ablate.seeds).index(one.seed))
+    start = time.perf_counter()
+    for i, one in enumerate(todo):
+      print(f'\n=== run {i + 1} of {len(todo)}: {one.variant}, seed '
+            f'{one.seed} ({one.workdir}) ===')
+      train_one(one)
+      spent = time.perf_counter() - start
+      print(f'=== {i + 1} of {len(todo)} runs in {spent / 60:.1f} min; '
+            f'about {spent / (i + 1) * (len(todo) - i - 1) / 60:.1f} min '
+            'to go ===')
+  rows = [collect_row(one, changed.get(one.workdir)) for one in runs]
+  write_tables(workdir, config, rows)
+  failed = [r for r in rows if r['status'] == 'failed']
+  if failed:
+    raise RuntimeError(
+        f'{len(failed)} of {len(rows)} runs failed; the tables hold the '
+        'others. Each failed folder has error.txt; running again retries '
+        'them:\n' + '\n'.join(f"  {r['workdir']}: {r['error']}"
+                              for r in failed))
+  return rows
+
+
+def train_one(one: Run) -> None:
+  """Trains (or resumes) one run; a failure is written to its error.txt."""
+  error_file = one.workdir / 'error.txt'
+  try:
+    train.train_and_evaluate(one.config, str(one.workdir))
+  except Exception:  # noqa: BLE001  one run's failure must not stop the rest
+    one.workdir.mkdir(parents=True, exist_ok=True)
+    error_file.write_text(traceback.format_exc())
+    logging.error('%s failed; the traceback is in %s', one.workdir,
+                  error_file)
+  else:
+    error_file.unlink(missing_ok=True)
+
+
+def collect_row(one: Run, changed: dict | None) -> dict:
+  """One csv row: the run, its status and, if finished, its test metrics."""
+  row = {'variant': one.variant, 'seed': one.seed,
+         'status': 'config differs' if changed else run_status(one),
+         'error': '', 'workdir': str(one.workdir)}
+  if row['status'] == 'failed':
+    lines = (one.workdir / 'error.txt').read_text().strip().splitlines()
+    row['error'] = lines[-1] if lines else ''
+  if row['status'] != 'finished':
+    return row
+  metrics = json.loads((one.workdir / 'report' /
+                        'test_metrics.json').read_text())
+  for key in ('best_epoch', 'epochs_trained', 'train_seconds'):
+    row[key] = metrics.get(key)
+  row.update({k: v for k, v in metrics.items() if k not in row and
+              (v is None or isinstance(v, (int, float)))})
+  for kind in ('recall', 'precision', 'f1'):
+    row.update({f'{kind}_{name}': values[kind]
+                for name, values in metrics['per_class'].items()})
+  return row
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+  """Mean and sample standard deviation (None for a single value)."""
+  v = np.asarray(values, dtype=np.float64)
+  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def paired_difference(rows: list[dict], base_rows: list[dict], key: str
+                      ) -> tuple[float, float | None, int] | None:
+  """Mean of (row - baseline) over the seeds both have, its standard error
+  and the number of pairs; None without pairs."""
+  base = {r['seed']: r[key] for r in base_rows if r.get(key) is not None}
+  diffs = [r[key] - base[r['seed']] for r in rows
+           if r.get(key) is not None and r['seed'] in base]
+  if not diffs:
+    return None
+  mean, std = mean_std(diffs)
+  return mean, (std / math.sqrt(len(diffs)) if std is not None else None), \
+      len(diffs)
+
+
+def _cell(mean: float | None, spread: float | None, signed: bool = False,
+          digits: int = 3) -> str:
+  """'mean ± spread' with `digits` decimals; '-' without a mean."""
+  if mean is None:
+    return '-'
+  text = f'{mean:+.{digits}f}' if signed else f'{mean:.{digits}f}'
+  return text + (f' ± {spread:.{digits}f}' if spread is not None else '')
+
+
+def _stat_row(rows: list[dict], keys: list[str]) -> list:
+  """(mean, std) per key over the rows that have it; (None, None) if none."""
+  out = []
+  for key in keys:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    out.append(mean_std(values) if values else (None, None))
+  return out
+
+
+def _marked_table(header: list[str], names: list[str], stats: list[list],
+                  keys: list[str], after: list[list]) -> list[str]:
+  """A markdown table of mean ± std cells, the best mean per column bold;
+  after: each row's cells past the metrics."""
+  best = []
+  for j, key in enumerate(keys):
+    means = [row[j][0] for row in stats if row[j][0] is not None]
+    lower = any(part in key for part in LOWER_IS_BETTER)
+    best.append((min if lower else max)(means) if len(means) > 1 else None)
+  body = []
+  for name, row, more in zip(names, stats, after):
+    cells = [f'**{_cell(*s)}**' if s[0] is not None and s[0] == b
+             else _cell(*s) for s, b in zip(row, best)]
+    body.append([name, *cells, *more])
+  return reporting.markdown_table(header, body)
+
+
+def _run_columns(done: list[dict], num_seeds: int) -> list[str]:
+  """Runs finished, epochs trained and minutes of training, for a variant."""
+  minutes = [r['train_seconds'] / 60 for r in done
+             if r.get('train_seconds') is not None]
+  return [f'{len(done)}/{num_seeds}',
+          _cell(*_stat_row(done, ['epochs_trained'])[0], digits=1),
+          _cell(*mean_std(minutes), digits=1) if minutes else '-']
+
+
+def ablation_markdown(title: str, config: ml_collections.ConfigDict,
+                      rows: list[dict], class_shares: list[float] | None
+                      ) -> str:
+  """ablation.md: the test metrics, differences to the baseline and per-class
+  recall, as mean ± std over seeds per variant."""
+  ablate, metrics = config.ablate, list(config.ablate.metrics)
+  names = [name for name, _ in ablate.variants]
+  done = {n: [r for r in rows if r['variant'] == n and
+              r['status'] == 'finished'] for n in names}
+  lines = [f'# Ablation: {title}', '',
+           f'{len(names)} variants x {len(ablate.seeds)} seeds '
+           f"({', '.join(ablate.seed_fields)} = "
+           f"{', '.join(map(str, ablate.seeds))}), each tested on the test "
+           'split with its best checkpoint by '
+           f'`{config.base.train.best_metric}`. Cells: mean ± sample '
+           'standard deviation over the seeds that finished; **bold**: the '
+           'best mean in its column.', '',
+           'The base config, which each variant changes as listed under '
+           'Variants:', '']
+  lines += [f'- **{name}**: {value}' for name, value in
+            reporting.run_essentials(json.loads(json.dumps(
+                config.base.to_dict())))[:3]]
+  lines += ['', '## Test metrics', ''] + _marked_table(
+      ['variant', *metrics, 'runs', 'epochs', 'minutes'], names,
+      [_stat_row(done[n], metrics) for n in names], metrics,
+      [_run_columns(done[n], len(ablate.seeds)) for n in names])
+
+  baseline = ablate.baseline
+  lines += ['', f'## Difference to `{baseline}`', '',
+            'Mean over seeds of (variant - baseline) with the same seed, ± '
+            'its standard error; n: the seeds both finished.', '']
+  body = []
+  for name in names:
+    if name == baseline:
+      continue
+    diffs = [paired_difference(done[name], done[baseline], m)
+             for m in metrics]
+    pairs = max([d[2] for d in diffs if d] or [0])
+    body.append([name, pairs] + [_cell(d[0], d[1], signed=True) if d
+                                 else '-' for d in diffs])
+  lines += reporting.markdown_table(['variant', 'n', *metrics], body)
+
+  recall = [f'recall_{c}' for c in EXPRESSIONS]
+  shares = ([f'{c} ({s:.1%})' for c, s in zip(EXPRESSIONS, class_shares)]
+            if class_shares else list(EXPRESSIONS))
+  lines += ['', '## Test recall per class', '',
+            'The header gives each class\'s share of the training split.', '']
+  lines += _marked_table(['variant', *shares], names,
+                         [_stat_row(done[n], recall) for n in names], recall,
+                         [[] for _ in names])
+
+  lines += ['', '## Variants', '']
+  for name, fields in ablate.variants:
+    set_fields = ', '.join(f'`{k}={v!r}`' for k, v in fields.items())
+    lines.append(f"- **{name}**{' (baseline)' if name == baseline else ''}: "
+                 f"{set_fields or 'the base config'}")
+  missing = [r for r in rows if r['status'] != 'finished']
+  if missing:
+    lines += ['', '## Runs not in the tables', ''] + reporting.markdown_table(
+        ['variant', 'seed', 'status', 'detail'],
+        [[r['variant'], r['seed'], r['status'], r['error'] or r['workdir']]
+         for r in missing])
+  lines += ['', '![metrics per variant and seed](ablation.png)']
+  return '\n'.join(lines) + '\n'
+
+
+def _class_shares(rows: list[dict]) -> list[float] | None:
+  """Each class's share of the first finished run's training split."""
+  for row in rows:
+    report = Path(row['workdir']) / 'data_report.json'
+    if row['status'] == 'finished' and report.exists():
+      counts = np.asarray(json.loads(report.read_text())['train']
+                          ['class_counts'], dtype=np.float64)
+      return list(counts / counts.sum())
+  return None
+
+
+def write_tables(workdir: Path, config: ml_collections.ConfigDict,
+                 rows: list[dict]) -> None:
+  """ablation.csv, ablation.md and ablation.png in workdir."""
+  columns = list(dict.fromkeys(k for row in rows for k in row))
+  with open(workdir / 'ablation.csv', 'w', newline='') as f:
+    writer = csv.DictWriter(f, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  (workdir / 'ablation.md').write_text(ablation_markdown(
+      workdir.name, config, rows, _class_shares(rows)))
+  names = [name for name, _ in config.ablate.variants]
+  finished = [r for r in rows if r['status'] == 'finished']
+  values = {key: {n: [r[key] for r in finished if r['variant'] == n
+                      and r.get(key) is not None] for n in names}
+            for key in [*config.ablate.metrics,
+                        *(f'recall_{c}' for c in EXPRESSIONS)]}
+  reporting.plot_ablation(workdir / 'ablation.png', names,
+                          list(config.ablate.metrics), values)
+  print(f"\n{(workdir / 'ablation.md').read_text()}\nTables in "
+        f'{workdir}: ablation.md, ablation.csv, ablation.png')

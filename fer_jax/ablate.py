@@ -283,8 +283,7 @@ def ablation_markdown(title: str, config: ml_collections.ConfigDict,
            'The base config, which each variant changes as listed under '
            'Variants:', '']
   lines += [f'- **{name}**: {value}' for name, value in
-            reporting.run_essentials(json.loads(json.dumps(
-                config.base.to_dict())))[:3]]
+            reporting.run_essentials(reporting.as_json(config.base))[:3]]
   lines += ['', '## Test metrics', ''] + _marked_table(
       ['variant', *metrics, 'runs', 'epochs', 'minutes'], names,
       [_stat_row(done[n], metrics) for n in names], metrics,
@@ -348,8 +347,9 @@ def write_tables(workdir: Path, config: ml_collections.ConfigDict,
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
     writer.writerows(rows)
-  (workdir / 'ablation.md').write_text(ablation_markdown(
-      workdir.name, config, rows, _class_shares(rows)))
+  markdown = ablation_markdown(workdir.name, config, rows,
+                              _class_shares(rows))
+  (workdir / 'ablation.md').write_text(markdown)
   names = [name for name, _ in config.ablate.variants]
   finished = [r for r in rows if r['status'] == 'finished']
   values = {key: {n: [r[key] for r in finished if r['variant'] == n
@@ -358,5 +358,5 @@ def write_tables(workdir: Path, config: ml_collections.ConfigDict,
                         *(f'recall_{c}' for c in EXPRESSIONS)]}
   reporting.plot_ablation(workdir / 'ablation.png', names,
                           list(config.ablate.metrics), values)
-  print(f"\n{(workdir / 'ablation.md').read_text()}\nTables in "
-        f'{workdir}: ablation.md, ablation.csv, ablation.png')
+  print(f'\n{markdown}\nTables in {workdir}: ablation.md, ablation.csv, '
+        'ablation.png')

@@ -77,7 +77,7 @@ def write_split_report(workdir: Path, split: str, result: dict,
     reporting.plot_curves(report / 'curves.png',
                           reporting.read_jsonl(workdir / 'metrics.jsonl'))
   (report / f'{prefix}summary.md').write_text(reporting.summary_markdown(
-      split, result, json.loads(json.dumps(config.to_dict())), figures))
+      split, result, reporting.as_json(config), figures))
 
 
 def restore_for_inference(config: ml_collections.ConfigDict, workdir: Path,

@@ -21,6 +21,11 @@ def write_json(path: Path, data) -> None:
   path.write_text(json.dumps(data, indent=1) + '\n')
 
 
+def as_json(config) -> dict:
+  """A config as its config.json reads back: plain dicts, tuples as lists."""
+  return json.loads(json.dumps(config.to_dict()))
+
+
 def read_jsonl(path: Path) -> list[dict]:
   """The records of a JSON-lines file; [] if it does not exist."""
   path = Path(path)

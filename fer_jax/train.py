@@ -44,7 +44,7 @@ def config_changes(path: Path, config: ml_collections.ConfigDict) -> dict:
   if not Path(path).exists():
     return {}
   old = flatten(json.loads(Path(path).read_text()))
-  new = flatten(json.loads(json.dumps(config.to_dict())))
+  new = flatten(reporting.as_json(config))
   return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
           if old.get(k) != new.get(k)}
 
@@ -241,9 +241,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # Wall time of training and validation, over all sessions of the run.
   clock, seconds_before = time.perf_counter(), meta['train_seconds']
+  elapsed = lambda: seconds_before + time.perf_counter() - clock
 
   def save(state, step: int, metrics: dict | None = None) -> None:
-    meta['train_seconds'] = seconds_before + time.perf_counter() - clock
+    meta['train_seconds'] = elapsed()
     data_state = {'step': step, 'first_step': first_step,
                   'num_workers': config.data.num_workers,
                   'train_digest': digest, 'iterator': batches.get_state()}
@@ -272,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     record = {'epoch': epoch + 1, 'step': step,
               'learning_rate': float(schedule(step - 1)),  # the last step's
               'images_per_sec': images_per_sec,
-              'train_seconds': seconds_before + time.perf_counter() - clock,
+              'train_seconds': elapsed(),
               **{f'train_{k}': v for k, v in train_metrics.items()},
               **{f'val_{k}': v for k, v in val_metrics.items()
                  if isinstance(v, (int, float))}}

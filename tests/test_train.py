@@ -177,7 +177,7 @@ def test_efficientnet_b0_trains_and_evaluates_end_to_end(config, tmp_path,
 
 def command_line(config, workdir) -> list[str]:
   """main.py with the flags that turn the default config into config."""
-  flat = lambda c: train.flatten(json.loads(json.dumps(c.to_dict())))
+  flat = lambda c: train.flatten(reporting.as_json(c))
   want, default_fields = flat(config), flat(default.get_config())
   flags = [f'--config.{key}={want[key]}' for key in sorted(want)
            if want[key] != default_fields.get(key)]

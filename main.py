@@ -20,9 +20,10 @@ flags.DEFINE_string('split', 'test', 'evaluate: train, val or test.')
 flags.DEFINE_integer('checkpoint_step', None,
                      'evaluate/predict: this step instead of the best.')
 flags.DEFINE_string('coordinator_address', None,
-                    'Multi-host: host:port of process 0.')
-flags.DEFINE_integer('num_processes', None, 'Multi-host: process count.')
-flags.DEFINE_integer('process_id', None, 'Multi-host: this process.')
+                    'Several processes: host:port of process 0 (under SLURM, '
+                    'Open MPI or on a TPU pod: found by JAX).')
+flags.DEFINE_integer('num_processes', None, 'Several processes: how many.')
+flags.DEFINE_integer('process_id', None, 'Several processes: this one, 0..N-1.')
 
 
 def _quiet_libraries(record) -> bool:
@@ -41,10 +42,16 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_libraries)
   import jax  # after flags, so that --help stays fast
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address,
-                               FLAGS.num_processes, FLAGS.process_id)
-  logging.info('JAX devices: %s', jax.devices())
+  from fer_jax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id)
+  if not distributed.is_primary():
+    logging.set_verbosity(logging.WARNING)  # process 0 tells the story
+  logging.info('JAX devices: %d in %d processes, %s here', jax.device_count(),
+               jax.process_count(), jax.local_devices())
+  if jax.process_count() > 1 and FLAGS.mode not in ('train', 'evaluate'):
+    raise app.UsageError(f'--mode={FLAGS.mode} runs in one process; '
+                         'several processes train and evaluate')
   if 'ablate' in FLAGS.config and FLAGS.mode != 'ablate':
     raise app.UsageError('this is an ablation config: run it with '
                          '--mode=ablate')

@@ -9,7 +9,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import checkpoints, data, losses, metrics, models, reporting, steps
+from fer_jax import (checkpoints, data, distributed, losses, metrics, models,
+                     reporting, steps)
 from fer_jax.data import pipeline
 from fer_jax.data.index import Records
 
@@ -20,11 +21,13 @@ def predict_records(p_eval: Callable, state: steps.TrainState,
   """Probabilities [N, 8], valence/arousal [N, 2] and loss sums of a split.
 
   Outputs stream to the host batch by batch, so no split's logits are held
-  on the device.
+  on the device. With several processes each evaluates its share and all
+  receive every prediction (the sums are already over all devices).
   """
   probs, va, sums = [], [], None
-  for batch in pipeline.eval_batches(records, config, jax.local_device_count()):
-    out = jax.device_get(p_eval(state, batch))
+  for batch in pipeline.eval_batches(records, config, jax.local_device_count(),
+                                     jax.process_index(), jax.process_count()):
+    out = steps.local_values(p_eval(state, batch))
     keep = batch['mask'].reshape(-1)
     probs.append(out['probs'].reshape(-1, out['probs'].shape[-1])[keep])
     va.append(out['va'].reshape(-1, 2)[keep])
@@ -32,7 +35,8 @@ def predict_records(p_eval: Callable, state: steps.TrainState,
                               out['sums'])
     sums = batch_sums if sums is None else jax.tree.map(
         np.add, sums, batch_sums)
-  return {'probs': np.concatenate(probs), 'va': np.concatenate(va),
+  return {'probs': distributed.gather_rows(np.concatenate(probs), len(records)),
+          'va': distributed.gather_rows(np.concatenate(va), len(records)),
           'sums': sums}
 
 
@@ -151,21 +155,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   """Evaluates the best (or given) checkpoint of workdir on one split."""
   workdir = Path(workdir)
   config = with_trained_model(config, workdir)
-  splits, data_report = data.load_splits(config)
+  splits, data_report = distributed.primary_first(data.load_splits, config)
   if split not in splits:
     raise ValueError(f'--split: {split!r} is not one of {sorted(splits)}')
-  # Beside the metrics: the workdir's own data_report.json is training's.
-  reporting.write_json(workdir / 'report' / f'{split}_data_report.json',
-                       data_report)
-  _warn_if_split_changed(workdir / 'splits.npz', split, splits[split])
+  primary = distributed.is_primary()
+  if primary:  # beside the metrics: the workdir's data_report.json is training's
+    reporting.write_json(workdir / 'report' / f'{split}_data_report.json',
+                         data_report)
+    _warn_if_split_changed(workdir / 'splits.npz', split, splits[split])
   weights = losses.configured_class_weights(
       config.train, data_report['train']['class_counts'])
   state, p_eval, step = restore_for_inference(config, workdir,
                                               checkpoint_step, weights)
   result, predictions = evaluate_records(p_eval, state, splits[split], config)
   result['checkpoint_step'] = step
-  write_split_report(workdir, split, result, predictions, splits[split],
-                     config)
-  print(reporting.format_summary(result, split))
-  print(f"Report: {workdir / 'report'}/{split}_metrics.json")
+  if primary:
+    write_split_report(workdir, split, result, predictions, splits[split],
+                       config)
+    print(reporting.format_summary(result, split))
+    print(f"Report: {workdir / 'report'}/{split}_metrics.json")
   return result

@@ -234,8 +234,9 @@ def shard(tree: Any, devices=None) -> Any:
   step's outputs: with flax.jax_utils.replicate's sharding, the step's
   second call missed pmap's cache and compiled the step again.
   """
-  return jax.pmap(lambda x: x, axis_name=AXIS,
-                  devices=devices or jax.local_devices())(tree)
+  # devices=None: every device of every process, each process giving its
+  # local slices, as the steps expect.
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(tree)
 
 
 def replicate(tree: Any, devices=None) -> Any:
@@ -245,6 +246,22 @@ def replicate(tree: Any, devices=None) -> Any:
                             tree), devices)
 
 
+def local_values(tree: Any) -> Any:
+  """The slices [local devices, ...] of pmapped outputs, as NumPy.
+
+  With several processes an output spans every process's devices; each
+  process reads its own.
+  """
+  def local(x):
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+      return np.asarray(x)
+    position = lambda i: i if isinstance(i, int) else i.start  # int: pmap's
+    shards = sorted(x.addressable_shards, key=lambda s: position(s.index[0]))
+    return np.stack([np.asarray(s.data).reshape(x.shape[1:])
+                     for s in shards])
+  return jax.tree.map(local, tree)
+
+
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy, as NumPy on the host."""
-  return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+  """The first local device's copy, as NumPy on the host."""
+  return jax.tree.map(lambda x: np.asarray(x[0]), local_values(tree))

@@ -1,5 +1,6 @@
 """--mode=train: the training loop, then the test report of the best model."""
 
+import functools
 import hashlib
 import json
 import math
@@ -12,8 +13,8 @@ import ml_collections
 from absl import logging
 from tqdm import tqdm
 
-from fer_jax import (checkpoints, data, evaluate, losses, models, reporting,
-                     steps)
+from fer_jax import (checkpoints, data, distributed, evaluate, losses, models,
+                     reporting, steps)
 from fer_jax.data import pipeline
 
 
@@ -100,7 +101,7 @@ def train_epoch(p_train, state, batches, epoch: int, first: int,
   pending, start, timed = [], None, 0
   bar = tqdm(total=num_steps, initial=first, unit='step', dynamic_ncols=True,
              desc=f'epoch {epoch + 1}/{config.train.num_epochs}',
-             mininterval=1.0)
+             mininterval=1.0, disable=not distributed.is_primary())
   for i in range(first, num_steps):
     state, metrics = p_train(state, next(batches))
     pending.append(metrics)
@@ -111,7 +112,7 @@ def train_epoch(p_train, state, batches, epoch: int, first: int,
     else:
       timed += 1
     if (i + 1) % log_every == 0 or i + 1 == num_steps:
-      last = jax.tree.map(lambda x: float(x[0]), metrics)
+      last = jax.tree.map(float, steps.unreplicate(metrics))
       rate = timed * config.train.batch_size / (time.perf_counter() - start)
       bar.set_postfix(loss=f"{last['loss']:.3f}",
                       acc=f"{last['accuracy']:.3f}", img_s=f'{rate:.0f}')
@@ -127,9 +128,9 @@ def train_epoch(p_train, state, batches, epoch: int, first: int,
 
 def _add_metrics(sums: dict, history: list) -> dict:
   """sums plus the per-step metrics of history (replicated; device 0's)."""
-  for metrics in jax.device_get(history):
-    for key, value in metrics.items():
-      sums[key] = sums.get(key, 0.0) + float(value[0])
+  for metrics in history:
+    for key, value in steps.unreplicate(metrics).items():
+      sums[key] = sums.get(key, 0.0) + float(value)
   return sums
 
 
@@ -144,23 +145,29 @@ def resume_batches(records, config: ml_collections.ConfigDict,
                    num_devices: int, step: int, saved: dict | None):
   """The run's training batches from global step `step` on.
 
-  saved: the checkpoint's data item. Grain's own iterator state restores
-  the position when the worker count is the one it was saved with; with
-  another count the run starts its batches at `step`, which gives the
-  same batches (each depends only on the seed and its index). Returns the
-  iterator and the step its dataset starts at (part of its state).
+  saved: the checkpoint's data item. Grain's own iterator state (one per
+  process) restores the position when the worker and process counts are
+  the ones it was saved with; with others the run starts its batches at
+  `step`, which gives the same batches (each depends only on the seed and
+  its index). Returns this process's iterator and the step its dataset
+  starts at (part of its state).
   """
-  if saved and saved['num_workers'] == config.data.num_workers:
-    batches = pipeline.train_batches(records, config, num_devices,
-                                     start_step=saved['first_step'])
-    batches.set_state(saved['iterator'])
-    return batches, saved['first_step']
+  batches = functools.partial(
+      pipeline.train_batches, records, config, num_devices,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  # Checkpoints from before several processes hold one 'iterator'.
+  states = saved and (saved.get('iterators') or [saved['iterator']])
+  if (saved and saved['num_workers'] == config.data.num_workers and
+      len(states) == jax.process_count()):
+    iterator = batches(start_step=saved['first_step'])
+    iterator.set_state(states[jax.process_index()])
+    return iterator, saved['first_step']
   if saved:
-    logging.info('data.num_workers %d differs from the checkpoint\'s %d: '
-                 'restarting the training batches at step %d',
-                 config.data.num_workers, saved['num_workers'], step)
-  return pipeline.train_batches(records, config, num_devices,
-                                start_step=step), step
+    logging.info('data.num_workers %d and %d processes differ from the '
+                 'checkpoint\'s %d and %d: restarting the training batches '
+                 'at step %d', config.data.num_workers, jax.process_count(),
+                 saved['num_workers'], len(states), step)
+  return batches(start_step=step), step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -169,21 +176,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if not config.train.best_metric.startswith(('val_', 'train_')):
     raise ValueError(f'train.best_metric: {config.train.best_metric!r} must '
                      "name a metrics.jsonl field, e.g. 'val_macro_f1'")
-  if jax.process_count() > 1:
-    # Per-process data shards and process-0-only files are not built yet:
-    # every process would read the same batches and write the same files.
-    raise NotImplementedError('training on several processes is not '
-                              'supported yet; run one process per machine')
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  # Several processes: each reads its share of every batch; all save
+  # checkpoints together; process 0 alone writes the other files.
+  primary = distributed.is_primary()
+  if primary:
+    workdir.mkdir(parents=True, exist_ok=True)
+    _warn_if_config_changed(workdir / 'config.json', config)
   num_devices = jax.local_device_count()
-  _warn_if_config_changed(workdir / 'config.json', config)
 
   # Data: splits, their report, and the split itself for auditing.
-  splits, data_report = data.load_splits(config)
-  reporting.write_json(workdir / 'data_report.json', data_report)
-  data.save_split(workdir / 'splits.npz', splits)
-  reporting.write_json(workdir / 'config.json', config.to_dict())
+  splits, data_report = distributed.primary_first(data.load_splits, config)
+  if primary:
+    reporting.write_json(workdir / 'data_report.json', data_report)
+    data.save_split(workdir / 'splits.npz', splits)
+    reporting.write_json(workdir / 'config.json', config.to_dict())
   num_steps = pipeline.steps_per_epoch(len(splits['train']),
                                        config.train.batch_size)
   logging.info('Data: %s', {k: len(v) for k, v in splits.items()})
@@ -196,11 +203,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                    config.train.seed, config.model.init_from,
                                    ema=config.train.ema_decay > 0)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  (workdir / 'model_summary.txt').write_text(
-      models.parameter_summary(variables) + '\n')
-  print(f'{config.model.name}: ' + ', '.join(
-      f'{k} {n:,}' for k, n in models.parameter_totals(variables).items()) +
-        f" (every variable in {workdir / 'model_summary.txt'})")
+  if primary:
+    (workdir / 'model_summary.txt').write_text(
+        models.parameter_summary(variables) + '\n')
+    print(f'{config.model.name}: ' + ', '.join(
+        f'{k} {n:,}' for k, n in models.parameter_totals(variables).items())
+          + f" (every variable in {workdir / 'model_summary.txt'})")
   weights = losses.configured_class_weights(
       config.train, data_report['train']['class_counts'])
   p_train, p_eval = steps.pmap_steps(
@@ -220,13 +228,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     where = (f"step {meta['epoch_step']} of {num_steps} in epoch "
              f"{meta['epoch'] + 1}" if meta['epoch_step'] else
              f"the end of epoch {meta['epoch']}")
-    print(f'Resuming from the checkpoint of step {latest} ({where}) in '
-          f'{manager.directory}')
-    if meta['epoch'] >= config.train.num_epochs or meta['stopped_early']:
+    if primary:
+      print(f'Resuming from the checkpoint of step {latest} ({where}) in '
+            f'{manager.directory}')
+    finished = meta['epoch'] >= config.train.num_epochs or meta['stopped_early']
+    if finished and primary:
       print('Training has finished; evaluating the best checkpoint.')
-  reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
+  if primary:
+    reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
+    tensorboard = reporting.TensorBoard(workdir / 'tb')
   state = steps.replicate(state)
-  tensorboard = reporting.TensorBoard(workdir / 'tb')
   digest = split_digest(splits['train'])
   if saved_data and saved_data.get('train_digest', digest) != digest:
     raise ValueError(
@@ -247,7 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     meta['train_seconds'] = elapsed()
     data_state = {'step': step, 'first_step': first_step,
                   'num_workers': config.data.num_workers,
-                  'train_digest': digest, 'iterator': batches.get_state()}
+                  'train_digest': digest,
+                  'iterators': distributed.gather_json(batches.get_state())}
     checkpoints.save(manager, step, steps.unreplicate(state), meta,
                      data_state, metrics)
 
@@ -293,25 +305,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     meta.update(epoch=epoch + 1, epoch_step=0, epoch_sums={},
                 stopped_early=stop)
     save(state, step, {config.train.best_metric: value})
-    reporting.append_jsonl(workdir / 'metrics.jsonl', record)
-    tensorboard.scalars(step, {_tensorboard_tag(k): v
-                               for k, v in record.items()
-                               if k not in ('epoch', 'step')})
-    tensorboard.figure(step, 'val/samples', _sample_figure(
-        splits['val'], val_out, config))
+    if primary:
+      reporting.append_jsonl(workdir / 'metrics.jsonl', record)
+      tensorboard.scalars(step, {_tensorboard_tag(k): v
+                                 for k, v in record.items()
+                                 if k not in ('epoch', 'step')})
+      tensorboard.figure(step, 'val/samples', _sample_figure(
+          splits['val'], val_out, config))
     logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc '
                  '%.4f macro F1 %.4f | %.0f img/s', epoch + 1,
                  record['train_loss'], record['train_accuracy'],
                  record['val_loss'], record['val_accuracy'],
                  record['val_macro_f1'], images_per_sec or 0.0)
-    if meta['stopped_early']:
+    if meta['stopped_early'] and primary:
       print(f'Stopping early: {config.train.best_metric} has not improved '
             f'for {patience} epochs (best {meta["best_value"]:.4f} at epoch '
             f'{meta["best_epoch"]}).')
   manager.wait_until_finished()
   if batches is not None:
     batches.close()
-  tensorboard.close()
+  if primary:
+    tensorboard.close()
 
   # Test the best checkpoint and write the report.
   best_step = manager.best_step()
@@ -322,9 +336,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   test_metrics.update(checkpoint_step=best_step, best_epoch=meta['best_epoch'],
                       epochs_trained=meta['epoch'],
                       train_seconds=meta['train_seconds'])
+  manager.close()
+  if not primary:
+    return test_metrics
   evaluate.write_split_report(workdir, 'test', test_metrics, predictions,
                               splits['test'], config)
-  manager.close()
   print(f"\nBest checkpoint: epoch {meta['best_epoch']} (step {best_step}, "
         f"{config.train.best_metric} {meta['best_value']:.4f})")
   print(reporting.format_summary(test_metrics, 'test'))

@@ -4,10 +4,13 @@ Batches are dicts of NumPy arrays with a leading device axis:
 images uint8 [D, B/D, H, W, 3], label int32 [D, B/D], va float32
 [D, B/D, 2], va_mask bool [D, B/D] and mask bool [D, B/D] (False on the
 padding that completes the last evaluation batch). Normalisation happens on
-the device.
+the device. With several processes, B is a process's share of the global
+batch and D its local devices: process p reads the p-th 1/P of every
+global training batch, and the p-th contiguous 1/P of an evaluated split.
 """
 
 import functools
+import itertools
 from typing import Iterator
 
 import grain
@@ -31,9 +34,12 @@ def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
           'va_mask': record['va_mask'], 'mask': np.True_}
 
 
-def _load_augmented(record: dict, rng: np.random.Generator,
+def _load_augmented(record: dict, seed: int,
                     data: ml_collections.ConfigDict) -> dict:
+  """An augmented example; its draws depend on (seed, its index in the run)
+  alone, whichever process or worker reads it."""
   example = _load(record, data)
+  rng = np.random.default_rng([seed, record['index']])
   example['image'] = images.augment_image(example['image'], rng, data.augment)
   return example
 
@@ -87,16 +93,27 @@ class RunOrder:
   """
 
   def __init__(self, records: Records, sampler: str, seed: int,
-               num_epochs: int, examples_per_epoch: int):
+               num_epochs: int, examples_per_epoch: int, batch_size: int,
+               process_index: int = 0, process_count: int = 1):
     if sampler not in ('uniform', 'balanced'):
       raise ValueError(f"data.sampler: {sampler!r} is not 'uniform' or "
                        "'balanced'")
     self.records, self.sampler, self.seed = records, sampler, seed
     self.num_epochs, self.examples_per_epoch = num_epochs, examples_per_epoch
+    self.batch_size, self.process_index = batch_size, process_index
+    self.local_batch_size = batch_size // process_count
     self._orders = {}
 
   def __len__(self) -> int:
-    return self.num_epochs * self.examples_per_epoch
+    """This process's examples: its share of every global batch."""
+    return (self.num_epochs * self.examples_per_epoch // self.batch_size *
+            self.local_batch_size)
+
+  def run_index(self, j: int) -> int:
+    """The index in the whole run of this process's j-th example."""
+    step, k = divmod(j, self.local_batch_size)
+    return (step * self.batch_size + self.process_index *
+            self.local_batch_size + k)
 
   def __getstate__(self) -> dict:
     return {**self.__dict__, '_orders': {}}
@@ -109,56 +126,89 @@ class RunOrder:
       return rng.permutation(n)[:self.examples_per_epoch]
     return balanced_indices(self.records.labels, self.examples_per_epoch, rng)
 
-  def __getitem__(self, i: int) -> dict:
-    epoch, position = divmod(int(i), self.examples_per_epoch)
+  def __getitem__(self, j: int) -> dict:
+    i = self.run_index(int(j))
+    epoch, position = divmod(i, self.examples_per_epoch)
     order = self._orders.get(epoch)  # threads may race here: both compute
     if order is None:
       order = self.epoch_order(epoch)
       self._orders = {epoch: order, **{
           k: v for k, v in self._orders.items() if k == epoch - 1}}
-    return self.records[int(order[position])]
+    return {**self.records[int(order[position])], 'index': i}
+
+
+def _process_batch_size(batch_size: int, field: str, num_devices: int,
+                        process_count: int) -> int:
+  """A process's share of a global batch, checked to divide evenly."""
+  if batch_size % (num_devices * process_count):
+    raise ValueError(f'{field}: {batch_size} is not divisible by '
+                     f'{num_devices * process_count} devices')
+  return batch_size // process_count
 
 
 def train_batches(records: Records, config: ml_collections.ConfigDict,
-                  num_devices: int, start_step: int = 0
+                  num_devices: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1
                   ) -> grain.DatasetIterator:
   """The shuffled, augmented batches of a whole run, from start_step on.
 
   train.num_epochs x steps_per_epoch batches; no batch spans two epochs.
   Batch k depends only on (train.seed, k): the iterator's state
   (get_state / set_state, saved in checkpoints) or start_step resumes a run
-  exactly. Augmentation draws from a generator Grain seeds per example.
+  exactly. This process's rows of each global batch, on its num_devices.
   """
   batch_size = config.train.batch_size
-  if batch_size % num_devices:
-    raise ValueError(f'train.batch_size: {batch_size} is not divisible by '
-                     f'{num_devices} devices')
+  local = _process_batch_size(batch_size, 'train.batch_size', num_devices,
+                              process_count)
   steps = steps_per_epoch(len(records), batch_size)
   if steps == 0:
     raise ValueError(f'train.batch_size: {batch_size} is more than the '
                      f'{len(records)} training examples')
   source = RunOrder(records.without_landmarks(), config.data.sampler,
                     config.train.seed, config.train.num_epochs,
-                    steps * batch_size)
-  load = functools.partial(_load_augmented,
+                    steps * batch_size, batch_size, process_index,
+                    process_count)
+  load = functools.partial(_load_augmented, seed=config.train.seed,
                            data=ml_collections.FrozenConfigDict(config.data))
-  ds = (grain.MapDataset.source(source).seed(config.train.seed)
-        .random_map(load).batch(batch_size, drop_remainder=True)
+  ds = (grain.MapDataset.source(source).map(load)
+        .batch(local, drop_remainder=True)
         .map(functools.partial(_shard, num_devices=num_devices)))
   return iter(_read(ds[start_step:], config.data))
 
 
+def _masked_batch(batch_size: int, image_size: int, num_devices: int) -> dict:
+  """A batch of nothing (mask False everywhere), to keep processes in step."""
+  return _shard({'image': np.zeros((batch_size, image_size, image_size, 3),
+                                   np.uint8),
+                 'label': np.zeros(batch_size, np.int32),
+                 'va': np.zeros((batch_size, 2), np.float32),
+                 'va_mask': np.zeros(batch_size, bool),
+                 'mask': np.zeros(batch_size, bool)}, num_devices)
+
+
 def eval_batches(records: Records, config: ml_collections.ConfigDict,
-                 num_devices: int) -> Iterator[dict]:
-  """Every example exactly once, in order; the last batch padded and masked."""
-  batch_size = config.train.eval_batch_size
-  if batch_size % num_devices:
-    raise ValueError(f'train.eval_batch_size: {batch_size} is not divisible '
-                     f'by {num_devices} devices')
-  ds = (grain.MapDataset.source(records.without_landmarks())
+                 num_devices: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """Every example exactly once, in order; the last batch padded and masked.
+
+  With several processes, this process's contiguous 1/P of the records;
+  every process yields the same number of batches (the pmapped step is a
+  collective), the short ones ending with fully masked batches.
+  """
+  local = _process_batch_size(config.train.eval_batch_size,
+                              'train.eval_batch_size', num_devices,
+                              process_count)
+  share = -(-len(records) // process_count)
+  mine = records.subset(np.arange(process_index * share,
+                                  min(len(records), (process_index + 1) *
+                                      share)))
+  ds = (grain.MapDataset.source(mine.without_landmarks())
         .map(functools.partial(
             _load, data=ml_collections.FrozenConfigDict(config.data)))
-        .batch(batch_size, drop_remainder=False)
-        .map(functools.partial(pad_and_shard, batch_size=batch_size,
+        .batch(local, drop_remainder=False)
+        .map(functools.partial(pad_and_shard, batch_size=local,
                                num_devices=num_devices)))
-  return iter(_read(ds, config.data))
+  batches = iter(_read(ds, config.data)) if len(mine) else iter(())
+  missing = -(-share // local) - -(-len(mine) // local)
+  return itertools.chain(batches, itertools.repeat(_masked_batch(
+      local, config.data.image_size, num_devices), missing))

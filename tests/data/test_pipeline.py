@@ -93,6 +93,56 @@ def test_eval_batches_cover_every_example_once_with_padding_masked(loaded):
   np.testing.assert_array_equal(labels[masks], records.labels)
 
 
+@pytest.mark.parametrize('sampler', ['uniform', 'balanced'])
+def test_each_process_reads_its_rows_of_every_global_batch(loaded, sampler):
+  """2 processes x 2 devices: process p's batches are rows p*B/2..(p+1)*B/2
+  of the 1-process batches, augmentation included, whole run long."""
+  config, splits, _ = loaded
+  config = config.copy_and_resolve_references()
+  config.data.sampler = sampler
+  records = splits['train']
+  whole = list(pipeline.train_batches(records, config, 4))
+  shares = [list(pipeline.train_batches(records, config, 2, 0, p, 2))
+            for p in (0, 1)]
+  assert len(shares[0]) == len(shares[1]) == len(whole)
+  for step, batch in enumerate(whole):
+    for key in batch:
+      rows = np.concatenate([share[step][key] for share in shares])
+      np.testing.assert_array_equal(rows, batch[key], err_msg=key)
+  # A mid-run start gives the same rows.
+  later = next(pipeline.train_batches(records, config, 2, 5, 1, 2))
+  np.testing.assert_array_equal(later['image'], shares[1][5]['image'])
+
+
+@pytest.mark.parametrize('count', [21, 32, 3])
+def test_processes_evaluate_disjoint_shares_in_equal_batch_counts(
+    loaded, count):
+  """Every example once across 2 processes, padding masked, and the same
+  number of batches in each (the evaluation step is collective)."""
+  config, splits, _ = loaded
+  records = splits['train'].subset(np.arange(count))
+  shares = [list(pipeline.eval_batches(records, config, 2, p, 2))
+            for p in (0, 1)]
+  assert len(shares[0]) == len(shares[1])
+  labels, va, masks = ([np.concatenate([b[k].reshape(-1, *b[k].shape[2:])
+                                        for b in share]) for share in shares]
+                       for k in ('label', 'va', 'mask'))
+  assert masks[0].sum() + masks[1].sum() == count
+  np.testing.assert_array_equal(
+      np.concatenate([labels[0][masks[0]], labels[1][masks[1]]]),
+      records.labels)
+  np.testing.assert_array_equal(
+      np.concatenate([va[0][masks[0]], va[1][masks[1]]]), records.va)
+
+
+def test_batches_that_do_not_split_over_processes_are_refused(loaded):
+  config, splits, _ = loaded
+  with pytest.raises(ValueError, match=r'train.batch_size: 8 .* 16 devices'):
+    pipeline.train_batches(splits['train'], config, 4, 0, 0, 4)
+  with pytest.raises(ValueError, match=r'train.eval_batch_size: 16 .* 32'):
+    pipeline.eval_batches(splits['val'], config, 8, 0, 4)
+
+
 def test_augmentation_only_in_training(loaded):
   """With only the flip on, training shows the image or its mirror."""
   config, splits, _ = loaded

@@ -1,0 +1,104 @@
+"""Several processes (hosts) in one run: set-up and the exchanges it needs.
+
+JAX's multi-controller model: every process runs main.py, owns its local
+devices, reads its own share of the data and runs the same pmapped steps,
+whose collectives span all devices of all processes.
+"""
+
+import importlib.util
+import json
+import multiprocessing
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+
+def _cluster_environment() -> str | None:
+  """The launcher that started this process among several, if any: the
+  variables JAX's own cluster detection reads."""
+  env = os.environ
+  if (int(env.get('SLURM_NTASKS', '1')) > 1 and
+      all(k in env for k in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST',
+                             'SLURM_PROCID', 'SLURM_LOCALID'))):
+    return 'SLURM'
+  if ('OMPI_MCA_orte_hnp_uri' in env and
+      int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
+    return 'Open MPI'
+  if importlib.util.find_spec('libtpu') and (
+      'TPU_WORKER_HOSTNAMES' in env or os.path.exists('/dev/accel0') or
+      os.path.exists('/dev/vfio/0')):
+    return 'Cloud TPU'  # JAX asks the TPU metadata for the slice's hosts
+  return None
+
+
+def initialize(coordinator_address: str | None, num_processes: int | None,
+               process_id: int | None) -> None:
+  """jax.distributed.initialize from the flags, or from the environment
+  under SLURM, Open MPI or on a TPU pod; nothing for a single process.
+
+  Never in a child process (a Grain worker): its parent owns the devices.
+  """
+  if multiprocessing.parent_process() is not None:
+    return
+  if coordinator_address:
+    if num_processes is None or process_id is None:
+      raise ValueError('--coordinator_address needs --num_processes and '
+                       '--process_id')
+    jax.distributed.initialize(coordinator_address, num_processes,
+                               process_id)
+  elif num_processes or process_id is not None:
+    raise ValueError('--num_processes and --process_id need '
+                     '--coordinator_address=HOST:PORT (of process 0)')
+  elif launcher := _cluster_environment():
+    jax.distributed.initialize()  # reads the launcher's environment
+    logging.info('%s: process %d of %d', launcher, jax.process_index(),
+                 jax.process_count())
+
+
+def is_primary() -> bool:
+  """Process 0 writes the files: logs, TensorBoard, reports, plots."""
+  return jax.process_index() == 0
+
+
+def gather_rows(local: np.ndarray, num_rows: int) -> np.ndarray:
+  """Every process's rows in process order, the first num_rows of them.
+
+  local: this process's rows, at most ceil(num_rows / P) of them; padded
+  to that length here, as the exchange needs equal shapes.
+  """
+  if jax.process_count() == 1:
+    return local[:num_rows]
+  share = -(-num_rows // jax.process_count())
+  padded = np.zeros((share, *local.shape[1:]), local.dtype)
+  padded[:len(local)] = local
+  everyone = multihost_utils.process_allgather(padded)  # [P, share, ...]
+  return np.asarray(everyone).reshape(-1, *local.shape[1:])[:num_rows]
+
+
+def gather_json(value) -> list:
+  """Every process's JSON-able value, in process order."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(
+      np.array([len(data)], np.int32))).reshape(-1)
+  padded = np.zeros(sizes.max(), np.uint8)
+  padded[:len(data)] = data
+  everyone = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(row[:n].tobytes()) for row, n in zip(everyone, sizes)]
+
+
+def primary_first(fn, *args, **kwargs):
+  """fn(...) in process 0, then in the others: what process 0 writes on the
+  way (the generated data set, the index cache) the others then read."""
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  if is_primary():
+    result = fn(*args, **kwargs)
+  multihost_utils.sync_global_devices('fer_jax: primary first')
+  if not is_primary():
+    result = fn(*args, **kwargs)
+  return result

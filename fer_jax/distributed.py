@@ -53,7 +53,11 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
     raise ValueError('--num_processes and --process_id need '
                      '--coordinator_address=HOST:PORT (of process 0)')
   elif launcher := _cluster_environment():
-    jax.distributed.initialize()  # reads the launcher's environment
+    # Said first: a process started outside the launcher's steps (python
+    # in an sbatch script, not srun) waits here for the others.
+    logging.info('%s started several processes: jax.distributed from its '
+                 'environment', launcher)
+    jax.distributed.initialize()
     logging.info('%s: process %d of %d', launcher, jax.process_index(),
                  jax.process_count())
 

@@ -23,6 +23,17 @@ from configs import default  # noqa: E402
 NUM_DEVICES = 2
 
 
+def command_line(config, workdir) -> list[str]:
+  """main.py with the flags that turn the default config into config."""
+  from fer_jax import reporting, train
+  flat = lambda c: train.flatten(reporting.as_json(c))
+  want, default_fields = flat(config), flat(default.get_config())
+  flags = [f'--config.{key}={want[key]}' for key in sorted(want)
+           if want[key] != default_fields.get(key)]
+  return [sys.executable, str(ROOT / 'main.py'), f'--workdir={workdir}',
+          *flags]
+
+
 def tiny_config(cache_dir: Path):
   """The default config shrunk to seconds: 32 px, 96 + 32 images, batch 8."""
   config = default.get_config()

@@ -5,16 +5,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from configs import default
 from fer_jax import checkpoints, reporting, train
-from tests.conftest import ROOT
+from tests.conftest import ROOT, command_line
 
 REPORT_KEYS = {'num_examples', 'num_va_examples', 'accuracy',
                'balanced_accuracy', 'macro_f1', 'weighted_f1', 'per_class',
@@ -173,16 +171,6 @@ def test_efficientnet_b0_trains_and_evaluates_end_to_end(config, tmp_path,
       == config.data.synthetic.num_val
   assert 'stage7_0/dw_conv/kernel' in (tmp_path / 'model_summary.txt'
                                        ).read_text()
-
-
-def command_line(config, workdir) -> list[str]:
-  """main.py with the flags that turn the default config into config."""
-  flat = lambda c: train.flatten(reporting.as_json(c))
-  want, default_fields = flat(config), flat(default.get_config())
-  flags = [f'--config.{key}={want[key]}' for key in sorted(want)
-           if want[key] != default_fields.get(key)]
-  return [sys.executable, str(ROOT / 'main.py'), f'--workdir={workdir}',
-          *flags]
 
 
 def test_sigkill_mid_epoch_then_restart_matches_uninterrupted(trained,

@@ -1,10 +1,11 @@
 """One process of a tiny training run on several, for test_distributed.py:
 
   python tests/multi_process.py WORKDIR CACHE_DIR PROCESS_ID NUM_PROCESSES PORT
+      [NUM_WORKERS]
 
 Trains the tiny config (2 epochs of 9 steps, a checkpoint every 4 steps)
 on the CPU devices XLA_FLAGS gives it, meeting the other processes at
-localhost:PORT, and writes every step's loss, as this process saw it, to
+localhost:PORT, with NUM_WORKERS Grain worker processes (default 0), and writes every step's loss, as this process saw it, to
 WORKDIR/../losses_PROCESS_ID.json. The backbone stays frozen (only the
 heads learn): test_distributed.py says why.
 """
@@ -38,7 +39,7 @@ def tiny_run_config(cache_dir: Path):
   return config
 
 
-def main(workdir, cache_dir, process_id, num_processes, port):
+def main(workdir, cache_dir, process_id, num_processes, port, num_workers=0):
   from absl import flags
   flags.FLAGS.mark_as_parsed()
   from fer_jax import distributed, steps, train
@@ -47,7 +48,9 @@ def main(workdir, cache_dir, process_id, num_processes, port):
                            int(process_id))
   losses = []
   record_losses(steps, losses)
-  train.train_and_evaluate(tiny_run_config(Path(cache_dir)), workdir)
+  config = tiny_run_config(Path(cache_dir))
+  config.data.num_workers = int(num_workers)
+  train.train_and_evaluate(config, workdir)
   Path(workdir).parent.joinpath(f'losses_{process_id}.json').write_text(
       json.dumps(losses))
 

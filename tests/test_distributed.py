@@ -115,11 +115,12 @@ def launch(command_of, num_processes: int, devices: int) -> list[str]:
 
 
 def train_tiny(workdir: Path, cache_dir: Path, num_processes: int,
-               devices: int) -> list[str]:
+               devices: int, num_workers: int = 0) -> list[str]:
   """tests/multi_process.py: the tiny run, with every step's loss."""
   return launch(lambda i, port: [
       sys.executable, 'tests/multi_process.py', str(workdir), str(cache_dir),
-      str(i), str(num_processes), str(port)], num_processes, devices)
+      str(i), str(num_processes), str(port), str(num_workers)],
+      num_processes, devices)
 
 
 def final_params(workdir: Path) -> dict:
@@ -226,10 +227,14 @@ def test_two_processes_resume_mid_epoch_from_their_checkpoint(runs, tmp_path,
   for step in (16, 18):
     shutil.rmtree(workdir / 'checkpoints' / str(step))
   shutil.rmtree(workdir / 'report')
-  outputs = train_tiny(workdir, data_cache, 2, 2)
+  # With Grain worker processes this time (children of processes that
+  # joined jax.distributed), so the batches restart at the checkpoint's
+  # step rather than from the saved thread-only iterator positions.
+  outputs = train_tiny(workdir, data_cache, 2, 2, num_workers=1)
   assert 'Resuming from the checkpoint of step 12' in outputs[0]
-  # Steps 13-18 again, from both processes' saved iterator positions:
-  # the same losses and parameters as the uninterrupted run, bit for bit.
+  assert 'Resuming' not in outputs[1]
+  # Steps 13-18 again: the same losses and parameters as the uninterrupted
+  # run, bit for bit.
   assert (read_json(tmp_path / 'losses_0.json') ==
           read_json(two.parent / 'losses_0.json')[12:])
   a, b = final_params(two), final_params(workdir)

@@ -24,9 +24,15 @@ def _cluster_environment() -> str | None:
       all(k in env for k in ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST',
                              'SLURM_PROCID', 'SLURM_LOCALID'))):
     return 'SLURM'
-  if ('OMPI_MCA_orte_hnp_uri' in env and
-      int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1):
+  mpi_size = int(env.get('OMPI_COMM_WORLD_SIZE', '1'))
+  if mpi_size > 1 and 'OMPI_MCA_orte_hnp_uri' in env:
     return 'Open MPI'
+  if mpi_size > 1:  # Open MPI 5 (PRRTE) no longer sets it
+    raise ValueError(
+        f'Open MPI started {mpi_size} processes, but JAX detects Open MPI 4 '
+        'only: pass --coordinator_address=HOST:PORT (of rank 0) '
+        f'--num_processes={mpi_size} --process_id=$OMPI_COMM_WORLD_RANK, or '
+        '--num_processes=1 for independent runs')
   if importlib.util.find_spec('libtpu') and (
       'TPU_WORKER_HOSTNAMES' in env or os.path.exists('/dev/accel0') or
       os.path.exists('/dev/vfio/0')):
@@ -37,11 +43,13 @@ def _cluster_environment() -> str | None:
 def initialize(coordinator_address: str | None, num_processes: int | None,
                process_id: int | None) -> None:
   """jax.distributed.initialize from the flags, or from the environment
-  under SLURM, Open MPI or on a TPU pod; nothing for a single process.
+  under SLURM, Open MPI or on a TPU VM; nothing for a single process.
 
-  Never in a child process (a Grain worker): its parent owns the devices.
+  num_processes=1 alone: one process whatever the environment says (srun
+  -n 4 of four independent runs). Never in a child process (a Grain
+  worker): its parent owns the devices.
   """
-  if multiprocessing.parent_process() is not None:
+  if multiprocessing.parent_process() is not None or num_processes == 1:
     return
   if coordinator_address:
     if num_processes is None or process_id is None:
@@ -56,7 +64,7 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
     # Said first: a process started outside the launcher's steps (python
     # in an sbatch script, not srun) waits here for the others.
     logging.info('%s started several processes: jax.distributed from its '
-                 'environment', launcher)
+                 'environment (--num_processes=1: one process)', launcher)
     jax.distributed.initialize()
     logging.info('%s: process %d of %d', launcher, jax.process_index(),
                  jax.process_count())
@@ -97,12 +105,22 @@ def gather_json(value) -> list:
 
 def primary_first(fn, *args, **kwargs):
   """fn(...) in process 0, then in the others: what process 0 writes on the
-  way (the generated data set, the index cache) the others then read."""
+  way (the generated data set, the index cache) the others then read. If
+  it fails in process 0, every process raises, rather than waiting."""
   if jax.process_count() == 1:
     return fn(*args, **kwargs)
+  error = None
   if is_primary():
-    result = fn(*args, **kwargs)
-  multihost_utils.sync_global_devices('fer_jax: primary first')
+    try:
+      result = fn(*args, **kwargs)
+    except Exception as e:  # raised below, once the others know
+      error = e
+  failed = multihost_utils.broadcast_one_to_all(np.array(error is not None))
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(f'{fn.__name__} failed in process 0 (its log says '
+                       'why)')
   if not is_primary():
     result = fn(*args, **kwargs)
   return result

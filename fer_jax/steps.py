@@ -246,22 +246,31 @@ def replicate(tree: Any, devices=None) -> Any:
                             tree), devices)
 
 
-def local_values(tree: Any) -> Any:
-  """The slices [local devices, ...] of pmapped outputs, as NumPy.
+def _local_shards(x: jax.Array) -> list:
+  """x's slices on this process's devices, in the order of its device axis.
 
-  With several processes an output spans every process's devices; each
-  process reads its own.
+  With several processes a pmapped output spans every process's devices,
+  and each process can read only its own.
   """
+  start = lambda shard: (shard.index[0] if isinstance(shard.index[0], int)
+                         else shard.index[0].start)  # pmap's index: an int
+  return sorted(x.addressable_shards, key=start)
+
+
+def local_values(tree: Any) -> Any:
+  """The slices [local devices, ...] of pmapped outputs, as NumPy."""
   def local(x):
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    if not isinstance(x, jax.Array):
       return np.asarray(x)
-    position = lambda i: i if isinstance(i, int) else i.start  # int: pmap's
-    shards = sorted(x.addressable_shards, key=lambda s: position(s.index[0]))
     return np.stack([np.asarray(s.data).reshape(x.shape[1:])
-                     for s in shards])
+                     for s in _local_shards(x)])
   return jax.tree.map(local, tree)
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first local device's copy, as NumPy on the host."""
-  return jax.tree.map(lambda x: np.asarray(x[0]), local_values(tree))
+  """The first local device's copy, as NumPy on the host (that one only)."""
+  def first(x):
+    if not isinstance(x, jax.Array):
+      return np.asarray(x[0])
+    return np.asarray(_local_shards(x)[0].data).reshape(x.shape[1:])
+  return jax.tree.map(first, tree)

@@ -170,6 +170,15 @@ def resume_batches(records, config: ml_collections.ConfigDict,
   return batches(start_step=step), step
 
 
+def load_splits(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """data.load_splits, in process 0 first (it generates or indexes the data
+  set); the others then read that, and never draw the set again."""
+  if not distributed.is_primary():
+    config = config.copy_and_resolve_references()
+    config.data.synthetic.regenerate = False
+  return distributed.primary_first(data.load_splits, config)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
   """Trains, keeps the best checkpoint, then writes the test report."""
@@ -186,7 +195,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_devices = jax.local_device_count()
 
   # Data: splits, their report, and the split itself for auditing.
-  splits, data_report = distributed.primary_first(data.load_splits, config)
+  splits, data_report = load_splits(config)
   if primary:
     reporting.write_json(workdir / 'data_report.json', data_report)
     data.save_split(workdir / 'splits.npz', splits)

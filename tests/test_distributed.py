@@ -79,6 +79,25 @@ def test_a_launcher_s_environment_initializes_without_arguments(
   assert calls == ([((), {})] if launched else [])
 
 
+def test_num_processes_1_runs_alone_under_a_launcher(calls, monkeypatch):
+  """srun -n 4 of four independent runs."""
+  for name, value in SLURM_TWO_TASKS.items():
+    monkeypatch.setenv(name, value)
+  distributed.initialize(None, 1, None)
+  assert calls == []
+
+
+def test_open_mpi_5_is_refused_rather_than_run_as_independent_copies(
+    calls, monkeypatch):
+  """JAX 0.10.2 detects Open MPI 4 only (OMPI_MCA_orte_hnp_uri): under
+  Open MPI 5 every rank would otherwise train alone as process 0."""
+  monkeypatch.setenv('OMPI_COMM_WORLD_SIZE', '4')
+  with pytest.raises(ValueError, match=r'--num_processes=4 --process_id='):
+    distributed.initialize(None, None, None)
+  distributed.initialize(None, 1, None)
+  assert calls == []
+
+
 def test_child_processes_never_initialize(calls, monkeypatch):
   """A Grain worker (or any multiprocessing child): its parent owns the
   devices and the connection to the coordinator."""
@@ -98,9 +117,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(command_of, num_processes: int, devices: int) -> list[str]:
+def launch(command_of, num_processes: int, devices: int,
+           succeed: bool = True) -> list[str]:
   """command_of(process_id, port) run in num_processes processes with
-  `devices` CPU devices each; their outputs."""
+  `devices` CPU devices each; their outputs. Each must succeed, or fail."""
   port = _free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
@@ -110,7 +130,7 @@ def launch(command_of, num_processes: int, devices: int) -> list[str]:
            for i in range(num_processes)]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+    assert (p.returncode == 0) == succeed, out[-3000:]
   return outputs
 
 
@@ -242,3 +262,15 @@ def test_two_processes_resume_mid_epoch_from_their_checkpoint(runs, tmp_path,
     np.testing.assert_array_equal(b[key], a[key], err_msg=key)
   assert (read_json(workdir / 'report' / 'test_metrics.json')['accuracy'] ==
           read_json(two / 'report' / 'test_metrics.json')['accuracy'])
+
+
+def test_bad_data_in_process_0_stops_every_process(tmp_path):
+  """Process 0 reads the data first; when it fails, the others stop with
+  a pointer to it, rather than waiting for it at the barrier."""
+  command = [sys.executable, str(ROOT / 'main.py'), f'--workdir={tmp_path}',
+             '--config.data.layout=npy', f'--config.data.root={tmp_path}/none']
+  outputs = launch(lambda i, port: [
+      *command, f'--coordinator_address=localhost:{port}',
+      '--num_processes=2', f'--process_id={i}'], 2, 1, succeed=False)
+  assert f'{tmp_path}/none' in outputs[0]
+  assert 'load_splits failed in process 0' in outputs[1]

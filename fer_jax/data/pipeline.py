@@ -34,12 +34,9 @@ def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
           'va_mask': record['va_mask'], 'mask': np.True_}
 
 
-def _load_augmented(record: dict, seed: int,
+def _load_augmented(record: dict, rng: np.random.Generator,
                     data: ml_collections.ConfigDict) -> dict:
-  """An augmented example; its draws depend on (seed, its index in the run)
-  alone, whichever process or worker reads it."""
   example = _load(record, data)
-  rng = np.random.default_rng([seed, record['index']])
   example['image'] = images.augment_image(example['image'], rng, data.augment)
   return example
 
@@ -93,27 +90,16 @@ class RunOrder:
   """
 
   def __init__(self, records: Records, sampler: str, seed: int,
-               num_epochs: int, examples_per_epoch: int, batch_size: int,
-               process_index: int = 0, process_count: int = 1):
+               num_epochs: int, examples_per_epoch: int):
     if sampler not in ('uniform', 'balanced'):
       raise ValueError(f"data.sampler: {sampler!r} is not 'uniform' or "
                        "'balanced'")
     self.records, self.sampler, self.seed = records, sampler, seed
     self.num_epochs, self.examples_per_epoch = num_epochs, examples_per_epoch
-    self.batch_size, self.process_index = batch_size, process_index
-    self.local_batch_size = batch_size // process_count
     self._orders = {}
 
   def __len__(self) -> int:
-    """This process's examples: its share of every global batch."""
-    return (self.num_epochs * self.examples_per_epoch // self.batch_size *
-            self.local_batch_size)
-
-  def run_index(self, j: int) -> int:
-    """The index in the whole run of this process's j-th example."""
-    step, k = divmod(j, self.local_batch_size)
-    return (step * self.batch_size + self.process_index *
-            self.local_batch_size + k)
+    return self.num_epochs * self.examples_per_epoch
 
   def __getstate__(self) -> dict:
     return {**self.__dict__, '_orders': {}}
@@ -126,15 +112,14 @@ class RunOrder:
       return rng.permutation(n)[:self.examples_per_epoch]
     return balanced_indices(self.records.labels, self.examples_per_epoch, rng)
 
-  def __getitem__(self, j: int) -> dict:
-    i = self.run_index(int(j))
-    epoch, position = divmod(i, self.examples_per_epoch)
+  def __getitem__(self, i: int) -> dict:
+    epoch, position = divmod(int(i), self.examples_per_epoch)
     order = self._orders.get(epoch)  # threads may race here: both compute
     if order is None:
       order = self.epoch_order(epoch)
       self._orders = {epoch: order, **{
           k: v for k, v in self._orders.items() if k == epoch - 1}}
-    return {**self.records[int(order[position])], 'index': i}
+    return self.records[int(order[position])]
 
 
 def _process_batch_size(batch_size: int, field: str, num_devices: int,
@@ -155,7 +140,8 @@ def train_batches(records: Records, config: ml_collections.ConfigDict,
   train.num_epochs x steps_per_epoch batches; no batch spans two epochs.
   Batch k depends only on (train.seed, k): the iterator's state
   (get_state / set_state, saved in checkpoints) or start_step resumes a run
-  exactly. This process's rows of each global batch, on its num_devices.
+  exactly. Augmentation draws from a generator Grain seeds per example.
+  With several processes, process_index's rows of each global batch.
   """
   batch_size = config.train.batch_size
   local = _process_batch_size(batch_size, 'train.batch_size', num_devices,
@@ -166,14 +152,17 @@ def train_batches(records: Records, config: ml_collections.ConfigDict,
                      f'{len(records)} training examples')
   source = RunOrder(records.without_landmarks(), config.data.sampler,
                     config.train.seed, config.train.num_epochs,
-                    steps * batch_size, batch_size, process_index,
-                    process_count)
-  load = functools.partial(_load_augmented, seed=config.train.seed,
+                    steps * batch_size)
+  load = functools.partial(_load_augmented,
                            data=ml_collections.FrozenConfigDict(config.data))
-  ds = (grain.MapDataset.source(source).map(load)
-        .batch(local, drop_remainder=True)
+  # Grain seeds each example's augmentation by its index in the whole run,
+  # before the run is cut into this process's share: the P shares of global
+  # batch k are the local batches k*P..k*P+P-1.
+  ds = (grain.MapDataset.source(source).seed(config.train.seed)
+        .random_map(load).batch(local, drop_remainder=True)
+        [start_step * process_count + process_index::process_count]
         .map(functools.partial(_shard, num_devices=num_devices)))
-  return iter(_read(ds[start_step:], config.data))
+  return iter(_read(ds, config.data))
 
 
 def _masked_batch(batch_size: int, image_size: int, num_devices: int) -> dict:

@@ -199,12 +199,6 @@ def collect_row(one: Run, changed: dict | None) -> dict:
   return row
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-  """Mean and sample standard deviation (None for a single value)."""
-  v = np.asarray(values, dtype=np.float64)
-  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
-
-
 def paired_difference(rows: list[dict], base_rows: list[dict], key: str
                       ) -> tuple[float, float | None, int] | None:
   """Mean of (row - baseline) over the seeds both have, its standard error
@@ -214,7 +208,7 @@ def paired_difference(rows: list[dict], base_rows: list[dict], key: str
            if r.get(key) is not None and r['seed'] in base]
   if not diffs:
     return None
-  mean, std = mean_std(diffs)
+  mean, std = reporting.mean_std(diffs)
   return mean, (std / math.sqrt(len(diffs)) if std is not None else None), \
       len(diffs)
 
@@ -233,7 +227,7 @@ def _stat_row(rows: list[dict], keys: list[str]) -> list:
   out = []
   for key in keys:
     values = [r[key] for r in rows if r.get(key) is not None]
-    out.append(mean_std(values) if values else (None, None))
+    out.append(reporting.mean_std(values) if values else (None, None))
   return out
 
 
@@ -260,7 +254,7 @@ def _run_columns(done: list[dict], num_seeds: int) -> list[str]:
              if r.get('train_seconds') is not None]
   return [f'{len(done)}/{num_seeds}',
           _cell(*_stat_row(done, ['epochs_trained'])[0], digits=1),
-          _cell(*mean_std(minutes), digits=1) if minutes else '-']
+          _cell(*reporting.mean_std(minutes), digits=1) if minutes else '-']
 
 
 def ablation_markdown(title: str, config: ml_collections.ConfigDict,

@@ -15,6 +15,15 @@ from fer_jax.data import pipeline
 from fer_jax.data.index import Records
 
 
+def load_splits(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+  """data.load_splits, in process 0 first (it generates or indexes the data
+  set); the others then read that, and never draw the set again."""
+  if not distributed.is_primary():
+    config = config.copy_and_resolve_references()
+    config.data.synthetic.regenerate = False
+  return distributed.primary_first(data.load_splits, config)
+
+
 def predict_records(p_eval: Callable, state: steps.TrainState,
                     records: Records, config: ml_collections.ConfigDict
                     ) -> dict:
@@ -155,7 +164,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   """Evaluates the best (or given) checkpoint of workdir on one split."""
   workdir = Path(workdir)
   config = with_trained_model(config, workdir)
-  splits, data_report = distributed.primary_first(data.load_splits, config)
+  splits, data_report = load_splits(config)
   if split not in splits:
     raise ValueError(f'--split: {split!r} is not one of {sorted(splits)}')
   primary = distributed.is_primary()

@@ -167,6 +167,12 @@ def _save(fig, path: Path) -> None:
   plt.close(fig)
 
 
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+  """Mean and sample standard deviation (None for a single value)."""
+  v = np.asarray(values, dtype=np.float64)
+  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
 def plot_ablation(path: Path, variants: list[str], metrics: list[str],
                   values: dict) -> None:
   """Each metric per variant (seeds as dots, mean ± std as a bar) and the
@@ -176,7 +182,7 @@ def plot_ablation(path: Path, variants: list[str], metrics: list[str],
   """
   fig = plt.figure(figsize=(max(12, 2.8 * len(metrics)), 8.5))
   grid = fig.add_gridspec(2, len(metrics), height_ratios=(1, 1.1))
-  spread = lambda v: np.std(v, ddof=1) if len(v) > 1 else 0.0
+  spread = lambda v: mean_std(v)[1] or 0.0
   for j, metric in enumerate(metrics):
     ax = fig.add_subplot(grid[0, j])
     for x, variant in enumerate(variants):

@@ -170,15 +170,6 @@ def resume_batches(records, config: ml_collections.ConfigDict,
   return batches(start_step=step), step
 
 
-def load_splits(config: ml_collections.ConfigDict) -> tuple[dict, dict]:
-  """data.load_splits, in process 0 first (it generates or indexes the data
-  set); the others then read that, and never draw the set again."""
-  if not distributed.is_primary():
-    config = config.copy_and_resolve_references()
-    config.data.synthetic.regenerate = False
-  return distributed.primary_first(data.load_splits, config)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
   """Trains, keeps the best checkpoint, then writes the test report."""
@@ -195,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   num_devices = jax.local_device_count()
 
   # Data: splits, their report, and the split itself for auditing.
-  splits, data_report = load_splits(config)
+  splits, data_report = evaluate.load_splits(config)
   if primary:
     reporting.write_json(workdir / 'data_report.json', data_report)
     data.save_split(workdir / 'splits.npz', splits)
@@ -240,9 +231,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if primary:
       print(f'Resuming from the checkpoint of step {latest} ({where}) in '
             f'{manager.directory}')
-    finished = meta['epoch'] >= config.train.num_epochs or meta['stopped_early']
-    if finished and primary:
-      print('Training has finished; evaluating the best checkpoint.')
+      if meta['epoch'] >= config.train.num_epochs or meta['stopped_early']:
+        print('Training has finished; evaluating the best checkpoint.')
   if primary:
     reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
     tensorboard = reporting.TensorBoard(workdir / 'tb')

@@ -4,8 +4,9 @@
       [NUM_WORKERS]
 
 Trains the tiny config (2 epochs of 9 steps, a checkpoint every 4 steps)
-on the CPU devices XLA_FLAGS gives it, meeting the other processes at
-localhost:PORT, with NUM_WORKERS Grain worker processes (default 0), and writes every step's loss, as this process saw it, to
+on the CPU devices XLA_FLAGS gives it, with NUM_WORKERS Grain worker
+processes (default 0), meeting the other processes at localhost:PORT, and
+writes every step's loss, as this process saw it, to
 WORKDIR/../losses_PROCESS_ID.json. The backbone stays frozen (only the
 heads learn): test_distributed.py says why.
 """

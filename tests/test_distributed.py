@@ -104,7 +104,6 @@ def test_child_processes_never_initialize(calls, monkeypatch):
   monkeypatch.setattr(distributed.multiprocessing, 'parent_process',
                       lambda: object())
   distributed.initialize('host0:1234', 2, 1)
-  monkeypatch.setenv('SLURM_NTASKS', '2')
   for name, value in SLURM_TWO_TASKS.items():
     monkeypatch.setenv(name, value)
   distributed.initialize(None, None, None)

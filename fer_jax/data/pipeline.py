@@ -11,6 +11,7 @@ global training batch, and the p-th contiguous 1/P of an evaluated split.
 
 import functools
 import itertools
+import math
 from typing import Iterator
 
 import grain
@@ -198,6 +199,6 @@ def eval_batches(records: Records, config: ml_collections.ConfigDict,
         .map(functools.partial(pad_and_shard, batch_size=local,
                                num_devices=num_devices)))
   batches = iter(_read(ds, config.data)) if len(mine) else iter(())
-  missing = -(-share // local) - -(-len(mine) // local)
+  missing = math.ceil(share / local) - math.ceil(len(mine) / local)
   return itertools.chain(batches, itertools.repeat(_masked_batch(
       local, config.data.image_size, num_devices), missing))

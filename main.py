@@ -2,6 +2,7 @@
 
 import logging as python_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -29,11 +30,13 @@ flags.DEFINE_integer('process_id', None, 'Several processes: this one, 0..N-1.')
 def _quiet_libraries(record) -> bool:
   """Keeps INFO lines of fer_jax; libraries (Orbax, JAX) speak at WARNING.
 
-  Orbax warns that mid-epoch checkpoints carry no metrics: by design.
+  Orbax warns that mid-epoch checkpoints carry no metrics and that a
+  manager opened to read is read-only: both by design.
   """
   ours = (record.pathname.startswith(PROJECT_ROOT)
           and 'site-packages' not in record.pathname)
-  if 'did not provide metrics' in str(record.msg):
+  if any(known in str(record.msg) for known in (
+      'did not provide metrics', 'read_only=True', 'directory is read only')):
     return False
   return record.levelno >= python_logging.WARNING or ours
 
@@ -41,7 +44,16 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_libraries)
-  import jax  # after flags, so that --help stays fast
+  from fer_jax import config_rules  # after flags, so that --help stays fast
+  try:
+    run_mode()
+  except config_rules.UsageError as error:  # the user's to fix: no traceback
+    sys.exit(f'fer_jax: {error}')
+
+
+def run_mode() -> None:
+  """Sets up the processes, then runs the chosen mode."""
+  import jax
   from fer_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                          FLAGS.process_id)

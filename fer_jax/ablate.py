@@ -1,37 +1,43 @@
 """--mode=ablate: every variant x seed of an ablation config, then one table.
 
-Each run is an ordinary training workdir, workdir/<variant>/seed_<k>: a
-finished one (it has report/test_metrics.json) is skipped, an interrupted
-one resumes from its checkpoints, and one that fails leaves error.txt and
-does not stop the others. ablation.csv (one row per run), ablation.md (mean
-and spread per variant, differences to the baseline) and ablation.png
-gather them.
+Each run is an ordinary training workdir, workdir/<variant>/seed_<k>,
+trained by `main.py --mode=train` in a process of its own: a finished one
+(it has report/test_metrics.json) is skipped, an interrupted one resumes
+from its checkpoints, and one that fails leaves error.txt and does not stop
+the others. ablation.csv (one row per run), ablation.md (mean and spread per
+variant, differences to the baseline) and ablation.png gather them from the
+runs' own test reports.
 """
 
 import copy
-import csv
 import dataclasses
 import difflib
 import json
 import math
 import re
+import subprocess
+import sys
+import tempfile
 import time
-import traceback
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import reporting, train
+from fer_jax import config_rules, figures, files, reporting, workdir as \
+    workdir_lib
+from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
+from fer_jax.metrics import mean_std
 
-# Fields that change how fast a run goes or where caches live, not what it
-# computes: a run may resume, or be collected, with other values of them.
-SPEED_FIELDS = ('data.num_workers', 'data.num_threads',
-                'data.prefetch_batches', 'data.index_processes',
-                'data.index_cache_dir', 'data.synthetic.num_processes',
-                'data.synthetic.cache_dir', 'train.log_every_steps')
+ROOT = Path(__file__).resolve().parents[1]
+# What a run may differ in from the ablation's config and still count:
+# where and how fast it reads and writes. Not its number of epochs, which
+# is part of the comparison.
+ALLOWED_CHANGES = tuple(f for f in config_rules.HOW_FIELDS
+                        if f != 'train.num_epochs')
 # Metrics where lower is better contain one of these.
 LOWER_IS_BETTER = ('rmse', 'mae', 'loss', 'seconds')
 _VARIANT_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+=-]*')
@@ -48,7 +54,7 @@ class Run:
 
 def run_status(run: Run) -> str:
   """'finished' | 'failed' | 'interrupted' | 'not run', from its files."""
-  if (run.workdir / 'report' / 'test_metrics.json').exists():
+  if workdir_lib.test_report(run.workdir).exists():
     return 'finished'
   if (run.workdir / 'error.txt').exists():
     return 'failed'
@@ -65,14 +71,14 @@ def set_field(config: ml_collections.ConfigDict, path: str, value,
     node = node.get(part) if isinstance(node, ml_collections.ConfigDict) \
         else None
   if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-    fields = train.flatten(config.to_dict())
+    fields = config_rules.flatten(config.to_dict())
     close = difflib.get_close_matches(path, fields, n=1)
-    raise ValueError(f'{where}: {path!r} is not a field of the base config'
+    raise UsageError(f'{where}: {path!r} is not a field of the base config'
                      + (f'; did you mean {close[0]!r}?' if close else ''))
   try:
     node[name] = tuple(value) if isinstance(value, list) else value
   except TypeError as error:
-    raise ValueError(f'{where}: {path}={value!r}: {error}') from None
+    raise UsageError(f'{where}: {path}={value!r}: {error}') from None
 
 
 def run_config(base: ml_collections.ConfigDict, fields: dict, seed: int,
@@ -93,17 +99,17 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[Run]:
   names = [name for name, _ in ablate.variants]
   for name in names:
     if not _VARIANT_NAME.fullmatch(name):
-      raise ValueError(f'ablate.variants: {name!r} is not a folder name '
+      raise UsageError(f'ablate.variants: {name!r} is not a folder name '
                        '(letters, digits, _ . + = -)')
   if len(set(names)) < len(names) or not names:
-    raise ValueError(f'ablate.variants: names must be unique and at least '
+    raise UsageError(f'ablate.variants: names must be unique and at least '
                      f'one: {names}')
   if ablate.baseline not in names:
-    raise ValueError(f'ablate.baseline: {ablate.baseline!r} is not one of '
+    raise UsageError(f'ablate.baseline: {ablate.baseline!r} is not one of '
                      f'the variants {names}')
   seeds = list(ablate.seeds)
   if not seeds or len(set(seeds)) < len(seeds):
-    raise ValueError(f'ablate.seeds: {seeds} must be unique and at least one')
+    raise UsageError(f'ablate.seeds: {seeds} must be unique and at least one')
   return [Run(name, seed, workdir / name / f'seed_{seed}',
               run_config(config.base, fields, seed, ablate.seed_fields,
                          f'ablate.variants[{name!r}]'))
@@ -112,9 +118,12 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[Run]:
 
 def config_differences(run: Run) -> dict:
   """{field: (old, new)} between a run folder's config.json and its config,
-  ignoring SPEED_FIELDS."""
-  changes = train.config_changes(run.workdir / 'config.json', run.config)
-  return {k: v for k, v in changes.items() if k not in SPEED_FIELDS}
+  but for ALLOWED_CHANGES; {} for a run not started."""
+  path = run.workdir / 'config.json'
+  if not path.exists():
+    return {}
+  return config_rules.meaning_changes(workdir_lib.read_json(path), run.config,
+                                      ALLOWED_CHANGES)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -125,16 +134,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   changed = {one.workdir: config_differences(one) for one in runs}
   changed = {path: diff for path, diff in changed.items() if diff}
   if changed and not config.ablate.collect_only:
-    raise ValueError(
+    raise UsageError(
         'these runs were started with another config, so neither skipping '
         'nor resuming them would give this ablation\'s result:\n' +
-        '\n'.join(f'  {path}: ' + ', '.join(f'{k} {old!r} -> {new!r}' for k,
-                                             (old, new) in diff.items())
+        '\n'.join(f'  {path}: {config_rules.describe(diff)}'
                   for path, diff in changed.items()) +
         '\nDelete those folders to run them with this config, or use '
         'another --workdir.')
-  workdir.mkdir(parents=True, exist_ok=True)
-  reporting.write_json(workdir / 'ablation_config.json', config.to_dict())
+  if not config.ablate.collect_only:
+    for one in runs:
+      config_rules.check(one.config, jax.device_count())
+  files.write_json(workdir / 'ablation_config.json',
+                   config_rules.as_json(config))
   statuses = [run_status(one) for one in runs]
   print(f'Ablation in {workdir}: {len(runs)} runs; ' + ', '.join(
       f'{statuses.count(s)} {s}' for s in dict.fromkeys(statuses)))
@@ -164,15 +175,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def train_one(one: Run) -> None:
-  """Trains (or resumes) one run; a failure is written to its error.txt."""
+  """Trains (or resumes) one run with main.py, in a process of its own, so
+  that nothing it starts (Grain workers, threads, device memory) outlives
+  it; a failure's output ends in its error.txt."""
   error_file = one.workdir / 'error.txt'
-  try:
-    train.train_and_evaluate(one.config, str(one.workdir))
-  except Exception:  # noqa: BLE001  one run's failure must not stop the rest
+  with tempfile.TemporaryDirectory() as folder:
+    config_file = Path(folder) / 'config.json'
+    files.write_json(config_file, config_rules.as_json(one.config))
+    command = [sys.executable, str(ROOT / 'main.py'), '--mode=train',
+               f"--config={ROOT / 'configs' / 'saved.py'}:{config_file}",
+               f'--workdir={one.workdir}', '--num_processes=1']
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    tail = b''
+    while chunk := process.stderr.read1(1 << 16):
+      sys.stderr.buffer.write(chunk)  # its log and progress bars, as they come
+      sys.stderr.buffer.flush()
+      tail = (tail + chunk)[-(1 << 16):]
+    process.wait()
+  if process.returncode:
     one.workdir.mkdir(parents=True, exist_ok=True)
-    error_file.write_text(traceback.format_exc())
-    logging.error('%s failed; the traceback is in %s', one.workdir,
-                  error_file)
+    files.write_text(error_file, tail.decode(errors='replace'))
+    logging.error('%s failed (exit code %d); its output is in %s',
+                  one.workdir, process.returncode, error_file)
   else:
     error_file.unlink(missing_ok=True)
 
@@ -187,8 +211,7 @@ def collect_row(one: Run, changed: dict | None) -> dict:
     row['error'] = lines[-1] if lines else ''
   if row['status'] != 'finished':
     return row
-  metrics = json.loads((one.workdir / 'report' /
-                        'test_metrics.json').read_text())
+  metrics = workdir_lib.read_json(workdir_lib.test_report(one.workdir))
   for key in ('best_epoch', 'epochs_trained', 'train_seconds'):
     row[key] = metrics.get(key)
   row.update({k: v for k, v in metrics.items() if k not in row and
@@ -208,7 +231,7 @@ def paired_difference(rows: list[dict], base_rows: list[dict], key: str
            if r.get(key) is not None and r['seed'] in base]
   if not diffs:
     return None
-  mean, std = reporting.mean_std(diffs)
+  mean, std = mean_std(diffs)
   return mean, (std / math.sqrt(len(diffs)) if std is not None else None), \
       len(diffs)
 
@@ -227,7 +250,7 @@ def _stat_row(rows: list[dict], keys: list[str]) -> list:
   out = []
   for key in keys:
     values = [r[key] for r in rows if r.get(key) is not None]
-    out.append(reporting.mean_std(values) if values else (None, None))
+    out.append(mean_std(values) if values else (None, None))
   return out
 
 
@@ -254,7 +277,7 @@ def _run_columns(done: list[dict], num_seeds: int) -> list[str]:
              if r.get('train_seconds') is not None]
   return [f'{len(done)}/{num_seeds}',
           _cell(*_stat_row(done, ['epochs_trained'])[0], digits=1),
-          _cell(*reporting.mean_std(minutes), digits=1) if minutes else '-']
+          _cell(*mean_std(minutes), digits=1) if minutes else '-']
 
 
 def ablation_markdown(title: str, config: ml_collections.ConfigDict,
@@ -277,7 +300,7 @@ def ablation_markdown(title: str, config: ml_collections.ConfigDict,
            'The base config, which each variant changes as listed under '
            'Variants:', '']
   lines += [f'- **{name}**: {value}' for name, value in
-            reporting.run_essentials(reporting.as_json(config.base))[:3]]
+            reporting.run_essentials(config_rules.as_json(config.base))[:3]]
   lines += ['', '## Test metrics', ''] + _marked_table(
       ['variant', *metrics, 'runs', 'epochs', 'minutes'], names,
       [_stat_row(done[n], metrics) for n in names], metrics,
@@ -337,20 +360,17 @@ def write_tables(workdir: Path, config: ml_collections.ConfigDict,
                  rows: list[dict]) -> None:
   """ablation.csv, ablation.md and ablation.png in workdir."""
   columns = list(dict.fromkeys(k for row in rows for k in row))
-  with open(workdir / 'ablation.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  files.write_csv(workdir / 'ablation.csv', columns, rows)
   markdown = ablation_markdown(workdir.name, config, rows,
                               _class_shares(rows))
-  (workdir / 'ablation.md').write_text(markdown)
+  files.write_text(workdir / 'ablation.md', markdown)
   names = [name for name, _ in config.ablate.variants]
   finished = [r for r in rows if r['status'] == 'finished']
   values = {key: {n: [r[key] for r in finished if r['variant'] == n
                       and r.get(key) is not None] for n in names}
             for key in [*config.ablate.metrics,
                         *(f'recall_{c}' for c in EXPRESSIONS)]}
-  reporting.plot_ablation(workdir / 'ablation.png', names,
+  figures.plot_ablation(workdir / 'ablation.png', names,
                           list(config.ablate.metrics), values)
   print(f'\n{markdown}\nTables in {workdir}: ablation.md, ablation.csv, '
         'ablation.png')

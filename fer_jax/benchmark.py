@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import data, models, reporting, steps
+from fer_jax import data, files, models, steps
 from fer_jax.data import pipeline
 from fer_jax.models.layers import kernels_impl
 
@@ -239,7 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     print(format_table([row], header=len(rows) == 1), flush=True)
     if jax.process_index() == 0:  # after each row, in case time runs out
       os.makedirs(workdir, exist_ok=True)
-      reporting.write_json(os.path.join(workdir, 'benchmark.json'), rows)
+      files.write_json(os.path.join(workdir, 'benchmark.json'), rows)
   print(format_table(rows))
   return rows
 

@@ -1,41 +1,64 @@
 """Orbax checkpoints: the train state, the loop's progress and the data.
 
 Each checkpoint holds three items: 'state' (parameters, BatchNorm
-statistics, optimiser state, step, RNG), 'meta' (completed epochs, steps
-into the current one and its metric sums, the best validation metric so
-far, early-stopping counters) and 'data' (the training iterator: Grain's
-state, the step it has reached and the worker count it was saved with).
-Checkpoints come at the end of every epoch (with validation metrics) and
-every `train.checkpoint_every_steps` (without). The latest
-`train.keep_checkpoints` and the best by `train.best_metric` are kept.
+statistics, optimiser state, step, RNG), 'meta' (the training loop's
+progress: steps done, the current epoch's metric sums, the best checkpoint
+so far, early-stopping counters) and 'data' (the training iterator: Grain's
+state per process, the step its dataset starts at and the worker count it
+was saved with). Checkpoints come at the end of every epoch (ranked by
+their validation metric) and every `train.checkpoint_every_steps` steps.
+The latest `train.keep_checkpoints` and the best are kept; among equal
+values the best is the earliest, the rule the loop's progress follows, so
+the best step recorded and the checkpoint kept are the same one.
 """
 
 import copy
+import dataclasses
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
+
+from fer_jax.config_rules import UsageError
+
+
+@dataclasses.dataclass
+class EarliestBest:
+  """Preserves the first checkpoint with the best value of `metric`."""
+  metric: str
+  mode: str  # 'max' | 'min'
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any
+                      ) -> list[bool]:
+    del context
+    ranked = [c for c in checkpoints if c.metrics is not None]
+    if not ranked:
+      return [False] * len(checkpoints)
+    pick = max if self.mode == 'max' else min
+    best = pick(c.metrics[self.metric] for c in ranked)
+    keep = min(c.step for c in ranked if c.metrics[self.metric] == best)
+    return [c.step == keep for c in checkpoints]
 
 
 def create_manager(workdir: Path, config: ml_collections.ConfigDict,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """The manager of workdir/checkpoints."""
   train = config.train
-  if train.best_mode not in ('max', 'min'):
-    raise ValueError(f"train.best_mode: {train.best_mode!r} is not 'max' or "
-                     "'min'")
-  best_fn = lambda metrics: metrics[train.best_metric]
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(n=train.keep_checkpoints),
-      checkpoint_managers.BestN(get_metric_fn=best_fn,
-                                reverse=train.best_mode == 'min', n=1,
-                                keep_checkpoints_without_metrics=False)])
+      EarliestBest(train.best_metric, train.best_mode)])
+  # best_fn only makes Orbax store each checkpoint's metrics for the
+  # policy; the best step comes from the loop's progress (best_step).
   options = ocp.CheckpointManagerOptions(
-      best_fn=best_fn, best_mode=train.best_mode, preservation_policy=policy,
-      read_only=read_only, create=not read_only)
+      best_fn=lambda metrics: metrics[train.best_metric],
+      best_mode=train.best_mode, preservation_policy=policy,
+      read_only=read_only, create=not read_only,
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(Path(workdir).absolute() / 'checkpoints',
                                options=options,
                                item_names=('state', 'meta', 'data'))
@@ -57,7 +80,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
 
 
 def restore(manager: ocp.CheckpointManager, step: int,
-            template: Any) -> tuple[Any, dict, dict]:
+            template: Any) -> tuple[Any, dict, dict | None]:
   """The state (shaped like template, on the host), meta and data of a step.
 
   data is None for checkpoints from before it was saved.
@@ -73,17 +96,62 @@ def restore(manager: ocp.CheckpointManager, step: int,
   return restored.state, restored.meta, restored.data if has_data else None
 
 
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """The meta item of a step alone."""
+  return manager.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore())).meta
+
+
+def latest_complete(manager: ocp.CheckpointManager,
+                    read: Callable[[int], Any]) -> tuple[int, Any, list]:
+  """(step, read(step)) of the latest checkpoint that reads, and the later
+  steps that did not, each with a warning naming it and the one used.
+
+  (None, None, []) without checkpoints; UsageError naming the folder when
+  none reads.
+  """
+  broken = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, read(step), broken
+    except Exception as error:  # noqa: BLE001  any unreadable checkpoint
+      logging.warning('%s/%d is unreadable (%s: %s)', manager.directory,
+                      step, type(error).__name__, str(error)[:300])
+      broken.append(step)
+  if broken:
+    raise UsageError(f'{manager.directory}: no checkpoint is complete '
+                     f'(steps {sorted(broken)} are unreadable)')
+  return None, None, []
+
+
+def set_aside(workdir: Path, steps: list[int]) -> None:
+  """Moves unreadable checkpoints out of Orbax's way, to
+  workdir/checkpoints_unreadable/, where they stay for a look."""
+  for step in steps:
+    target = Path(workdir) / 'checkpoints_unreadable' / str(step)
+    target.parent.mkdir(exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.move(Path(workdir) / 'checkpoints' / str(step), target)
+
+
+def best_step(manager: ocp.CheckpointManager) -> int:
+  """The best step as the run's latest readable progress records it."""
+  step, meta, _ = latest_complete(manager, lambda s: read_meta(manager, s))
+  if step is None:
+    raise UsageError(f'{manager.directory}: no checkpoint; train first '
+                     '(python main.py --workdir=...)')
+  if meta.get('best_step') is None:  # runs saved before best_step existed
+    return manager.best_step()
+  return meta['best_step']
+
+
 def checkpoint_step(manager: ocp.CheckpointManager, requested: int | None,
                     ) -> int:
-  """The requested step if it exists, else the best one; raises if none."""
+  """The requested step if it exists, else the best one."""
+  if requested is None:
+    return best_step(manager)
   steps = manager.all_steps()
-  if requested is not None:
-    if requested not in steps:
-      raise ValueError(f'--checkpoint_step: {requested} not in '
-                       f'{manager.directory} (has {sorted(steps)})')
-    return requested
-  step = manager.best_step()
-  if step is None:
-    raise FileNotFoundError(f'{manager.directory}: no checkpoint; train first '
-                            '(python main.py --workdir=...)')
-  return step
+  if requested not in steps:
+    raise UsageError(f'--checkpoint_step: {requested} not in '
+                     f'{manager.directory} (has {sorted(steps)})')
+  return requested

@@ -75,6 +75,12 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Waits until every process gets here (nothing with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def gather_rows(local: np.ndarray, num_rows: int) -> np.ndarray:
   """Every process's rows in process order, the first num_rows of them.
 

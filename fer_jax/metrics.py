@@ -1,9 +1,10 @@
 """Evaluation metrics in pure NumPy (no jax, no scikit-learn at run time).
 
-Definitions (DESIGN.md): macro F1 is the unweighted mean over all 8 classes,
-a class with no support and no prediction counting as 0; valence/arousal
-predictions are clipped to [-1, 1] and scored on VA-valid samples only;
-CCC uses population variances; SAGR is the rate of matching signs.
+Definitions (README, Metrics): macro F1 is the unweighted mean over all 8
+classes, a class with no support and no prediction counting as 0;
+valence/arousal predictions are clipped to [-1, 1] and scored on VA-valid
+samples only; CCC uses population variances; SAGR is the rate of matching
+signs.
 """
 
 import warnings
@@ -89,7 +90,7 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict:
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray,
                     va_true: np.ndarray, va_pred: np.ndarray,
                     va_mask: np.ndarray) -> dict:
-  """Every report metric of DESIGN.md for one split."""
+  """Every metric of a split's report (README, Metrics)."""
   metrics = classification_metrics(np.asarray(y_true), np.asarray(y_pred))
   va_mask = np.asarray(va_mask, bool)
   metrics['num_va_examples'] = int(va_mask.sum())
@@ -98,3 +99,9 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray,
     scores = regression_metrics(va_pred[va_mask, d], va_true[va_mask, d])
     metrics.update({f'{name}_{k}': v for k, v in scores.items()})
   return metrics
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+  """Mean and sample standard deviation (None for a single value)."""
+  v = np.asarray(values, dtype=np.float64)
+  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)

@@ -1,6 +1,9 @@
-"""--mode=predict: expressions and valence/arousal for image files."""
+"""--mode=predict: expressions and valence/arousal for image files.
 
-import csv
+predictions.csv goes to report/predict/<input>-step<N>[-flip]/, beside
+(never over) the run's record.
+"""
+
 from pathlib import Path
 
 import jax
@@ -8,11 +11,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import evaluate
+from fer_jax import config_rules, files, inference, workdir as workdir_lib
+from fer_jax.config_rules import UsageError
 from fer_jax.data import images, pipeline
 from fer_jax.data.index import IMAGE_SUFFIXES, check_image
 from fer_jax.labels import EXPRESSIONS
-
 
 
 def list_images(input_path: str) -> list[Path]:
@@ -23,7 +26,7 @@ def list_images(input_path: str) -> list[Path]:
   if path.is_dir():
     return sorted(p for p in path.rglob('*')
                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-  raise FileNotFoundError(f'--input: {input_path} is not a file or folder')
+  raise UsageError(f'--input: {input_path} is not a file or folder')
 
 
 def _decoded(paths: list[Path], image_size: int, skipped: list[dict]):
@@ -50,15 +53,15 @@ def _batches(items, batch_size: int):
 
 def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
             checkpoint_step: int | None = None) -> Path:
-  """Writes workdir/predictions.csv for the images at input_path."""
+  """Writes predictions.csv for the images at input_path; returns its path."""
   workdir = Path(workdir)
-  config = evaluate.with_trained_model(config, workdir)
+  config = inference.trained_config(config, workdir)
+  config_rules.check(config, jax.device_count())
   paths = list_images(input_path)
   if not paths:
-    raise FileNotFoundError(f'--input: no images ({", ".join(IMAGE_SUFFIXES)})'
-                            f' under {input_path}')
-  state, p_eval, _ = evaluate.restore_for_inference(config, workdir,
-                                                    checkpoint_step)
+    raise UsageError(f'--input: no images ({", ".join(IMAGE_SUFFIXES)})'
+                     f' under {input_path}')
+  state, p_eval, step = inference.restore(config, workdir, checkpoint_step)
   num_devices, batch_size = jax.local_device_count(), \
       config.train.eval_batch_size
   skipped, rows = [], []
@@ -77,13 +80,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
       rows.append([str(path), label, EXPRESSIONS[label],
                    *(f'{x:.6f}' for x in p), f'{valence:.6f}',
                    f'{arousal:.6f}'])
-  output = workdir / 'predictions.csv'
-  with open(output, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['path', 'expression_id', 'expression',
-                     *(f'prob_{name}' for name in EXPRESSIONS), 'valence',
-                     'arousal'])
-    writer.writerows(rows)
+  input_name = Path(input_path).resolve().name or 'input'
+  folder = workdir_lib.output_dir(
+      workdir, 'predict', inference.output_name(input_name, step, config))
+  output = folder / 'predictions.csv'
+  files.write_csv(output, ['path', 'expression_id', 'expression',
+                           *(f'prob_{name}' for name in EXPRESSIONS),
+                           'valence', 'arousal'], rows)
+  if skipped:
+    files.write_csv(folder / 'skipped.csv', ['path', 'reason'],
+                    [[item['path'], item['reason']] for item in skipped])
   print(f'Wrote {len(rows)} predictions to {output}')
   if skipped:
     print(f'Skipped {len(skipped)} unreadable files:')

@@ -1,214 +1,113 @@
-"""Files a run writes: JSON reports, metrics.jsonl, TensorBoard and figures."""
+"""What a run says and records: its log lines, metrics.jsonl, TensorBoard,
+and the report of a split (metrics, figures, summary page)."""
 
-import json
 from pathlib import Path
+from typing import Callable
 
-import matplotlib
-import matplotlib.ticker
+import ml_collections
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
-
-from fer_jax.labels import EXPRESSIONS  # noqa: E402
+from fer_jax import config_rules, figures, files
+from fer_jax.data.index import Records
 
 
-def write_json(path: Path, data) -> None:
-  """Writes data as indented JSON, creating the folder."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(data, indent=1) + '\n')
+def _tensorboard_tag(key: str) -> str:
+  """'val_macro_f1' -> 'val/macro_f1', so TensorBoard groups by split."""
+  split, _, name = key.partition('_')
+  return f'{split}/{name}' if split in ('train', 'val') else key
 
 
-def as_json(config) -> dict:
-  """A config as its config.json reads back: plain dicts, tuples as lists."""
-  return json.loads(json.dumps(config.to_dict()))
+class Writer:
+  """Lines for the user, metrics.jsonl and TensorBoard of one workdir.
 
+  Silent outside process 0, which alone writes a run's files: code that
+  reports goes through it instead of checking the process itself.
+  """
 
-def read_jsonl(path: Path) -> list[dict]:
-  """The records of a JSON-lines file; [] if it does not exist."""
-  path = Path(path)
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line]
+  def __init__(self, workdir: Path, active: bool):
+    self.workdir, self.active = Path(workdir), active
+    self._tensorboard = None  # opened by the first record
 
+  def write(self, write_files: Callable, *args, **kwargs) -> None:
+    """write_files(*args, **kwargs) in process 0 only."""
+    if self.active:
+      write_files(*args, **kwargs)
 
-def append_jsonl(path: Path, record: dict) -> None:
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
+  def __enter__(self) -> 'Writer':
+    return self
 
+  def __exit__(self, *exception) -> None:
+    self.close()
 
-def truncate_jsonl(path: Path, last_epoch: int) -> None:
-  """Drops records past last_epoch: those of an epoch lost to a crash."""
-  records = [r for r in read_jsonl(path) if r['epoch'] <= last_epoch]
-  if Path(path).exists():
-    Path(path).write_text(''.join(json.dumps(r) + '\n' for r in records))
+  def say(self, text: str) -> None:
+    if self.active:
+      print(text, flush=True)
 
+  def progress(self, total: int, initial: int, desc: str) -> tqdm:
+    """A progress bar (shown by process 0 only)."""
+    return tqdm(total=total, initial=initial, unit='step', desc=desc,
+                dynamic_ncols=True, mininterval=1.0, disable=not self.active)
 
-class TensorBoard:
-  """Scalars to workdir/tb through tensorboardX (no TensorFlow)."""
+  def keep_records_until(self, step: int) -> None:
+    """Drops metrics.jsonl lines past step: work lost to a crash, to be
+    done (and written) again."""
+    path = self.workdir / 'metrics.jsonl'
+    records = files.read_jsonl(path) if self.active else []
+    if any(r['step'] > step for r in records):
+      files.write_jsonl(path, [r for r in records if r['step'] <= step])
 
-  def __init__(self, logdir: Path):
-    self.writer = SummaryWriter(str(logdir))
+  def record(self, record: dict, samples=None) -> None:
+    """One line of metrics.jsonl and its scalars in TensorBoard.
 
-  def scalars(self, step: int, values: dict) -> None:
-    for name, value in values.items():
-      if value is not None:
-        self.writer.add_scalar(name, float(value), step)
-    self.writer.flush()
-
-  def figure(self, step: int, tag: str, fig) -> None:
-    """A matplotlib figure as an image (closed afterwards)."""
-    self.writer.add_figure(tag, fig, step, close=True)
-    self.writer.flush()
+    samples: a function that draws a figure for TensorBoard (called by
+    process 0 only).
+    """
+    if not self.active:
+      return
+    files.append_jsonl(self.workdir / 'metrics.jsonl', record)
+    if self._tensorboard is None:
+      self._tensorboard = SummaryWriter(str(self.workdir / 'tb'))
+    step = record['step']
+    for key, value in record.items():
+      if key not in ('epoch', 'step') and value is not None:
+        self._tensorboard.add_scalar(_tensorboard_tag(key), float(value),
+                                     step)
+    if samples is not None:
+      self._tensorboard.add_figure('val/samples', samples(), step, close=True)
+    self._tensorboard.flush()
 
   def close(self) -> None:
-    self.writer.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
 
 
-def sample_predictions_figure(paths: list[str], images: list[np.ndarray],
-                              labels: np.ndarray, probs: np.ndarray,
-                              va_true: np.ndarray, va_pred: np.ndarray):
-  """A grid of images titled with the predicted and true expression, the
-  prediction's probability and the predicted (true) valence/arousal."""
-  columns = min(4, len(images))
-  rows = -(-len(images) // columns)
-  fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns,
-                                                   3.2 * rows), squeeze=False)
-  for ax in axes.ravel():
-    ax.axis('off')
-  for ax, path, image, label, p, true, pred in zip(
-      axes.ravel(), paths, images, labels, probs, va_true, va_pred):
-    guess = int(p.argmax())
-    ax.imshow(image)
-    ax.set_title(f'{EXPRESSIONS[guess]} {p[guess]:.2f}\n'
-                 f'true {EXPRESSIONS[int(label)]}\n'
-                 f'v {pred[0]:+.2f} ({true[0]:+.2f}) '
-                 f'a {pred[1]:+.2f} ({true[1]:+.2f})', fontsize=7,
-                 color='green' if guess == label else 'red')
-  fig.tight_layout()
-  return fig
+def write_split_report(folder: Path, split: str, result: dict,
+                       predictions: dict, records: Records,
+                       config: ml_collections.ConfigDict,
+                       curves: list[dict] | None = None) -> None:
+  """A split's report in folder: the figures, summary.md, then
+  {split}_metrics.json (last, so that its presence means complete).
 
-
-def plot_confusion_matrix(path: Path, cm: np.ndarray, title: str) -> None:
-  """Row-normalised confusion matrix with counts in the cells."""
-  cm = np.asarray(cm)
-  rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-  fig, ax = plt.subplots(figsize=(7, 6))
-  image = ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
-  for i in range(len(cm)):
-    for j in range(len(cm)):
-      ax.text(j, i, f'{rates[i, j]:.2f}\n({cm[i, j]})', ha='center',
-              va='center', fontsize=7,
-              color='white' if rates[i, j] > 0.5 else 'black')
-  ax.set_xticks(range(len(cm)), EXPRESSIONS, rotation=45, ha='right')
-  ax.set_yticks(range(len(cm)), EXPRESSIONS)
-  ax.set_xlabel('predicted')
-  ax.set_ylabel('true')
-  ax.set_title(title)
-  fig.colorbar(image, ax=ax, label='recall (row-normalised)')
-  _save(fig, path)
-
-
-def plot_curves(path: Path, records: list[dict]) -> None:
-  """Loss and accuracy (train and val) per epoch, and val macro F1."""
-  epochs = [r['epoch'] for r in records]
-  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-  for split in ('train', 'val'):
-    left.plot(epochs, [r[f'{split}_loss'] for r in records], 'o-',
-              label=f'{split} loss')
-    right.plot(epochs, [r[f'{split}_accuracy'] for r in records], 'o-',
-               label=f'{split} accuracy')
-  right.plot(epochs, [r['val_macro_f1'] for r in records], 's--',
-             label='val macro F1')
-  for ax, name in ((left, 'loss'), (right, 'accuracy / F1')):
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_xlabel('epoch')
-    ax.set_ylabel(name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  _save(fig, path)
-
-
-def plot_va_scatter(path: Path, va_true: np.ndarray, va_pred: np.ndarray,
-                    labels: np.ndarray, metrics: dict) -> None:
-  """Predicted against true valence and arousal, and the 2-D circumplex."""
-  va_pred = np.clip(va_pred, -1, 1)
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-  for d, name in enumerate(('valence', 'arousal')):
-    ax = axes[d]
-    ax.scatter(va_true[:, d], va_pred[:, d], s=4, alpha=0.4)
-    ax.plot([-1, 1], [-1, 1], 'k--', lw=1)
-    ax.set_title(f"{name}: CCC {metrics[f'{name}_ccc']:.3f}, "
-                 f"RMSE {metrics[f'{name}_rmse'] or 0:.3f}")
-    ax.set_xlabel(f'true {name}')
-    ax.set_ylabel(f'predicted {name}')
-  ax = axes[2]
-  for c, name in enumerate(EXPRESSIONS):
-    sel = labels == c
-    ax.scatter(va_pred[sel, 0], va_pred[sel, 1], s=4, alpha=0.5, label=name)
-  ax.set_title('predicted valence/arousal by true expression')
-  ax.set_xlabel('valence')
-  ax.set_ylabel('arousal')
-  ax.legend(fontsize=7, markerscale=3)
-  for ax in axes:
-    ax.set_xlim(-1.05, 1.05)
-    ax.set_ylim(-1.05, 1.05)
-    ax.set_aspect('equal')
-    ax.grid(alpha=0.3)
-  _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-  Path(path).parent.mkdir(parents=True, exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-  """Mean and sample standard deviation (None for a single value)."""
-  v = np.asarray(values, dtype=np.float64)
-  return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
-
-
-def plot_ablation(path: Path, variants: list[str], metrics: list[str],
-                  values: dict) -> None:
-  """Each metric per variant (seeds as dots, mean ± std as a bar) and the
-  per-class recall per variant (mean, std as error bars).
-
-  values: {metric or 'recall_<class>': {variant: [one value per seed]}}.
+  curves: metrics.jsonl's records, drawn as curves.png (training's report).
   """
-  fig = plt.figure(figsize=(max(12, 2.8 * len(metrics)), 8.5))
-  grid = fig.add_gridspec(2, len(metrics), height_ratios=(1, 1.1))
-  spread = lambda v: mean_std(v)[1] or 0.0
-  for j, metric in enumerate(metrics):
-    ax = fig.add_subplot(grid[0, j])
-    for x, variant in enumerate(variants):
-      v = np.asarray(values[metric][variant], dtype=np.float64)
-      if len(v):
-        ax.scatter(x + np.linspace(-0.12, 0.12, len(v)), v, s=14, alpha=0.6)
-        ax.errorbar(x, v.mean(), yerr=spread(v), fmt='_', color='black',
-                    markersize=22, capsize=5)
-    ax.set_xticks(range(len(variants)), variants, rotation=30, ha='right')
-    ax.set_title(metric)
-    ax.grid(axis='y', alpha=0.3)
-  ax = fig.add_subplot(grid[1, :])
-  width = 0.8 / len(variants)
-  for i, variant in enumerate(variants):
-    recall = [np.asarray(values[f'recall_{c}'][variant], dtype=np.float64)
-              for c in EXPRESSIONS]
-    if all(len(r) for r in recall):
-      ax.bar(np.arange(len(EXPRESSIONS)) + (i - (len(variants) - 1) / 2) *
-             width, [r.mean() for r in recall], width, label=variant,
-             yerr=[spread(r) for r in recall], capsize=2)
-  ax.set_xticks(range(len(EXPRESSIONS)), EXPRESSIONS)
-  ax.set_ylabel('test recall')
-  ax.set_ylim(0, 1.05)
-  ax.grid(axis='y', alpha=0.3)
-  ax.legend(fontsize=8, ncol=min(len(variants), 6))
-  _save(fig, path)
+  folder = Path(folder)
+  names = {'confusion matrix': 'confusion_matrix.png',
+           'valence and arousal': 'va_scatter.png'}
+  figures.plot_confusion_matrix(
+      folder / names['confusion matrix'], result['confusion_matrix'],
+      f"{split}: accuracy {result['accuracy']:.3f}, macro F1 "
+      f"{result['macro_f1']:.3f}")
+  mask = records.va_mask
+  figures.plot_va_scatter(folder / names['valence and arousal'],
+                          records.va[mask], predictions['va'][mask],
+                          records.labels[mask], result)
+  if curves:
+    names['training curves'] = 'curves.png'
+    figures.plot_curves(folder / 'curves.png', curves)
+  files.write_text(folder / 'summary.md', summary_markdown(
+      split, result, config_rules.as_json(config), names))
+  files.write_json(folder / f'{split}_metrics.json', result)
 
 
 def format_summary(metrics: dict, split: str) -> str:

@@ -1,64 +1,85 @@
-"""--mode=train: the training loop, then the test report of the best model."""
+"""--mode=train: the training loop, then the test report of the best model.
 
+Everything about the workdir is decided before anything in it changes
+(workdir.decide): a fresh run writes its record, a resumed one continues
+from its latest complete checkpoint, a finished one shows its report, and
+a refused one leaves every file as it was.
+"""
+
+import contextlib
+import dataclasses
 import functools
-import hashlib
-import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
 
 import jax
 import ml_collections
 from absl import logging
-from tqdm import tqdm
 
-from fer_jax import (checkpoints, data, distributed, evaluate, losses, models,
-                     reporting, steps)
+from fer_jax import (checkpoints, config_rules, data, distributed, files,
+                     figures, inference, losses, models, reporting, steps,
+                     workdir as workdir_lib)
+from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 
 
+@dataclasses.dataclass
+class Progress:
+  """Where the loop is: each checkpoint's 'meta' item."""
+  step: int = 0                   # steps done, over the whole run
+  epoch_sums: dict = dataclasses.field(default_factory=dict)  # this epoch's
+  best_value: float | None = None
+  best_step: int | None = None    # the first step with best_value
+  epochs_without_improvement: int = 0
+  stopped_early: bool = False
+  train_seconds: float = 0.0      # training and validation, all sessions
+
+  @classmethod
+  def from_meta(cls, meta: dict, steps_per_epoch: int) -> 'Progress':
+    """From a checkpoint's meta item; older ones counted epochs."""
+    if 'step' not in meta:
+      best = meta.get('best_epoch')
+      meta = {**meta, 'step': (meta['epoch'] * steps_per_epoch +
+                               meta.get('epoch_step', 0)),
+              'best_step': best * steps_per_epoch if best else None}
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in meta.items() if k in names})
+
+
+def _due(done: int, steps_per_epoch: int, train: ml_collections.ConfigDict
+         ) -> tuple[bool, bool, bool]:
+  """(log, validate, checkpoint) after `done` steps: validation closes each
+  epoch; checkpoints come then and every train.checkpoint_every_steps;
+  the progress bar's numbers every train.log_every_steps and at the end of
+  each epoch."""
+  end = done % steps_per_epoch == 0
+  every = train.checkpoint_every_steps
+  return (end or done % train.log_every_steps == 0, end,
+          end or bool(every and done % every == 0))
+
+
 def _improved(value: float, best: float | None, mode: str) -> bool:
+  """Strictly better: among equal values the earliest stays the best."""
   return best is None or (value > best if mode == 'max' else value < best)
 
 
-def _tensorboard_tag(key: str) -> str:
-  """'val_macro_f1' -> 'val/macro_f1', so TensorBoard groups by split."""
-  split, _, name = key.partition('_')
-  return f'{split}/{name}' if split in ('train', 'val') else key
+def _check_finite(sums: dict, epoch: int, step: int) -> None:
+  """Stops a diverged run before it can save a bad checkpoint."""
+  if not math.isfinite(sums['loss']):
+    raise FloatingPointError(
+        f'loss is {sums["loss"]} at epoch {epoch}, step {step}; stopping '
+        'without saving (the last checkpoint is intact). Lower '
+        'train.learning_rate or check the data.')
 
 
-def flatten(tree: dict, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
-def config_changes(path: Path, config: ml_collections.ConfigDict) -> dict:
-  """{field: (saved, new)} where config differs from the config.json at
-  path (in JSON form); {} if there is none."""
-  if not Path(path).exists():
-    return {}
-  old = flatten(json.loads(Path(path).read_text()))
-  new = flatten(reporting.as_json(config))
-  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
-          if old.get(k) != new.get(k)}
-
-
-def _warn_if_config_changed(path: Path, config: ml_collections.ConfigDict
-                            ) -> None:
-  """Says which fields differ from the config a workdir was started with."""
-  changed = config_changes(path, config)
-  if changed:
-    logging.warning('%s: this run changes %s: %s', path.parent,
-                    'these fields' if len(changed) > 1 else 'this field',
-                    ', '.join(f'{k} {old!r} -> {new!r}'
-                              for k, (old, new) in changed.items()))
+def _add_metrics(sums: dict, history: list) -> dict:
+  """sums plus the per-step metrics of history (replicated; device 0's)."""
+  sums = dict(sums)
+  for metrics in history:
+    for key, value in steps.unreplicate(metrics).items():
+      sums[key] = sums.get(key, 0.0) + float(value)
+  return sums
 
 
 def _sample_figure(records, predictions: dict,
@@ -67,78 +88,25 @@ def _sample_figure(records, predictions: dict,
 
   The same images every epoch, so TensorBoard shows them being learnt.
   """
-  n = min(config.train.get('num_sample_images', 8), len(records))
+  n = min(config.train.num_sample_images, len(records))
   images = [pipeline.load_image(records[i], config.data) for i in range(n)]
-  return reporting.sample_predictions_figure(
+  return figures.sample_predictions_figure(
       list(records.paths[:n]), images, records.labels[:n],
       predictions['probs'][:n], records.va[:n], predictions['va'][:n])
 
 
-def _check_finite(metrics: dict, epoch: int, step: int) -> None:
-  """Stops a diverged run before it can overwrite a good checkpoint."""
-  if not math.isfinite(metrics['loss']):
-    raise FloatingPointError(
-        f'loss is {metrics["loss"]} at epoch {epoch}, step {step}; stopping '
-        'without saving (the last checkpoint is intact). Lower '
-        'train.learning_rate or check the data.')
-
-
-def train_epoch(p_train, state, batches, epoch: int, first: int,
-                num_steps: int, sums: dict, save: Callable,
-                config: ml_collections.ConfigDict):
-  """Steps first..num_steps-1 of epoch `epoch` (0-based), with a progress bar.
-
-  sums: the epoch's metric sums over its first `first` steps (from a
-  checkpoint). Every train.checkpoint_every_steps global steps, save(state,
-  steps done in the epoch, sums) checkpoints mid-epoch. Metrics come back
-  to the host only for the bar (every train.log_every_steps), such a save,
-  and at the end. Images/s is timed from the end of the first step, so
-  compilation does not count. Returns the state, the epoch's mean metrics
-  and images/s.
-  """
-  every, log_every = (config.train.checkpoint_every_steps,
-                      config.train.log_every_steps)
-  pending, start, timed = [], None, 0
-  bar = tqdm(total=num_steps, initial=first, unit='step', dynamic_ncols=True,
-             desc=f'epoch {epoch + 1}/{config.train.num_epochs}',
-             mininterval=1.0, disable=not distributed.is_primary())
-  for i in range(first, num_steps):
-    state, metrics = p_train(state, next(batches))
-    pending.append(metrics)
-    bar.update()
-    if start is None:
-      jax.block_until_ready(metrics)
-      start = time.perf_counter()
-    else:
-      timed += 1
-    if (i + 1) % log_every == 0 or i + 1 == num_steps:
-      last = jax.tree.map(float, steps.unreplicate(metrics))
-      rate = timed * config.train.batch_size / (time.perf_counter() - start)
-      bar.set_postfix(loss=f"{last['loss']:.3f}",
-                      acc=f"{last['accuracy']:.3f}", img_s=f'{rate:.0f}')
-    if every and (epoch * num_steps + i + 1) % every == 0 and i + 1 < num_steps:
-      sums, pending = _add_metrics(sums, pending), []
-      save(state, i + 1, sums)
-  bar.close()
-  images_per_sec = (timed * config.train.batch_size /
-                    (time.perf_counter() - start) if timed else None)
-  sums = _add_metrics(sums, pending)
-  return state, {k: v / num_steps for k, v in sums.items()}, images_per_sec
-
-
-def _add_metrics(sums: dict, history: list) -> dict:
-  """sums plus the per-step metrics of history (replicated; device 0's)."""
-  for metrics in history:
-    for key, value in steps.unreplicate(metrics).items():
-      sums[key] = sums.get(key, 0.0) + float(value)
-  return sums
-
-
-def split_digest(records) -> str:
-  """A fingerprint of the training split: its paths and labels, in order."""
-  digest = hashlib.sha1('\n'.join(records.paths.tolist()).encode())
-  digest.update(records.labels.tobytes())
-  return digest.hexdigest()
+def _epoch_record(progress: Progress, steps_per_epoch: int,
+                  learning_rate: float, images_per_sec: float | None,
+                  val_metrics: dict) -> dict:
+  """The metrics.jsonl line of the epoch that progress has just ended."""
+  return {'epoch': progress.step // steps_per_epoch, 'step': progress.step,
+          'learning_rate': float(learning_rate),  # the epoch's last step's
+          'images_per_sec': images_per_sec,
+          'train_seconds': progress.train_seconds,
+          **{f'train_{k}': v / steps_per_epoch
+             for k, v in progress.epoch_sums.items()},
+          **{f'val_{k}': v for k, v in val_metrics.items()
+             if isinstance(v, (int, float))}}
 
 
 def resume_batches(records, config: ml_collections.ConfigDict,
@@ -170,180 +138,227 @@ def resume_batches(records, config: ml_collections.ConfigDict,
   return batches(start_step=step), step
 
 
+def _finished(writer: reporting.Writer, workdir: Path) -> dict:
+  """The test report of a finished run, shown again; nothing is written."""
+  report = workdir_lib.read_json(workdir_lib.test_report(workdir))
+  writer.say(f"{workdir}: finished ({report.get('epochs_trained')} epochs); "
+             f"the test report of step {report.get('checkpoint_step')}, as "
+             'training wrote it:')
+  writer.say(reporting.format_summary(report, 'test'))
+  return report
+
+
+def _restore_latest(workdir: Path, config: ml_collections.ConfigDict,
+                    template: steps.TrainState, steps_per_epoch: int,
+                    resumable: bool):
+  """(state, progress, data item, step, unreadable later steps) of the
+  latest complete checkpoint; (template, Progress(), None, None, []) if
+  there is none or not resumable (no checkpoints folder)."""
+  if not resumable:
+    return template, Progress(), None, None, []
+  reader = checkpoints.create_manager(workdir, config, read_only=True)
+  step, restored, broken = checkpoints.latest_complete(
+      reader, functools.partial(checkpoints.restore, reader,
+                                template=template))
+  reader.close()
+  if step is None:
+    return template, Progress(), None, None, []
+  state, meta, saved_data = restored
+  return (state, Progress.from_meta(meta, steps_per_epoch), saved_data, step,
+          broken)
+
+
+def _where(step: int, steps_per_epoch: int) -> str:
+  epoch, epoch_step = divmod(step, steps_per_epoch)
+  return (f'step {epoch_step} of {steps_per_epoch} in epoch {epoch + 1}'
+          if epoch_step else f'the end of epoch {epoch}')
+
+
+def _end_epoch(writer: reporting.Writer, progress: Progress,
+               config: ml_collections.ConfigDict, steps_per_epoch: int,
+               learning_rate: float, images_per_sec: float | None,
+               val_metrics: dict, samples) -> dict:
+  """Closes the epoch that progress has just ended: its metrics.jsonl line
+  (before the checkpoint that it describes: a crash in between redoes the
+  epoch and drops the line first), the best so far and early stopping.
+  Returns the value that ranks the epoch's checkpoint."""
+  record = _epoch_record(progress, steps_per_epoch, learning_rate,
+                         images_per_sec, val_metrics)
+  train = config.train
+  value = record[train.best_metric]
+  if _improved(value, progress.best_value, train.best_mode):
+    progress.best_value, progress.best_step = value, progress.step
+    progress.epochs_without_improvement = 0
+  else:
+    progress.epochs_without_improvement += 1
+  progress.stopped_early = bool(
+      train.early_stopping_patience and
+      progress.epochs_without_improvement >= train.early_stopping_patience)
+  progress.epoch_sums = {}
+  writer.record(record, samples)
+  logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f '
+               'macro F1 %.4f | %.0f img/s', record['epoch'],
+               record['train_loss'], record['train_accuracy'],
+               record['val_loss'], record['val_accuracy'],
+               record['val_macro_f1'], images_per_sec or 0.0)
+  if progress.stopped_early:
+    writer.say(f'Stopping early: {train.best_metric} has not improved for '
+               f'{train.early_stopping_patience} epochs (best '
+               f'{progress.best_value:.4f} at step {progress.best_step}).')
+  return {train.best_metric: value}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict:
   """Trains, keeps the best checkpoint, then writes the test report."""
-  if not config.train.best_metric.startswith(('val_', 'train_')):
-    raise ValueError(f'train.best_metric: {config.train.best_metric!r} must '
-                     "name a metrics.jsonl field, e.g. 'val_macro_f1'")
   workdir = Path(workdir)
-  # Several processes: each reads its share of every batch; all save
-  # checkpoints together; process 0 alone writes the other files.
-  primary = distributed.is_primary()
-  if primary:
-    workdir.mkdir(parents=True, exist_ok=True)
-    _warn_if_config_changed(workdir / 'config.json', config)
-  num_devices = jax.local_device_count()
+  config_rules.check(config, jax.device_count())
+  status, changed = workdir_lib.decide(workdir, config)
+  writer = reporting.Writer(workdir, distributed.is_primary())
+  if status == workdir_lib.FINISHED:
+    return _finished(writer, workdir)
+  # Read before process 0 can create the folder: every process restores.
+  resumable = (workdir / 'checkpoints').exists()
 
-  # Data: splits, their report, and the split itself for auditing.
-  splits, data_report = evaluate.load_splits(config)
-  if primary:
-    reporting.write_json(workdir / 'data_report.json', data_report)
-    data.save_split(workdir / 'splits.npz', splits)
-    reporting.write_json(workdir / 'config.json', config.to_dict())
+  # Data, checked against the splits the run recorded. Every process has
+  # decided before process 0 (first in load_splits) can write below.
+  splits, data_report = data.load_splits_all_processes(config)
+  differences = (workdir_lib.split_differences(workdir, splits,
+                                               data_report['root'])
+                 if status == workdir_lib.RESUME else {})
+  if differences:
+    raise UsageError(
+        f'{workdir}: the data differs from the splits this run recorded '
+        '(splits.npz): ' + '; '.join(f'{k}: {v}' for k, v in
+                                      differences.items()) +
+        '. Restore the data, or start a new --workdir.')
   num_steps = pipeline.steps_per_epoch(len(splits['train']),
                                        config.train.batch_size)
+  if num_steps == 0:
+    raise UsageError(f'train.batch_size: {config.train.batch_size} is more '
+                     f"than the {len(splits['train'])} training examples")
+  total_steps = config.train.num_epochs * num_steps
   logging.info('Data: %s', {k: len(v) for k, v in splits.items()})
 
-  # Model, optimiser and the pmapped steps.
+  # Model, optimiser, the pmapped steps, and the latest complete
+  # checkpoint (model.init_from is read only without one: a checkpoint
+  # holds every weight).
   model = models.create_model(config.model, axis_name=steps.AXIS)
   schedule = steps.learning_rate_fn(config.train, num_steps)
   tx = steps.create_optimizer(config.train, schedule)
-  state = steps.create_train_state(model, tx, config.data.image_size,
-                                   config.train.seed, config.model.init_from,
-                                   ema=config.train.ema_decay > 0)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  if primary:
-    (workdir / 'model_summary.txt').write_text(
-        models.parameter_summary(variables) + '\n')
-    print(f'{config.model.name}: ' + ', '.join(
-        f'{k} {n:,}' for k, n in models.parameter_totals(variables).items())
-          + f" (every variable in {workdir / 'model_summary.txt'})")
+  new_state = functools.partial(
+      steps.create_train_state, model, tx, config.data.image_size,
+      config.train.seed, ema=config.train.ema_decay > 0)
   weights = losses.configured_class_weights(
       config.train, data_report['train']['class_counts'])
   p_train, p_eval = steps.pmap_steps(
       model, tx, config, weights, freeze_backbone_steps=int(
           config.train.freeze_backbone_epochs * num_steps))
+  state, progress, saved_data, restored_step, broken = _restore_latest(
+      workdir, config, new_state(), num_steps, resumable)
+  if restored_step is None and config.model.init_from:
+    state = new_state(init_from=config.model.init_from)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  writer.say(f'{config.model.name}: ' + ', '.join(
+      f'{k} {n:,}' for k, n in models.parameter_totals(variables).items()))
 
-  # Resume from the latest checkpoint, if any.
-  manager = checkpoints.create_manager(workdir, config)
-  meta = {'epoch': 0, 'epoch_step': 0, 'epoch_sums': {}, 'best_value': None,
-          'best_epoch': None, 'epochs_without_improvement': 0,
-          'stopped_early': False, 'train_seconds': 0.0}
-  latest, saved_data = manager.latest_step(), None
-  if latest is not None:
-    state, saved_meta, saved_data = checkpoints.restore(manager, latest,
-                                                        state)
-    meta.update(saved_meta)  # older checkpoints lack the mid-epoch fields
-    where = (f"step {meta['epoch_step']} of {num_steps} in epoch "
-             f"{meta['epoch'] + 1}" if meta['epoch_step'] else
-             f"the end of epoch {meta['epoch']}")
-    if primary:
-      print(f'Resuming from the checkpoint of step {latest} ({where}) in '
-            f'{manager.directory}')
-      if meta['epoch'] >= config.train.num_epochs or meta['stopped_early']:
-        print('Training has finished; evaluating the best checkpoint.')
-  if primary:
-    reporting.truncate_jsonl(workdir / 'metrics.jsonl', meta['epoch'])
-    tensorboard = reporting.TensorBoard(workdir / 'tb')
-  state = steps.replicate(state)
-  digest = split_digest(splits['train'])
-  if saved_data and saved_data.get('train_digest', digest) != digest:
-    raise ValueError(
-        f'{workdir}: the training split differs from the one this run was '
-        'checkpointed with (files added, removed or now skipped), so it '
-        'cannot continue with the same data. Restore the data, or start a '
-        'new --workdir.')
-  batches, first_step = None, 0
-  if meta['epoch'] < config.train.num_epochs and not meta['stopped_early']:
-    batches, first_step = resume_batches(splits['train'], config,
-                                         num_devices, latest or 0, saved_data)
+  # Decided: from here on the run writes to its workdir.
+  with contextlib.ExitStack() as cleanup:
+    cleanup.enter_context(writer)
+    if status == workdir_lib.FRESH:
+      writer.write(workdir_lib.write_record, workdir, config, splits,
+                   data_report, models.parameter_summary(variables))
+    writer.write(workdir_lib.log_changes, workdir, changed)
+    if broken:
+      writer.say(f'Checkpoints {broken} are unreadable; they move to '
+                 'checkpoints_unreadable/')
+      writer.write(checkpoints.set_aside, workdir, broken)
+      distributed.barrier('unreadable checkpoints set aside')
+    if restored_step is not None:
+      writer.say(f'Resuming from the checkpoint of step {restored_step} '
+                 f"({_where(progress.step, num_steps)}) in "
+                 f"{workdir / 'checkpoints'}")
+    writer.keep_records_until(progress.step)
+    manager = checkpoints.create_manager(workdir, config)
+    cleanup.callback(manager.close)
+    last_step = progress.step if progress.stopped_early else total_steps
+    if progress.step < last_step:
+      batches, first_step = resume_batches(
+          splits['train'], config, jax.local_device_count(), progress.step,
+          saved_data)
+      cleanup.callback(batches.close)
+    state = steps.replicate(state)
+    clock, seconds_before = time.perf_counter(), progress.train_seconds
+    bar, pending = None, []
 
-  # Wall time of training and validation, over all sessions of the run.
-  clock, seconds_before = time.perf_counter(), meta['train_seconds']
-  elapsed = lambda: seconds_before + time.perf_counter() - clock
+    # One flat loop over the run's steps.
+    for step in range(progress.step, last_step):
+      epoch = step // num_steps
+      if bar is None:
+        bar = writer.progress(num_steps, step % num_steps,
+                              f'epoch {epoch + 1}/{config.train.num_epochs}')
+        started, timed = None, 0
+      state, metrics = p_train(state, next(batches))
+      pending.append(metrics)
+      bar.update()
+      if started is None:  # images/s from the end of the first step
+        jax.block_until_ready(metrics)
+        started = time.perf_counter()
+      else:
+        timed += 1
+      rate = (timed * config.train.batch_size /
+              (time.perf_counter() - started) if timed else None)
+      done = step + 1
+      log, validate, checkpoint = _due(done, num_steps, config.train)
+      if log:
+        last = jax.tree.map(float, steps.unreplicate(metrics))
+        bar.set_postfix(loss=f"{last['loss']:.3f}",
+                        acc=f"{last['accuracy']:.3f}", img_s=f'{rate or 0:.0f}')
+      if not checkpoint:
+        continue
+      progress.epoch_sums = _add_metrics(progress.epoch_sums, pending)
+      pending = []
+      _check_finite(progress.epoch_sums, epoch + 1, done)
+      progress.step, ranked = done, None
+      if validate:
+        bar.close()
+        bar = None
+        val_metrics, val_out = inference.evaluate_records(
+            p_eval, state, splits['val'], config)
+      progress.train_seconds = seconds_before + time.perf_counter() - clock
+      if validate:
+        ranked = _end_epoch(writer, progress, config, num_steps,
+                            schedule(done - 1), rate, val_metrics,
+                            functools.partial(_sample_figure, splits['val'],
+                                              val_out, config))
+      checkpoints.save(manager, done, steps.unreplicate(state),
+                       dataclasses.asdict(progress),
+                       {'first_step': first_step,
+                        'num_workers': config.data.num_workers,
+                        'iterators': distributed.gather_json(
+                            batches.get_state())}, ranked)
+      if progress.stopped_early:
+        break
+    manager.wait_until_finished()
 
-  def save(state, step: int, metrics: dict | None = None) -> None:
-    meta['train_seconds'] = elapsed()
-    data_state = {'step': step, 'first_step': first_step,
-                  'num_workers': config.data.num_workers,
-                  'train_digest': digest,
-                  'iterators': distributed.gather_json(batches.get_state())}
-    checkpoints.save(manager, step, steps.unreplicate(state), meta,
-                     data_state, metrics)
-
-  def save_mid_epoch(state, epoch_step: int, sums: dict) -> None:
-    step = meta['epoch'] * num_steps + epoch_step
-    _check_finite(sums, meta['epoch'] + 1, step)
-    meta.update(epoch_step=epoch_step, epoch_sums=sums)
-    save(state, step)
-
-  for epoch in range(meta['epoch'], config.train.num_epochs):
-    if meta['stopped_early']:
-      break
-    # Train one epoch (from a mid-epoch checkpoint's step, if resumed).
-    state, train_metrics, images_per_sec = train_epoch(
-        p_train, state, batches, epoch, meta['epoch_step'], num_steps,
-        dict(meta['epoch_sums']), save_mid_epoch, config)
-    step = (epoch + 1) * num_steps
-    _check_finite(train_metrics, epoch + 1, step)
-
-    # Evaluate on val.
-    val_metrics, val_out = evaluate.evaluate_records(p_eval, state,
-                                                     splits['val'], config)
-    record = {'epoch': epoch + 1, 'step': step,
-              'learning_rate': float(schedule(step - 1)),  # the last step's
-              'images_per_sec': images_per_sec,
-              'train_seconds': elapsed(),
-              **{f'train_{k}': v for k, v in train_metrics.items()},
-              **{f'val_{k}': v for k, v in val_metrics.items()
-                 if isinstance(v, (int, float))}}
-    if config.train.best_metric not in record:
-      raise ValueError(f'train.best_metric: {config.train.best_metric!r} is '
-                       f'not one of {sorted(record)}')
-    value = record[config.train.best_metric]
-
-    # Checkpoint, log, and stop early when val stops improving.
-    if _improved(value, meta['best_value'], config.train.best_mode):
-      meta.update(best_value=value, best_epoch=epoch + 1,
-                  epochs_without_improvement=0)
-    else:
-      meta['epochs_without_improvement'] += 1
-    patience = config.train.early_stopping_patience
-    stop = bool(patience and meta['epochs_without_improvement'] >= patience)
-    meta.update(epoch=epoch + 1, epoch_step=0, epoch_sums={},
-                stopped_early=stop)
-    save(state, step, {config.train.best_metric: value})
-    if primary:
-      reporting.append_jsonl(workdir / 'metrics.jsonl', record)
-      tensorboard.scalars(step, {_tensorboard_tag(k): v
-                                 for k, v in record.items()
-                                 if k not in ('epoch', 'step')})
-      tensorboard.figure(step, 'val/samples', _sample_figure(
-          splits['val'], val_out, config))
-    logging.info('epoch %d: train loss %.4f acc %.4f | val loss %.4f acc '
-                 '%.4f macro F1 %.4f | %.0f img/s', epoch + 1,
-                 record['train_loss'], record['train_accuracy'],
-                 record['val_loss'], record['val_accuracy'],
-                 record['val_macro_f1'], images_per_sec or 0.0)
-    if meta['stopped_early'] and primary:
-      print(f'Stopping early: {config.train.best_metric} has not improved '
-            f'for {patience} epochs (best {meta["best_value"]:.4f} at epoch '
-            f'{meta["best_epoch"]}).')
-  manager.wait_until_finished()
-  if batches is not None:
-    batches.close()
-  if primary:
-    tensorboard.close()
-
-  # Test the best checkpoint and write the report.
-  best_step = manager.best_step()
-  best_state, _, _ = checkpoints.restore(manager, best_step,
-                                         steps.unreplicate(state))
-  test_metrics, predictions = evaluate.evaluate_records(
-      p_eval, steps.replicate(best_state), splits['test'], config)
-  test_metrics.update(checkpoint_step=best_step, best_epoch=meta['best_epoch'],
-                      epochs_trained=meta['epoch'],
-                      train_seconds=meta['train_seconds'])
-  manager.close()
-  if not primary:
-    return test_metrics
-  evaluate.write_split_report(workdir, 'test', test_metrics, predictions,
-                              splits['test'], config)
-  print(f"\nBest checkpoint: epoch {meta['best_epoch']} (step {best_step}, "
-        f"{config.train.best_metric} {meta['best_value']:.4f})")
-  print(reporting.format_summary(test_metrics, 'test'))
-  print(f'\nFiles in {workdir}: report/ (summary.md, test_metrics.json, '
-        'confusion_matrix.png, curves.png, va_scatter.png), metrics.jsonl, '
-        'data_report.json, config.json, checkpoints/, tb/')
+    # Test the best checkpoint and write the report.
+    best = progress.best_step
+    best_state, _, _ = checkpoints.restore(manager, best,
+                                           steps.unreplicate(state))
+    test_metrics, predictions = inference.evaluate_records(
+        p_eval, steps.replicate(best_state), splits['test'], config)
+    test_metrics.update(checkpoint_step=best, best_epoch=best // num_steps,
+                        epochs_trained=progress.step // num_steps,
+                        stopped_early=progress.stopped_early,
+                        train_seconds=progress.train_seconds)
+    writer.write(reporting.write_split_report, workdir / 'report', 'test',
+                 test_metrics, predictions, splits['test'], config,
+                 curves=files.read_jsonl(workdir / 'metrics.jsonl'))
+  writer.say(f'\nBest checkpoint: epoch {best // num_steps} (step {best}, '
+             f'{config.train.best_metric} {progress.best_value:.4f})')
+  writer.say(reporting.format_summary(test_metrics, 'test'))
+  writer.say(f'\nFiles in {workdir}: report/ (summary.md, test_metrics.json, '
+             'confusion_matrix.png, curves.png, va_scatter.png), '
+             'metrics.jsonl, data_report.json, splits.npz, config.json, '
+             'model_summary.txt, checkpoints/, tb/')
   return test_metrics

@@ -1,11 +1,23 @@
 """Shared fixtures. Two simulated CPU devices, so every pmapped test shards."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must be set before jax is first imported by any test module.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests (and the main.py processes they start) compile the same tiny
+# steps: XLA's executables are kept on disk for the session and reused.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='xla_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
+                  ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
+import hashlib  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -25,13 +37,38 @@ NUM_DEVICES = 2
 
 def command_line(config, workdir) -> list[str]:
   """main.py with the flags that turn the default config into config."""
-  from fer_jax import reporting, train
-  flat = lambda c: train.flatten(reporting.as_json(c))
+  from fer_jax import config_rules
+  flat = lambda c: config_rules.flatten(config_rules.as_json(c))
   want, default_fields = flat(config), flat(default.get_config())
   flags = [f'--config.{key}={want[key]}' for key in sorted(want)
            if want[key] != default_fields.get(key)]
   return [sys.executable, str(ROOT / 'main.py'), f'--workdir={workdir}',
           *flags]
+
+
+def tree_digest(folder: Path, skip: tuple[str, ...] = ()) -> dict:
+  """{relative path: sha256} of every file below folder, but for those
+  below the relative folders in skip."""
+  folder = Path(folder)
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob('*')) if p.is_file() and not any(
+              p.relative_to(folder).is_relative_to(s) for s in skip)}
+
+
+def live_children() -> set[int]:
+  """The running (not zombie) child processes of this process, but for
+  multiprocessing's resource tracker (one per process, for its lifetime)."""
+  children = set()
+  for stat in Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+      command = (stat.parent / 'cmdline').read_bytes()
+    except OSError:  # ended meanwhile
+      continue
+    if (int(fields[1]) == os.getpid() and fields[0] != 'Z' and
+        b'resource_tracker' not in command):
+      children.add(int(stat.parent.name))
+  return children
 
 
 def tiny_config(cache_dir: Path):

@@ -1,6 +1,7 @@
 """--mode=ablate: runs, skips, resumes, records failures and collects."""
 
 import csv
+import ctypes
 import importlib
 import json
 import math
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 
 from configs.ablations import ablation
-from fer_jax import ablate, train
+from fer_jax import ablate, evaluate, files
+from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, live_children, tiny_config
 
 VARIANTS = {'balanced': {},
             'weighted': {'data.sampler': 'uniform',
@@ -60,7 +62,7 @@ def test_every_variant_and_seed_runs_in_its_own_folder(ablated):
         ('balanced', 'none') if row['variant'] == 'balanced' else
         ('uniform', 'inverse_frequency'))
   # The seed reaches training: the two seeds' first losses differ.
-  first = [train.reporting.read_jsonl(Path(r['workdir']) / 'metrics.jsonl')
+  first = [files.read_jsonl(Path(r['workdir']) / 'metrics.jsonl')
            [0]['train_loss'] for r in rows[:2]]
   assert first[0] != first[1]
 
@@ -132,7 +134,7 @@ def test_markdown_gives_mean_std_best_and_paired_difference(ablated):
 
 def test_finished_runs_are_skipped(ablated, monkeypatch, capsys):
   config, workdir, _ = ablated
-  monkeypatch.setattr(ablate.train, 'train_and_evaluate',
+  monkeypatch.setattr(ablate, 'train_one',
                       lambda *a: pytest.fail('a finished run was trained'))
   rows = ablate.run(config, str(workdir))
   assert {r['status'] for r in rows} == {'finished'}
@@ -140,31 +142,26 @@ def test_finished_runs_are_skipped(ablated, monkeypatch, capsys):
 
 
 def test_interrupted_run_resumes_and_a_failure_does_not_stop_the_others(
-    ablated, tmp_path, monkeypatch, capsys):
+    ablated, tmp_path, capfd):
   config, source, _ = ablated
   workdir = tmp_path / 'ablation'
   shutil.copytree(source, workdir)
   # balanced/seed_0 was killed after its step-4 checkpoint; weighted/seed_1
-  # never started and will fail; the other two are finished.
+  # holds a checkpoint and nothing that says what it is, so it fails; the
+  # other two are finished.
   interrupted = workdir / 'balanced' / 'seed_0'
   shutil.rmtree(interrupted / 'report')
   for step in (interrupted / 'checkpoints').iterdir():
     if step.name.isdigit() and int(step.name) > 4:
       shutil.rmtree(step)
   (interrupted / 'metrics.jsonl').unlink()
-  shutil.rmtree(workdir / 'weighted' / 'seed_1')
-  real = train.train_and_evaluate
-
-  def flaky(config, run_dir):
-    if run_dir.endswith('seed_1'):
-      raise FloatingPointError('loss is nan at epoch 1, step 3')
-    return real(config, run_dir)
-
-  monkeypatch.setattr(ablate.train, 'train_and_evaluate', flaky)
+  failing = workdir / 'weighted' / 'seed_1'
+  shutil.rmtree(failing)
+  (failing / 'checkpoints' / '5').mkdir(parents=True)
   with pytest.raises(RuntimeError, match='1 of 4 runs failed'):
     ablate.run(config, str(workdir))
-  out = capsys.readouterr().out
-  assert '1 interrupted' in out and '1 not run' in out
+  out = capfd.readouterr().out
+  assert '2 interrupted' in out and '2 finished' in out
   assert 'Resuming from the checkpoint of step 4' in out
   resumed = json.loads((interrupted / 'report' /
                         'test_metrics.json').read_text())
@@ -173,21 +170,67 @@ def test_interrupted_run_resumes_and_a_failure_does_not_stop_the_others(
   assert resumed['accuracy'] == original['accuracy']
   assert resumed['valence_ccc'] == pytest.approx(original['valence_ccc'],
                                                  abs=1e-6)
-  error = (workdir / 'weighted' / 'seed_1' / 'error.txt').read_text()
-  assert 'Traceback' in error and 'loss is nan' in error
+  error = (failing / 'error.txt').read_text()
+  assert 'has checkpoints but no config.json' in error
+  assert 'Traceback' not in error  # the user's mistake, in one line
   rows = {(r['variant'], r['seed']): r
           for r in read_csv(workdir / 'ablation.csv')}
   assert rows['weighted', '1']['status'] == 'failed'
-  assert 'FloatingPointError: loss is nan' in rows['weighted', '1']['error']
+  assert 'has checkpoints but no config.json' in rows['weighted', '1'][
+      'error']
   assert rows['weighted', '1']['accuracy'] == ''
   assert _md_row((workdir / 'ablation.md').read_text(), 'Test metrics',
                  'weighted')[1 + len(config.ablate.metrics)] == '1/2'
 
   # Running again retries the failed run; its error.txt goes.
-  monkeypatch.setattr(ablate.train, 'train_and_evaluate', real)
+  shutil.rmtree(failing / 'checkpoints')
   rows = ablate.run(config, str(workdir))
   assert {r['status'] for r in rows} == {'finished'}
-  assert not (workdir / 'weighted' / 'seed_1' / 'error.txt').exists()
+  assert not (failing / 'error.txt').exists()
+
+
+def test_a_run_that_fails_in_training_leaves_no_process_behind(
+    ablated, tmp_path):
+  """Its Grain workers end with it: none is left, not even as an orphan
+  (this process adopts orphans while the ablation runs)."""
+  config, source, _ = ablated
+  workdir = tmp_path / 'ablation'
+  shutil.copytree(source / 'balanced' / 'seed_0',
+                  workdir / 'balanced' / 'seed_0')
+  config = ablation(config.base, {
+      'balanced': {}, 'diverging': {'train.learning_rate': 1e30,
+                                    'data.num_workers': 2}}, seeds=(0,))
+  before = live_children()
+  prctl = ctypes.CDLL(None).prctl
+  prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+  try:
+    with pytest.raises(RuntimeError, match='1 of 2 runs failed'):
+      ablate.run(config, str(workdir))
+  finally:
+    prctl(36, 0, 0, 0, 0)
+  assert live_children() <= before
+  error = (workdir / 'diverging' / 'seed_0' / 'error.txt').read_text()
+  assert 'FloatingPointError: loss is nan' in error
+
+
+def test_an_evaluation_beside_a_run_leaves_the_table_to_training(
+    ablated, tmp_path):
+  """The tables read each run's own test report, whatever was evaluated
+  afterwards (another checkpoint, flip TTA)."""
+  config, source, rows = ablated
+  workdir = tmp_path / 'ablation'
+  shutil.copytree(source / 'balanced', workdir / 'balanced')
+  run = workdir / 'balanced' / 'seed_0'
+  flip = config.base.copy_and_resolve_references()
+  flip.eval.tta = 'flip'
+  evaluate.evaluate(flip, str(run), 'test', checkpoint_step=4)
+  config = tiny_ablation(Path(config.base.data.synthetic.cache_dir))
+  config.ablate.collect_only = True
+  collected = ablate.run(config, str(workdir))
+  want = json.loads((source / 'balanced' / 'seed_0' / 'report' /
+                     'test_metrics.json').read_text())
+  for key in ('accuracy', 'valence_ccc', 'checkpoint_step', 'train_seconds'):
+    assert collected[0][key] == want[key] == rows[0][key], key
 
 
 def test_collect_only_trains_nothing_and_lists_missing_runs(ablated, tmp_path,
@@ -197,7 +240,7 @@ def test_collect_only_trains_nothing_and_lists_missing_runs(ablated, tmp_path,
   shutil.copytree(source / 'balanced', workdir / 'balanced')
   config = tiny_ablation(Path(config.base.data.synthetic.cache_dir))
   config.ablate.collect_only = True
-  monkeypatch.setattr(ablate.train, 'train_and_evaluate',
+  monkeypatch.setattr(ablate, 'train_one',
                       lambda *a: pytest.fail('collect_only trained'))
   rows = ablate.run(config, str(workdir))
   assert [r['status'] for r in rows] == ['finished', 'finished', 'not run',
@@ -214,7 +257,7 @@ def test_a_run_started_with_another_config_is_refused(ablated, tmp_path):
   config = tiny_ablation(Path(config.base.data.synthetic.cache_dir))
   config.base.train.learning_rate = 0.5
   config.base.data.num_threads = 3  # speed only: not a difference
-  with pytest.raises(ValueError) as error:
+  with pytest.raises(UsageError) as error:
     ablate.run(config, str(workdir))
   message = str(error.value)
   assert str(workdir / 'weighted' / 'seed_0') in message

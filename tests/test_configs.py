@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# saved.py reads a run's config.json: tested on its own below.
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
-                 if p.stem != '__init__')
+                 if p.stem not in ('__init__', 'saved'))
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -21,6 +22,15 @@ def test_config_loads_with_the_contract_fields(name):
                 'train.seed'):
     section, key = field.split('.')
     assert key in config[section], field
+
+
+def test_a_saved_config_reads_back_as_it_was(tmp_path):
+  from fer_jax import config_rules, files
+  config = importlib.import_module('configs.resnet18_affectnet').get_config()
+  files.write_json(tmp_path / 'config.json', config_rules.as_json(config))
+  again = importlib.import_module('configs.saved').get_config(
+      str(tmp_path / 'config.json'))
+  assert config_rules.as_json(again) == config_rules.as_json(config)
 
 
 def test_reference_study_protocols():

@@ -224,14 +224,17 @@ def test_main_evaluates_a_one_process_run_on_two_processes(runs, tmp_path,
   one, _, _ = runs
   workdir = tmp_path / 'run'
   shutil.copytree(one, workdir)
-  (workdir / 'report' / 'test_metrics.json').unlink()
   command = command_line(tiny_run_config(data_cache), workdir)
   outputs = launch(lambda i, port: [
       *command, '--mode=evaluate', f'--coordinator_address=localhost:{port}',
       '--num_processes=2', f'--process_id={i}'], 2, 2)
   assert 'Report:' in outputs[0] and 'Report:' not in outputs[1]
-  ours, theirs = (read_json(w / 'report' / 'test_metrics.json')
-                  for w in (workdir, one))
+  theirs = read_json(one / 'report' / 'test_metrics.json')
+  # Beside training's report, in one folder: process 0 alone wrote it.
+  assert read_json(workdir / 'report' / 'test_metrics.json') == theirs
+  folders = list((workdir / 'report' / 'eval').iterdir())
+  assert [f.name for f in folders] == [f"test-step{theirs['checkpoint_step']}"]
+  ours = read_json(folders[0] / 'test_metrics.json')
   assert ours['num_examples'] == 32
   assert ours['confusion_matrix'] == theirs['confusion_matrix']
   for key in ('loss', 'accuracy', 'valence_ccc', 'arousal_pcc'):

@@ -1,42 +1,89 @@
-"""--mode=evaluate on a finished run."""
+"""--mode=evaluate on a finished run: beside its record, never over it."""
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from fer_jax import data, evaluate, models, reporting, steps
+from fer_jax import data, evaluate, files, models, predict, steps
+from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
-from tests.conftest import NUM_DEVICES
+from tests.conftest import NUM_DEVICES, tree_digest
 
 
-def test_evaluate_reproduces_the_test_report_of_training(trained):
+@pytest.fixture
+def finished(trained, tmp_path):
+  """A copy of the trained run, for a test that writes into it."""
   config, workdir, metrics = trained
+  shutil.copytree(workdir, tmp_path / 'run')
+  return config, tmp_path / 'run', metrics
+
+
+def test_evaluate_reproduces_the_test_report_of_training(finished):
+  config, workdir, metrics = finished
   result = evaluate.evaluate(config, str(workdir), 'test')
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
   assert result['valence_ccc'] == pytest.approx(metrics['valence_ccc'],
                                                 abs=1e-6)
   assert result['checkpoint_step'] == metrics['checkpoint_step']
+  folder = workdir / 'report' / 'eval' / f"test-step{metrics['checkpoint_step']}"
+  saved = json.loads((folder / 'test_metrics.json').read_text())
+  assert saved['accuracy'] == result['accuracy']
+  assert saved['split_differs_from_training'] is None
+  # Again: a folder of its own, the first one kept.
+  evaluate.evaluate(config, str(workdir), 'test')
+  assert (folder.parent / f'{folder.name}.2' / 'test_metrics.json').exists()
+  assert json.loads((folder / 'test_metrics.json').read_text()) == saved
 
 
-def test_evaluate_other_split_and_step_writes_its_report(trained):
-  config, workdir, _ = trained
-  first = reporting.read_jsonl(workdir / 'metrics.jsonl')[0]
+def test_evaluate_other_split_and_step_writes_its_report(finished):
+  config, workdir, _ = finished
+  first = files.read_jsonl(workdir / 'metrics.jsonl')[0]
   result = evaluate.evaluate(config, str(workdir), 'val',
                              checkpoint_step=first['step'])
-  saved = json.loads((workdir / 'report' / 'val_metrics.json').read_text())
+  folder = workdir / 'report' / 'eval' / f"val-step{first['step']}"
+  saved = json.loads((folder / 'val_metrics.json').read_text())
   assert saved['checkpoint_step'] == first['step'] == result['checkpoint_step']
   assert saved['num_examples'] == first['val_num_examples']
   assert saved['accuracy'] == pytest.approx(first['val_accuracy'])
-  assert (workdir / 'report' / 'val_confusion_matrix.png').exists()
+  assert (folder / 'confusion_matrix.png').exists()
+  assert json.loads((folder / 'data_report.json').read_text())['val'][
+      'num_examples'] == saved['num_examples']
 
 
-def test_evaluate_uses_the_trained_model_settings(trained):
+def test_evaluate_and_predict_leave_the_record_as_training_wrote_it(
+    finished):
+  """The record byte for byte, with --checkpoint_step and flip TTA too."""
+  config, workdir, metrics = finished
+  before = tree_digest(workdir)
+  flip = config.copy_and_resolve_references()
+  flip.eval.tta = 'flip'
+  first = files.read_jsonl(workdir / 'metrics.jsonl')[0]['step']
+  result = evaluate.evaluate(flip, str(workdir), 'test',
+                             checkpoint_step=first)
+  splits, _ = data.load_splits(config)
+  output = predict.predict(flip, str(workdir), splits['test'].paths[0])
+  name = Path(splits['test'].paths[0]).name
+  assert output == (workdir / 'report' / 'predict' /
+                    f'{name}-step{metrics["checkpoint_step"]}-flip' /
+                    'predictions.csv')
+  assert tree_digest(workdir, skip=('report/eval', 'report/predict')) == \
+      before
+  folder = workdir / 'report' / 'eval' / f'test-step{first}-flip'
+  assert json.loads((folder / 'test_metrics.json').read_text())[
+      'accuracy'] == result['accuracy']
+  assert json.loads((folder / 'test_metrics.json').read_text())['tta'] == \
+      'flip'
+
+
+def test_evaluate_uses_the_trained_model_settings(finished):
   # A command line that differs in model or image size still evaluates the
   # checkpoint as it was trained.
-  config, workdir, metrics = trained
+  config, workdir, metrics = finished
   other = config.copy_and_resolve_references()
   other.model.va_activation = 'none'
   other.data.image_size = 48
@@ -47,12 +94,14 @@ def test_evaluate_uses_the_trained_model_settings(trained):
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
 
 
-def test_unknown_split_and_step_are_named(trained):
+def test_unknown_split_step_and_workdir_are_named(trained, tmp_path):
   config, workdir, _ = trained
-  with pytest.raises(ValueError, match="--split: 'dev'"):
+  with pytest.raises(UsageError, match="--split: 'dev'"):
     evaluate.evaluate(config, str(workdir), 'dev')
-  with pytest.raises(ValueError, match='--checkpoint_step: 7 not in'):
+  with pytest.raises(UsageError, match='--checkpoint_step: 7 not in'):
     evaluate.evaluate(config, str(workdir), 'test', checkpoint_step=7)
+  with pytest.raises(UsageError, match='config.json: not found'):
+    evaluate.evaluate(config, str(tmp_path / 'nowhere'), 'test')
 
 
 def test_flip_tta_averages_the_image_and_its_mirror(config):

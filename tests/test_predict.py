@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from fer_jax import data, predict
+from fer_jax.config_rules import UsageError
 
 
 def test_predictions_csv_matches_evaluation_and_skips_broken_files(
@@ -42,6 +43,9 @@ def test_predictions_csv_matches_evaluation_and_skips_broken_files(
   out = capsys.readouterr().out
   assert 'Skipped 2 unreadable files' in out
   assert 'broken.jpg' in out and 'cut.jpg' in out
+  skipped = list(csv.DictReader(open(output.parent / 'skipped.csv')))
+  assert sorted(r['path'].split('faces/')[1] for r in skipped) == [
+      'broken.jpg', 'cut.jpg']
 
 
 def test_predict_single_file_and_missing_input(trained, tmp_path):
@@ -49,5 +53,5 @@ def test_predict_single_file_and_missing_input(trained, tmp_path):
   splits, _ = data.load_splits(config)
   output = predict.predict(config, str(workdir), splits['test'].paths[0])
   assert len(list(csv.DictReader(open(output)))) == 1
-  with pytest.raises(FileNotFoundError, match='--input: .*nowhere'):
+  with pytest.raises(UsageError, match='--input: .*nowhere'):
     predict.predict(config, str(workdir), str(tmp_path / 'nowhere'))

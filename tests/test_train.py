@@ -1,9 +1,9 @@
-"""The train mode end to end: the output contract, resume, divergence."""
+"""The train mode end to end: the output contract, resume, refusals,
+crash safety, divergence and clean-up."""
 
 import json
-import re
+import random
 import shutil
-import signal
 import subprocess
 import time
 
@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import checkpoints, reporting, train
-from tests.conftest import ROOT, command_line
+from fer_jax import checkpoints, files, train
+from fer_jax.config_rules import UsageError
+from tests.conftest import ROOT, command_line, live_children, tree_digest
 
 REPORT_KEYS = {'num_examples', 'num_va_examples', 'accuracy',
                'balanced_accuracy', 'macro_f1', 'weighted_f1', 'per_class',
@@ -21,6 +22,8 @@ REPORT_KEYS = {'num_examples', 'num_va_examples', 'accuracy',
                    for m in ('rmse', 'mae', 'pcc', 'ccc', 'sagr')}
 SPLIT_KEYS = {'num_examples', 'num_va_examples', 'class_counts',
               'dropped_classes', 'skipped'}
+# metrics.jsonl fields that time the run rather than describe its numbers.
+TIMING = ('images_per_sec', 'train_seconds')
 
 
 def test_run_writes_every_file_of_the_contract(trained):
@@ -39,7 +42,7 @@ def test_run_writes_every_file_of_the_contract(trained):
     assert SPLIT_KEYS <= set(data_report[split])
   assert sum(data_report['train']['class_counts']) + sum(
       data_report['val']['class_counts']) == config.data.synthetic.num_train
-  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
+  records = files.read_jsonl(workdir / 'metrics.jsonl')
   assert [r['epoch'] for r in records] == [1, 2]
   for key in ('step', 'train_loss', 'train_accuracy', 'val_loss',
               'val_accuracy', 'val_macro_f1', 'learning_rate',
@@ -52,16 +55,23 @@ def test_run_writes_every_file_of_the_contract(trained):
   assert events.count(b'val/samples') == 2 and b'\x89PNG' in events
   for name in ('confusion_matrix.png', 'curves.png', 'va_scatter.png'):
     assert (workdir / 'report' / name).stat().st_size > 10_000
-  assert (workdir / 'splits.npz').exists()
+  # Paths relative to the data root, with the labels they had.
+  with np.load(workdir / 'splits.npz') as splits:
+    assert not splits['train'][0].startswith('/')
+    assert len(splits['train']) == len(splits['train_labels']) == \
+        data_report['train']['num_examples']
   assert 'total params backbone' in (workdir / 'model_summary.txt').read_text()
+  # No temporary files of the atomic writes are left.
+  assert not [p for p in workdir.rglob('.*.tmp')]
 
 
 def test_best_and_latest_checkpoints_are_kept(trained):
   config, workdir, metrics = trained
   manager = checkpoints.create_manager(workdir, config, read_only=True)
-  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
+  records = files.read_jsonl(workdir / 'metrics.jsonl')
   best = max(records, key=lambda r: r['val_macro_f1'])
-  assert manager.best_step() == best['step'] == metrics['checkpoint_step']
+  assert checkpoints.best_step(manager) == best['step'] == \
+      metrics['checkpoint_step']
   assert manager.latest_step() == records[-1]['step']
 
 
@@ -72,90 +82,198 @@ def final_params(config, workdir):
   return state['params'], meta
 
 
-def resume_after_kill(trained, tmp_path, **overrides):
-  """The trained run as if killed just after its mid-epoch-2 checkpoint,
-  then resumed with overrides of data: the old and the resumed records."""
-  config, workdir, _ = trained
-  resumed = tmp_path / 'resumed'
-  shutil.copytree(workdir, resumed)
-  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
-  # The kill: the last checkpoint and the reports never landed.
-  shutil.rmtree(resumed / 'checkpoints' / str(records[-1]['step']))
-  shutil.rmtree(resumed / 'report')
-  config = config.copy_and_resolve_references()
-  config.data.update(overrides)
-  train.train_and_evaluate(config, str(resumed))
-  return records, resumed
+def assert_same_params(config, want_dir, got_dir):
+  want, _ = final_params(config, want_dir)
+  got, meta = final_params(config, got_dir)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+  return meta
+
+
+def assert_same_records(want_dir, got_dir):
+  """metrics.jsonl equal in every field but the timings."""
+  strip = lambda path: [{k: v for k, v in r.items() if k not in TIMING}
+                        for r in files.read_jsonl(path / 'metrics.jsonl')]
+  assert strip(got_dir) == strip(want_dir)
+
+
+def killed_copy(trained, tmp_path, name='resumed', keep_last=False):
+  """The trained run as if killed just after its mid-epoch-2 checkpoint:
+  the last checkpoint (unless keep_last) and the report never landed."""
+  _, workdir, _ = trained
+  copy = tmp_path / name
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / 'report')
+  if not keep_last:
+    last = files.read_jsonl(workdir / 'metrics.jsonl')[-1]['step']
+    shutil.rmtree(copy / 'checkpoints' / str(last))
+  return copy
 
 
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_resume_mid_epoch_matches_uninterrupted(trained, tmp_path, capsys,
                                                 num_workers):
-  """Same workers: Grain's saved iterator state; others: from the step."""
+  """Same workers: Grain's saved iterator state; others: from the step.
+  Another worker count is an allowed change, logged in the workdir."""
   config, workdir, _ = trained
-  records, resumed = resume_after_kill(trained, tmp_path,
-                                       num_workers=num_workers)
+  resumed = killed_copy(trained, tmp_path)
+  config = config.copy_and_resolve_references()
+  config.data.num_workers = num_workers
+  train.train_and_evaluate(config, str(resumed))
   # 9 steps an epoch, checkpoints every 4: the last mid-epoch one is 16.
   assert ('Resuming from the checkpoint of step 16 (step 7 of 9 in epoch 2)'
           in capsys.readouterr().out)
-  again = reporting.read_jsonl(resumed / 'metrics.jsonl')
-  assert [r['epoch'] for r in again] == [1, 2]
-  for key in ('train_loss', 'train_accuracy', 'val_loss'):
-    assert again[1][key] == pytest.approx(records[1][key], rel=1e-6), key
-  want, _ = final_params(config, workdir)
-  got, meta = final_params(config, resumed)
-  assert meta['epoch'] == 2
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+  assert_same_records(workdir, resumed)
+  assert assert_same_params(config, workdir, resumed)['step'] == 18
+  changes = files.read_jsonl(resumed / 'config_changes.jsonl')
+  assert [c['changes'] for c in changes] == (
+      [{'data.num_workers': [0, 2]}] if num_workers else [])
+  if changes:
+    assert changes[0]['time'].startswith(time.strftime('%Y-'))
 
 
-@pytest.mark.parametrize('field,value', [('log_every_steps', 3),
-                                         ('num_epochs', 1)])
-def test_finished_run_is_not_trained_again(trained, tmp_path, capsys,
-                                           caplog, field, value):
-  """Also with fewer epochs than it has trained: nothing is left to do."""
+def test_finished_run_shows_its_report_and_writes_nothing(trained, tmp_path,
+                                                         capsys):
+  """Fewer epochs and another log interval are allowed: nothing to do."""
   config, workdir, metrics = trained
   again = tmp_path / 'again'
   shutil.copytree(workdir, again)
+  before = tree_digest(again)
   config = config.copy_and_resolve_references()
-  old = config.train[field]
-  config.train[field] = value
+  config.train.num_epochs = 1
+  config.train.log_every_steps = 3
   result = train.train_and_evaluate(config, str(again))
-  assert f'train.{field} {old} -> {value}' in caplog.text
-  out = capsys.readouterr().out
-  assert 'Resuming from the checkpoint of step 18 (the end of epoch 2)' in out
-  assert 'Training has finished' in out
-  assert len(reporting.read_jsonl(again / 'metrics.jsonl')) == 2
-  assert result['accuracy'] == pytest.approx(metrics['accuracy'])
+  assert 'finished (2 epochs)' in capsys.readouterr().out
+  assert result['accuracy'] == metrics['accuracy']
+  assert tree_digest(again) == before
 
 
-def test_resume_refuses_a_training_split_that_changed(trained, tmp_path):
-  config, workdir, _ = trained
-  records = reporting.read_jsonl(workdir / 'metrics.jsonl')
-  changed = tmp_path / 'changed'
-  shutil.copytree(workdir, changed)
-  shutil.rmtree(changed / 'checkpoints' / str(records[-1]['step']))
+@pytest.mark.parametrize('field,value,message', [
+    # The EfficientNet protocol's hazard: another hold-out, part of which
+    # the checkpoint trained on.
+    ('data.val_fraction', 0.3, 'data.val_fraction 0.2 -> 0.3'),
+    ('model.va_activation', 'none', "model.va_activation 'tanh' -> 'none'"),
+    ('train.va_loss', 'ccc', "train.va_loss 'mse' -> 'ccc'"),
+])
+def test_resume_with_another_meaning_is_refused_and_changes_nothing(
+    trained, tmp_path, field, value, message):
+  config, _, _ = trained
+  resumed = killed_copy(trained, tmp_path)
+  before = tree_digest(resumed)
   config = config.copy_and_resolve_references()
-  config.data.val_fraction = 0.3  # other images in train than checkpointed
-  with pytest.raises(ValueError, match='the training split differs from '
-                     'the one this run was checkpointed with'):
-    train.train_and_evaluate(config, str(changed))
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(UsageError, match=f'another config.*{message}'):
+    train.train_and_evaluate(config, str(resumed))
+  assert tree_digest(resumed) == before
 
 
-def test_diverging_loss_stops_and_keeps_the_last_checkpoint(trained,
-                                                            tmp_path):
+def test_finished_run_asked_to_train_longer_is_refused(trained, tmp_path):
+  config, workdir, _ = trained
+  again = tmp_path / 'again'
+  shutil.copytree(workdir, again)
+  before = tree_digest(again)
+  config = config.copy_and_resolve_references()
+  config.train.num_epochs = 3
+  with pytest.raises(UsageError, match='finished after 2 epochs'):
+    train.train_and_evaluate(config, str(again))
+  assert tree_digest(again) == before
+
+
+def test_resume_refuses_data_that_differs_from_the_recorded_split(
+    trained, tmp_path):
+  config, _, _ = trained
+  resumed = killed_copy(trained, tmp_path)
+  with np.load(resumed / 'splits.npz') as saved:
+    arrays = dict(saved)
+  arrays['train_labels'] = np.roll(arrays['train_labels'], 1)
+  files.write_npz(resumed / 'splits.npz', **arrays)
+  before = tree_digest(resumed)
+  with pytest.raises(UsageError, match='data differs from the splits this '
+                     'run recorded.*train: the same images with other'):
+    train.train_and_evaluate(config, str(resumed))
+  assert tree_digest(resumed) == before
+
+
+def test_moved_data_and_a_deleted_init_from_file_still_resume(
+    trained, tmp_path):
+  """The record holds paths below the data root, and a checkpoint holds
+  every weight: neither the data's folder nor model.init_from's file has
+  to stay where the run started."""
+  config, workdir, _ = trained
+  resumed = killed_copy(trained, tmp_path)
+  saved = json.loads((resumed / 'config.json').read_text())
+  saved['model']['init_from'] = str(tmp_path / 'deleted.safetensors')
+  (resumed / 'config.json').write_text(json.dumps(saved))
+  moved = tmp_path / 'moved'
+  source = config.data.synthetic.cache_dir
+  shutil.copytree(source, moved, ignore=shutil.ignore_patterns('index'))
+  config = config.copy_and_resolve_references()
+  config.model.init_from = saved['model']['init_from']
+  config.data.synthetic.cache_dir = str(moved)
+  config.data.index_cache_dir = str(moved / 'index')
+  train.train_and_evaluate(config, str(resumed))
+  assert_same_params(config, workdir, resumed)
+  from fer_jax import evaluate
+  result = evaluate.evaluate(config, str(resumed), 'val')
+  assert result['split_differs_from_training'] is None
+
+
+def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
+    trained, tmp_path, caplog):
+  config, workdir, _ = trained
+  resumed = killed_copy(trained, tmp_path, keep_last=True)
+  for path in (resumed / 'checkpoints' / '18' / 'state').rglob('*'):
+    if path.is_file():
+      path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  train.train_and_evaluate(config, str(resumed))
+  assert 'checkpoints/18 is unreadable' in caplog.text
+  assert (resumed / 'checkpoints_unreadable' / '18').is_dir()
+  assert_same_records(workdir, resumed)
+  assert_same_params(config, workdir, resumed)
+  # With none readable, the error names the folder.
+  broken = killed_copy(trained, tmp_path, 'broken')
+  for path in (broken / 'checkpoints').glob('*/meta/*'):
+    path.write_text('{')
+  with pytest.raises(UsageError, match=f"{broken / 'checkpoints'}: no "
+                     'checkpoint is complete'):
+    train.train_and_evaluate(config, str(broken))
+
+
+def test_tied_validation_keeps_the_first_best_everywhere(config, tmp_path):
+  """val_num_examples is the same every epoch: a tie, whose earliest
+  epoch is the best in the progress, the checkpoints kept and the report."""
+  config.train.best_metric = 'val_num_examples'
+  config.train.keep_checkpoints = 1
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert metrics['best_epoch'] == 1 and metrics['checkpoint_step'] == 9
+  manager = checkpoints.create_manager(tmp_path, config, read_only=True)
+  assert sorted(manager.all_steps()) == [9, 18]
+  assert checkpoints.best_step(manager) == 9
+
+
+def test_diverging_loss_stops_keeps_the_last_checkpoint_and_its_workers(
+    trained, tmp_path):
+  """The Grain worker processes end with the failed run."""
   config, workdir, _ = trained
   diverged = tmp_path / 'diverged'
   shutil.copytree(workdir, diverged)
+  shutil.rmtree(diverged / 'report')
+  # A run whose learning rate blows up in its third epoch.
+  saved = json.loads((diverged / 'config.json').read_text())
+  saved['train']['learning_rate'] = 1e30
+  (diverged / 'config.json').write_text(json.dumps(saved))
   config = config.copy_and_resolve_references()
   config.train.num_epochs = 3
   config.train.learning_rate = 1e30
+  config.data.num_workers = 2
+  before = live_children()
   with pytest.raises(FloatingPointError, match='loss is (nan|inf) at epoch 3'):
     train.train_and_evaluate(config, str(diverged))
+  assert live_children() <= before
   manager = checkpoints.create_manager(diverged, config, read_only=True)
-  assert manager.latest_step() == reporting.read_jsonl(
-      workdir / 'metrics.jsonl')[-1]['step']
-  assert len(reporting.read_jsonl(diverged / 'metrics.jsonl')) == 2
+  assert manager.latest_step() == 18
+  assert len(files.read_jsonl(diverged / 'metrics.jsonl')) == 2
 
 
 def test_efficientnet_b0_trains_and_evaluates_end_to_end(config, tmp_path,
@@ -173,33 +291,57 @@ def test_efficientnet_b0_trains_and_evaluates_end_to_end(config, tmp_path,
                                        ).read_text()
 
 
-def test_sigkill_mid_epoch_then_restart_matches_uninterrupted(trained,
-                                                              tmp_path):
-  """main.py killed with SIGKILL in epoch 2, after a mid-epoch checkpoint."""
+def _wait(process, condition, timeout=300.0) -> bool:
+  """Polls condition() until true (True) or the process ends (False)."""
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if process.poll() is not None:
+      return False
+    assert time.monotonic() < deadline, 'nothing happened in 5 minutes'
+    time.sleep(0.002)
+  return True
+
+
+def test_killed_at_random_moments_ends_as_if_never_killed(trained, tmp_path):
+  """main.py killed with SIGKILL at 11 seeded random moments (writing its
+  record, saving checkpoints, right after a metrics.jsonl line, writing the
+  report), restarted each time, ends as the uninterrupted run did."""
   config, workdir, metrics = trained
-  killed = tmp_path / 'killed'
-  command = command_line(config, killed)
-  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  # Checkpoint 12 is step 3 of 9 in epoch 2; kill as soon as it lands.
-  deadline = time.monotonic() + 300
-  while not (killed / 'checkpoints' / '12').exists():
-    assert process.poll() is None, 'the run ended before step 12'
-    assert time.monotonic() < deadline, 'no checkpoint 12 in 5 minutes'
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert not (killed / 'report' / 'test_metrics.json').exists()
-  restarted = subprocess.run(command, cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
-  assert restarted.returncode == 0, restarted.stderr[-3000:]
-  assert re.search(r'Resuming from the checkpoint of step 1[26] \(step [37] '
-                   r'of 9 in epoch 2\)', restarted.stdout), restarted.stdout
-  report = json.loads((killed / 'report' / 'test_metrics.json').read_text())
-  assert report['accuracy'] == pytest.approx(metrics['accuracy'], abs=1e-9)
-  assert report['valence_ccc'] == pytest.approx(metrics['valence_ccc'],
+  run = tmp_path / 'killed'
+  command = command_line(config, run)
+  report = run / 'report'
+  saving = lambda: any((run / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
+  lines = lambda: len(files.read_jsonl(run / 'metrics.jsonl'))
+  reporting = lambda since: (not (report / 'test_metrics.json').exists() and
+                             any(p.stat().st_mtime > since
+                                 for p in report.glob('*')))
+  rng = random.Random(0)
+  moments = ['record'] + rng.sample(['save'] * 6 + ['metrics'] * 2, 8) + [
+      'report'] * 2
+  seen = []
+  for moment in moments:
+    started = time.time()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    before = lines()
+    trigger = {'record': (run / 'model_summary.txt').exists,
+               'save': saving,
+               'metrics': lambda: lines() > before,
+               'report': lambda: reporting(started)}[moment]
+    if _wait(process, trigger):
+      time.sleep(rng.uniform(0, 0.05))
+      seen.append('saving' if saving() else
+                  'reporting' if reporting(started) else 'other')
+      process.kill()
+    process.wait()
+  finished = subprocess.run(command, cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+  assert finished.returncode == 0, finished.stderr[-3000:]
+  assert len(seen) >= 10, seen  # the last may find the run finished
+  assert 'saving' in seen and 'reporting' in seen, seen
+  assert_same_records(workdir, run)
+  assert_same_params(config, workdir, run)
+  result = json.loads((report / 'test_metrics.json').read_text())
+  assert result['accuracy'] == metrics['accuracy']
+  assert result['valence_ccc'] == pytest.approx(metrics['valence_ccc'],
                                                 abs=1e-6)
-  want, _ = final_params(config, workdir)
-  got, _ = final_params(config, killed)
-  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)

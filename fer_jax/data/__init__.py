@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fer_jax import distributed
 from fer_jax.data import affectnet, folders, index, synthetic
 from fer_jax.data.index import Records, SourceReport
 from fer_jax.labels import NUM_CLASSES
@@ -93,7 +94,7 @@ def read_source(config: ml_collections.ConfigDict, root: Path,
 
 def load_splits(config: ml_collections.ConfigDict
                 ) -> tuple[dict[str, Records], dict]:
-  """The train, val and test records and the data report of DESIGN.md."""
+  """The train, val and test records and the data report (README, Data)."""
   root = dataset_root(config)
   train_set, train_report = read_source(config, root, 'train')
   released, released_report = read_source(config, root, 'released')
@@ -124,6 +125,16 @@ def load_splits(config: ml_collections.ConfigDict
   return splits, report
 
 
+def load_splits_all_processes(config: ml_collections.ConfigDict
+                              ) -> tuple[dict[str, Records], dict]:
+  """load_splits in process 0 first (it generates or indexes the data set);
+  the others then read that, and never draw the set again."""
+  if not distributed.is_primary():
+    config = config.copy_and_resolve_references()
+    config.data.synthetic.regenerate = False
+  return distributed.primary_first(load_splits, config)
+
+
 def split_report(records: Records, source: SourceReport | None) -> dict:
   """Counts of one split; dropped and skipped files where it owns them.
 
@@ -140,8 +151,3 @@ def split_report(records: Records, source: SourceReport | None) -> dict:
       'skipped': list(source.skipped) if source else [],
       'image_notes': dict(source.image_notes) if source else {},
   }
-
-
-def save_split(path: Path, splits: dict[str, Records]) -> None:
-  """Writes the image paths of every split, so a run can be audited."""
-  np.savez_compressed(path, **{name: r.paths for name, r in splits.items()})

@@ -204,7 +204,7 @@ def _image_notes(index: dict, keep: np.ndarray) -> dict:
 
 
 def to_records(index: dict, on_error: str) -> tuple[Records, SourceReport]:
-  """The label rules of DESIGN.md applied to an index.
+  """The label rules (README, Labels) applied to an index.
 
   Rows with an error raise (on_error='raise', the first one in path order)
   or are skipped and listed ('skip'). Codes 8-10 are dropped and counted;

@@ -1,0 +1,77 @@
+"""Crash-safe files: every file a run writes is replaced whole, never half.
+
+Each write goes to a temporary file in the same folder, is flushed to disk,
+then renamed over the target (os.replace, atomic on POSIX file systems): a
+crash leaves the old file or the new one, never a truncated mix.
+"""
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+  """Writes data to path atomically, creating the folder."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  handle, temporary = tempfile.mkstemp(dir=path.parent,
+                                       prefix=f'.{path.name}.', suffix='.tmp')
+  try:
+    with os.fdopen(handle, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    Path(temporary).unlink(missing_ok=True)
+    raise
+
+
+def write_text(path: Path, text: str) -> None:
+  write_bytes(path, text.encode())
+
+
+def write_json(path: Path, data) -> None:
+  """data as indented JSON."""
+  write_text(path, json.dumps(data, indent=1) + '\n')
+
+
+def write_csv(path: Path, header: list[str], rows: list) -> None:
+  """rows (lists, or dicts keyed by header) under a header line."""
+  buffer = io.StringIO(newline='')
+  if rows and isinstance(rows[0], dict):
+    writer = csv.DictWriter(buffer, header)
+    writer.writeheader()
+  else:
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+  writer.writerows(rows)
+  write_text(path, buffer.getvalue())
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  write_bytes(path, buffer.getvalue())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+  """The records of a JSON-lines file; [] if it does not exist."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+  write_text(path, ''.join(json.dumps(r) + '\n' for r in records))
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+  """Adds a line by rewriting the file whole (these files stay small)."""
+  write_jsonl(path, [*read_jsonl(path), record])

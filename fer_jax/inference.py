@@ -1,0 +1,108 @@
+"""A trained model at work: its config, a checkpoint restored for
+evaluation, and the predictions and metrics of a split."""
+
+from pathlib import Path
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fer_jax import (checkpoints, config_rules, distributed, losses, metrics,
+                     models, steps, workdir as workdir_lib)
+from fer_jax.config_rules import UsageError
+from fer_jax.data import pipeline
+from fer_jax.data.index import Records
+
+
+def trained_config(config: ml_collections.ConfigDict, workdir: Path
+                   ) -> ml_collections.ConfigDict:
+  """config with the settings that the run in workdir trained with.
+
+  From the run's config.json: the model, the training section (loss terms
+  and optimiser, so the checkpoint restores and losses mean the same), the
+  input (image size, face margin, normalisation) and how the splits were
+  drawn. From config (the command line): where the data is and how it is
+  read, the evaluation batch size and test-time augmentation
+  (config_rules.INFERENCE_FIELDS).
+  """
+  path = Path(workdir) / 'config.json'
+  if not path.exists():
+    raise UsageError(f'{path}: not found; is {workdir} a training workdir?')
+  config = config_rules.merged(workdir_lib.read_json(path), config)
+  config.data.synthetic.regenerate = False
+  return config
+
+
+def restore(config: ml_collections.ConfigDict, workdir: Path,
+            checkpoint_step: int | None,
+            weights: np.ndarray | None = None):
+  """The replicated state of a checkpoint, the pmapped eval step, the step.
+
+  checkpoint_step: None for the best. weights: the class weights of the
+  loss that evaluation reports. model.init_from is not read: the
+  checkpoint holds every weight.
+  """
+  if not (Path(workdir) / 'checkpoints').exists():
+    raise UsageError(f"{Path(workdir) / 'checkpoints'}: not found; train "
+                     'first (python main.py --workdir=...)')
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
+      config.train, 1))
+  template = steps.create_train_state(
+      model, tx, config.data.image_size, config.train.seed,
+      ema=config.train.ema_decay > 0)
+  manager = checkpoints.create_manager(workdir, config, read_only=True)
+  step = checkpoints.checkpoint_step(manager, checkpoint_step)
+  state, _, _ = checkpoints.restore(manager, step, template)
+  manager.close()
+  logging.info('Restored the checkpoint of step %d from %s', step,
+               manager.directory)
+  _, p_eval = steps.pmap_steps(model, tx, config, weights)
+  return steps.replicate(state), p_eval, step
+
+
+def predict_records(p_eval: Callable, state: steps.TrainState,
+                    records: Records, config: ml_collections.ConfigDict
+                    ) -> dict:
+  """Probabilities [N, 8], valence/arousal [N, 2] and loss sums of a split.
+
+  Outputs stream to the host batch by batch, so no split's logits are held
+  on the device. With several processes each evaluates its share and all
+  receive every prediction (the sums are already over all devices).
+  """
+  probs, va, sums = [], [], None
+  for batch in pipeline.eval_batches(records, config, jax.local_device_count(),
+                                     jax.process_index(), jax.process_count()):
+    out = steps.local_values(p_eval(state, batch))
+    keep = batch['mask'].reshape(-1)
+    probs.append(out['probs'].reshape(-1, out['probs'].shape[-1])[keep])
+    va.append(out['va'].reshape(-1, 2)[keep])
+    batch_sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64),
+                              out['sums'])
+    sums = batch_sums if sums is None else jax.tree.map(
+        np.add, sums, batch_sums)
+  return {'probs': distributed.gather_rows(np.concatenate(probs), len(records)),
+          'va': distributed.gather_rows(np.concatenate(va), len(records)),
+          'sums': sums}
+
+
+def evaluate_records(p_eval: Callable, state: steps.TrainState,
+                     records: Records, config: ml_collections.ConfigDict
+                     ) -> tuple[dict, dict]:
+  """All report metrics of a split (with its losses), and the predictions."""
+  out = predict_records(p_eval, state, records, config)
+  result = metrics.compute_metrics(records.labels, out['probs'].argmax(-1),
+                                   records.va, out['va'], records.va_mask)
+  loss = losses.normalise(out['sums'], config.train.va_loss_weight,
+                          config.train.va_loss)
+  result.update({k: float(v) for k, v in loss.items() if k != 'accuracy'})
+  return result, out
+
+
+def output_name(what: str, step: int, config: ml_collections.ConfigDict
+                ) -> str:
+  """'<what>-step<N>', with '-flip' under flip test-time augmentation."""
+  return f'{what}-step{step}' + ('-flip' if config.eval.tta == 'flip'
+                                 else '')

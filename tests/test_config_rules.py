@@ -1,0 +1,137 @@
+"""The config checked at the door, compared and merged."""
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from fer_jax import config_rules
+from fer_jax.config_rules import UsageError
+from tests.conftest import NUM_DEVICES, ROOT
+
+
+def with_value(config, field: str, value):
+  """config with field set to value, whatever the field's type."""
+  *parents, name = field.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  with config.ignore_type():
+    node[name] = value
+  return config
+
+
+@pytest.mark.parametrize('name', ['default', 'resnet18_affectnet',
+                                  'efficientnet_b0_affectnet'])
+def test_shipped_configs_pass(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config.data.root = config.data.root or '/data/affectnet'
+  config_rules.check(config, NUM_DEVICES)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('train.batch_size', 0, r'train.batch_size: 0 is not an integer in '
+     r'\[1, inf\)'),
+    ('train.batch_size', 3, 'train.batch_size: 3 is not divisible by the 2 '
+     'devices'),
+    ('train.eval_batch_size', 5, 'train.eval_batch_size: 5 is not divisible'),
+    ('train.batch_size', True, 'train.batch_size: True is not an integer'),
+    ('train.num_epochs', 2.5, 'train.num_epochs: 2.5 is not an integer'),
+    ('train.learning_rate', -0.1, r'train.learning_rate: -0.1 is not a '
+     r'number in \(0, inf\)'),
+    ('train.learning_rate', '1e-3', "train.learning_rate: '1e-3' is not a "
+     'number'),
+    ('model.name', 'resnet50', "model.name: 'resnet50' is not one of "
+     "'efficientnet_b0', 'resnet18'"),
+    ('model.dtype', 'float16', "model.dtype: 'float16' is not one of"),
+    ('model.dropout_rate', 1.0, r'model.dropout_rate: 1.0 is not a number '
+     r'in \[0, 1\)'),
+    ('data.image_size', 8, r'data.image_size: 8 is not an integer in \[16'),
+    ('data.val_fraction', 1.0, r'data.val_fraction: 1.0 is not a number in '
+     r'\(0, 1\)'),
+    ('data.sampler', 'weighted', "data.sampler: 'weighted' is not one of "
+     "'uniform', 'balanced'"),
+    ('data.on_error', 'ignore', "data.on_error: 'ignore'"),
+    ('data.augment.crop_scale', (0.9, 0.5), r'data.augment.crop_scale: '
+     r'\(0.9, 0.5\) is not a pair'),
+    ('eval.tta', 'five_crop', "eval.tta: 'five_crop' is not one of 'none', "
+     "'flip'"),
+    ('train.va_loss', 'l1', "train.va_loss: 'l1' is not one of 'mse'"),
+    ('train.best_metric', 'val_f1', "train.best_metric: 'val_f1' is not one "
+     "of .*'val_macro_f1'"),
+    ('train.best_mode', 'up', "train.best_mode: 'up'"),
+    ('train.ema_decay', 1.0, r'train.ema_decay: 1.0 is not a number in '
+     r'\[0, 1\)'),
+    ('train.keep_checkpoints', 0, 'train.keep_checkpoints: 0'),
+    ('train.optimizer', 'lion', "train.optimizer: 'lion'"),
+    ('data.layout', 'npy', 'data.root: empty'),
+])
+def test_bad_values_are_named_at_the_door(field, value, message):
+  config = with_value(default.get_config(), field, value)
+  with pytest.raises(UsageError, match=message):
+    config_rules.check(config, NUM_DEVICES)
+
+
+def test_rules_between_fields():
+  config = default.get_config()
+  config.train.schedule = 'step'
+  config.train.step_decay_epochs = (1, 20)
+  with pytest.raises(UsageError, match=r'train.step_decay_epochs: \(1, 20\) '
+                     r'must all come after train.warmup_epochs \(1.0\)'):
+    config_rules.check(config, NUM_DEVICES)
+  config.train.warmup_epochs = 0.5
+  config_rules.check(config, NUM_DEVICES)
+
+
+def test_main_says_a_bad_value_in_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, 'main.py', f'--workdir={workdir}',
+       '--config.train.batch_size=0'], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      'fer_jax: train.batch_size: 0 is not an integer in [1, inf)')
+  assert 'Traceback' not in result.stderr
+  assert not workdir.exists()
+
+
+def test_meaning_changes_leave_out_how_fields_and_other_versions():
+  config = default.get_config()
+  saved = config_rules.as_json(config)
+  saved['train']['num_epochs'] = 10              # how long: allowed
+  saved['data']['num_workers'] = 8               # how fast: allowed
+  saved['data']['root'] = '/mnt/elsewhere'       # where: allowed
+  saved['train']['a_field_of_old'] = 1           # another version's
+  del saved['eval']                              # an older run's
+  saved['model']['hidden_size'] = 256            # what it means
+  assert config_rules.meaning_changes(saved, config) == {
+      'model.hidden_size': (256, 0)}
+  changes = config_rules.changes(saved, config)
+  assert changes['train.num_epochs'] == (10, 3)
+  assert changes['eval.tta'] == (None, 'none')
+
+
+def test_inference_takes_the_run_s_model_and_the_command_line_s_data():
+  config = default.get_config()
+  saved = config_rules.as_json(config)
+  saved['model']['name'] = 'efficientnet_b0'
+  saved['data']['validation'] = 'released'
+  saved['data']['mean_rgb'] = [0.5, 0.5, 0.5]
+  saved['data']['root'] = '/where/it/trained'
+  saved['eval']['tta'] = 'flip'
+  del saved['train']['sam_rho']                  # an older run's
+  config.data.root = '/where/it/is/now'
+  config.train.eval_batch_size = 64
+  config.train.sam_rho = 0.05
+  merged = config_rules.merged(saved, config)
+  assert merged.model.name == 'efficientnet_b0'
+  assert merged.data.validation == 'released'
+  assert merged.data.mean_rgb == (0.5, 0.5, 0.5)
+  assert merged.data.root == '/where/it/is/now'
+  assert merged.eval.tta == 'none'
+  assert merged.train.eval_batch_size == 64
+  assert merged.train.sam_rho == 0.05
+  assert config.model.name == 'resnet18'  # not changed in place

@@ -1,0 +1,35 @@
+"""Crash-safe files: a write either lands whole or leaves the old file."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fer_jax import files
+
+
+def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  path = tmp_path / 'report' / 'test_metrics.json'
+  files.write_json(path, {'accuracy': 0.5})
+
+  def crash(fd):
+    raise KeyboardInterrupt  # the process dies with the data half on disk
+  monkeypatch.setattr(os, 'fsync', crash)
+  with pytest.raises(KeyboardInterrupt):
+    files.write_json(path, {'accuracy': 0.9, 'more': list(range(10_000))})
+  assert json.loads(path.read_text()) == {'accuracy': 0.5}
+  assert os.listdir(path.parent) == ['test_metrics.json']  # no temporary
+
+
+def test_jsonl_csv_and_npz_round_trip(tmp_path):
+  files.append_jsonl(tmp_path / 'm.jsonl', {'epoch': 1})
+  files.append_jsonl(tmp_path / 'm.jsonl', {'epoch': 2})
+  assert files.read_jsonl(tmp_path / 'm.jsonl') == [{'epoch': 1},
+                                                    {'epoch': 2}]
+  assert files.read_jsonl(tmp_path / 'none.jsonl') == []
+  files.write_csv(tmp_path / 'a.csv', ['a', 'b'], [{'a': 1}, {'a': 2, 'b': 3}])
+  assert (tmp_path / 'a.csv').read_text().splitlines() == ['a,b', '1,', '2,3']
+  files.write_npz(tmp_path / 's.npz', paths=np.array(['x/1.jpg']))
+  with np.load(tmp_path / 's.npz') as saved:
+    assert saved['paths'].tolist() == ['x/1.jpg']

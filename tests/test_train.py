@@ -112,14 +112,24 @@ def killed_copy(trained, tmp_path, name='resumed', keep_last=False):
 
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_resume_mid_epoch_matches_uninterrupted(trained, tmp_path, capsys,
-                                                num_workers):
+                                                monkeypatch, num_workers):
   """Same workers: Grain's saved iterator state; others: from the step.
-  Another worker count is an allowed change, logged in the workdir."""
+  Another worker count is an allowed change, logged in the workdir. The
+  epoch's metrics.jsonl line is there before its checkpoint is saved."""
   config, workdir, _ = trained
   resumed = killed_copy(trained, tmp_path)
   config = config.copy_and_resolve_references()
   config.data.num_workers = num_workers
+  save, lines_at_epoch_ends = checkpoints.save, []
+
+  def recording_save(manager, step, state, meta, data, metrics):
+    if metrics is not None:
+      lines_at_epoch_ends.append(
+          [r['step'] for r in files.read_jsonl(resumed / 'metrics.jsonl')])
+    save(manager, step, state, meta, data, metrics)
+  monkeypatch.setattr(checkpoints, 'save', recording_save)
   train.train_and_evaluate(config, str(resumed))
+  assert lines_at_epoch_ends == [[9, 18]]
   # 9 steps an epoch, checkpoints every 4: the last mid-epoch one is 16.
   assert ('Resuming from the checkpoint of step 16 (step 7 of 9 in epoch 2)'
           in capsys.readouterr().out)
@@ -268,9 +278,13 @@ def test_diverging_loss_stops_keeps_the_last_checkpoint_and_its_workers(
   config.train.learning_rate = 1e30
   config.data.num_workers = 2
   before = live_children()
-  with pytest.raises(FloatingPointError, match='loss is (nan|inf) at epoch 3'):
+  with pytest.raises(FloatingPointError, match='loss is (nan|inf) at epoch '
+                     '3') as failure:
     train.train_and_evaluate(config, str(diverged))
-  assert live_children() <= before
+  # Closed by the loop itself, not by the garbage collector: the failure's
+  # traceback, held here as a caller would while handling it, keeps every
+  # object of the loop alive.
+  assert failure.tb is not None and live_children() <= before
   manager = checkpoints.create_manager(diverged, config, read_only=True)
   assert manager.latest_step() == 18
   assert len(files.read_jsonl(diverged / 'metrics.jsonl')) == 2

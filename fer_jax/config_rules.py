@@ -7,6 +7,7 @@ one list of the fields that may differ.
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -174,6 +175,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if data.layout != 'synthetic' and not data.root:
     raise UsageError('data.root: empty; point it at the data set '
                      '(--config.data.root=PATH)')
+  if data.layout != 'synthetic' and not Path(data.root).is_dir():
+    raise UsageError(f'data.root: {data.root} is not a folder')
   _number(config, 'data.image_size', 16, integer=True)
   _choice(config, 'data.on_error', ('raise', 'skip'))
   _choice(config, 'data.validation', ('holdout', 'released'))

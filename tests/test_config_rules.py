@@ -25,9 +25,9 @@ def with_value(config, field: str, value):
 
 @pytest.mark.parametrize('name', ['default', 'resnet18_affectnet',
                                   'efficientnet_b0_affectnet'])
-def test_shipped_configs_pass(name):
+def test_shipped_configs_pass(name, tmp_path):
   config = importlib.import_module(f'configs.{name}').get_config()
-  config.data.root = config.data.root or '/data/affectnet'
+  config.data.root = config.data.root or str(tmp_path)
   config_rules.check(config, NUM_DEVICES)
 
 
@@ -71,6 +71,14 @@ def test_shipped_configs_pass(name):
 def test_bad_values_are_named_at_the_door(field, value, message):
   config = with_value(default.get_config(), field, value)
   with pytest.raises(UsageError, match=message):
+    config_rules.check(config, NUM_DEVICES)
+
+
+def test_a_missing_data_folder_is_named():
+  config = default.get_config()
+  config.data.layout, config.data.root = 'npy', '/nowhere/affectnet'
+  with pytest.raises(UsageError, match='data.root: /nowhere/affectnet is '
+                     'not a folder'):
     config_rules.check(config, NUM_DEVICES)
 
 

@@ -269,10 +269,11 @@ def test_two_processes_resume_mid_epoch_from_their_checkpoint(runs, tmp_path,
 def test_bad_data_in_process_0_stops_every_process(tmp_path):
   """Process 0 reads the data first; when it fails, the others stop with
   a pointer to it, rather than waiting for it at the barrier."""
+  (tmp_path / 'empty').mkdir()  # a folder (the config passes), no data
   command = [sys.executable, str(ROOT / 'main.py'), f'--workdir={tmp_path}',
-             '--config.data.layout=npy', f'--config.data.root={tmp_path}/none']
+             '--config.data.layout=npy', f'--config.data.root={tmp_path}/empty']
   outputs = launch(lambda i, port: [
       *command, f'--coordinator_address=localhost:{port}',
       '--num_processes=2', f'--process_id={i}'], 2, 1, succeed=False)
-  assert f'{tmp_path}/none' in outputs[0]
+  assert f'{tmp_path}/empty' in outputs[0]
   assert 'load_splits failed in process 0' in outputs[1]

@@ -53,6 +53,9 @@ def main(argv):
 
 def run_mode() -> None:
   """Sets up the processes, then runs the chosen mode."""
+  if FLAGS.mode == 'ablate':
+    run_ablation()
+    return
   import jax
   from fer_jax import distributed
   distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -86,15 +89,26 @@ def run_mode() -> None:
                            'section: --config=configs/benchmark.py')
     from fer_jax import benchmark
     benchmark.run(FLAGS.config, FLAGS.workdir)
-  elif FLAGS.mode == 'ablate':
-    if 'ablate' not in FLAGS.config:
-      raise app.UsageError('--mode=ablate needs an ablation config: '
-                           '--config=configs/ablations/imbalance.py')
-    workdir = FLAGS.workdir if FLAGS['workdir'].present else os.path.join(
-        'runs', 'ablations', os.path.splitext(os.path.basename(
-            config_flags.get_config_filename(FLAGS['config'])))[0])
-    from fer_jax import ablate
-    ablate.run(FLAGS.config, workdir)
+
+
+def run_ablation() -> None:
+  """--mode=ablate. Its runs use the devices, each in a process of its
+  own: this one starts no JAX backend (on a GPU or TPU it would hold the
+  devices they need), and it runs once, not once per process."""
+  from fer_jax import distributed
+  if 'ablate' not in FLAGS.config:
+    raise app.UsageError('--mode=ablate needs an ablation config: '
+                         '--config=configs/ablations/imbalance.py')
+  if (FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1 or (
+      FLAGS.num_processes is None and
+      distributed.cluster_environment() in ('SLURM', 'Open MPI'))):
+    raise app.UsageError('--mode=ablate runs in one process (its runs may '
+                         'not); several processes train and evaluate')
+  workdir = FLAGS.workdir if FLAGS['workdir'].present else os.path.join(
+      'runs', 'ablations', os.path.splitext(os.path.basename(
+          config_flags.get_config_filename(FLAGS['config'])))[0])
+  from fer_jax import ablate
+  ablate.run(FLAGS.config, workdir)
 
 
 if __name__ == '__main__':

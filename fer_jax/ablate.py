@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -142,8 +141,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         '\nDelete those folders to run them with this config, or use '
         'another --workdir.')
   if not config.ablate.collect_only:
-    for one in runs:
-      config_rules.check(one.config, jax.device_count())
+    for one in runs:  # each run checks its batch against its devices
+      config_rules.check(one.config, num_devices=None)
   files.write_json(workdir / 'ablation_config.json',
                    config_rules.as_json(config))
   statuses = [run_status(one) for one in runs]
@@ -185,13 +184,16 @@ def train_one(one: Run) -> None:
     command = [sys.executable, str(ROOT / 'main.py'), '--mode=train',
                f"--config={ROOT / 'configs' / 'saved.py'}:{config_file}",
                f'--workdir={one.workdir}', '--num_processes=1']
-    process = subprocess.Popen(command, stderr=subprocess.PIPE)
-    tail = b''
-    while chunk := process.stderr.read1(1 << 16):
-      sys.stderr.buffer.write(chunk)  # its log and progress bars, as they come
-      sys.stderr.buffer.flush()
-      tail = (tail + chunk)[-(1 << 16):]
-    process.wait()
+    with subprocess.Popen(command, stderr=subprocess.PIPE) as process:
+      try:
+        tail = b''
+        while chunk := process.stderr.read1(1 << 16):
+          sys.stderr.buffer.write(chunk)  # its log and progress bars, live
+          sys.stderr.buffer.flush()
+          tail = (tail + chunk)[-(1 << 16):]
+      except BaseException:  # Ctrl-C, a closed terminal: the run stops too
+        process.kill()
+        raise
   if process.returncode:
     one.workdir.mkdir(parents=True, exist_ok=True)
     files.write_text(error_file, tail.decode(errors='replace'))

@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from fer_jax import distributed
 from fer_jax.config_rules import UsageError
 
 
@@ -113,11 +114,17 @@ def latest_complete(manager: ocp.CheckpointManager,
   broken = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return step, read(step), broken
-    except Exception as error:  # noqa: BLE001  any unreadable checkpoint
-      logging.warning('%s/%d is unreadable (%s: %s)', manager.directory,
-                      step, type(error).__name__, str(error)[:300])
-      broken.append(step)
+      value, error = read(step), None
+    except Exception as e:  # noqa: BLE001  any unreadable checkpoint
+      value, error = None, e
+    # Every process resumes from the same step, or the steps' collectives
+    # would pair different work.
+    if distributed.everyone(error is None):
+      return step, value, broken
+    logging.warning('%s/%d is unreadable (%s)', manager.directory, step,
+                    f'{type(error).__name__}: {str(error)[:300]}' if error
+                    else 'in another process')
+    broken.append(step)
   if broken:
     raise UsageError(f'{manager.directory}: no checkpoint is complete '
                      f'(steps {sorted(broken)} are unreadable)')
@@ -134,22 +141,43 @@ def set_aside(workdir: Path, steps: list[int]) -> None:
     shutil.move(Path(workdir) / 'checkpoints' / str(step), target)
 
 
-def best_step(manager: ocp.CheckpointManager) -> int:
+def best_kept(manager: ocp.CheckpointManager, recorded: int | None,
+              train: ml_collections.ConfigDict) -> int:
+  """recorded, the best step of the run's progress, if its checkpoint is
+  kept; else (a run saved before best_step existed, or resumed from an
+  earlier checkpoint after the one that had replaced it became unreadable)
+  the earliest best of those kept, with a warning."""
+  steps = manager.all_steps()
+  if recorded in steps:
+    return recorded
+  ranked = {step: manager.metrics(step) for step in steps}
+  ranked = {s: m[train.best_metric] for s, m in ranked.items() if m}
+  if not ranked:
+    raise UsageError(f'{manager.directory}: no checkpoint of an epoch\'s '
+                     'end to test')
+  pick = max if train.best_mode == 'max' else min
+  best = pick(ranked.values())
+  step = min(s for s, v in ranked.items() if v == best)
+  logging.warning('%s: the best step recorded (%s) is not kept; using %d, '
+                  'the best of those kept', manager.directory, recorded, step)
+  return step
+
+
+def best_step(manager: ocp.CheckpointManager,
+              train: ml_collections.ConfigDict) -> int:
   """The best step as the run's latest readable progress records it."""
   step, meta, _ = latest_complete(manager, lambda s: read_meta(manager, s))
   if step is None:
     raise UsageError(f'{manager.directory}: no checkpoint; train first '
                      '(python main.py --workdir=...)')
-  if meta.get('best_step') is None:  # runs saved before best_step existed
-    return manager.best_step()
-  return meta['best_step']
+  return best_kept(manager, meta.get('best_step'), train)
 
 
 def checkpoint_step(manager: ocp.CheckpointManager, requested: int | None,
-                    ) -> int:
+                    train: ml_collections.ConfigDict) -> int:
   """The requested step if it exists, else the best one."""
   if requested is None:
-    return best_step(manager)
+    return best_step(manager, train)
   steps = manager.all_steps()
   if requested not in steps:
     raise UsageError(f'--checkpoint_step: {requested} not in '

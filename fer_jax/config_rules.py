@@ -160,9 +160,15 @@ def best_metric_names() -> set[str]:
           {f'val_{k}' for k in loss_keys | scalars})
 
 
-def check(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def check(config: ml_collections.ConfigDict, num_devices: int | None,
+          training: bool = True) -> None:
   """Raises UsageError naming the first field with a wrong type, range or
-  choice, or that breaks a rule between fields."""
+  choice, or that breaks a rule between fields.
+
+  num_devices: what the batch sizes must divide (None: not checked here).
+  training False: a trained run's config, for inference on devices of
+  their own (its training batch need not divide them).
+  """
   data, train = config.data, config.train
   _choice(config, 'model.name', sorted(models.BACKBONES))
   _choice(config, 'model.dtype', sorted(models.DTYPES))
@@ -206,7 +212,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int) -> None:
   _number(config, 'train.num_epochs', 1, integer=True)
   for field in ('train.batch_size', 'train.eval_batch_size'):
     _number(config, field, 1, integer=True)
-    _divisible(config, field, num_devices)
+    if num_devices and (training or field == 'train.eval_batch_size'):
+      _divisible(config, field, num_devices)
   _choice(config, 'train.optimizer', ('adamw', 'sgd'))
   _number(config, 'train.learning_rate', 0, open_low=True)
   _number(config, 'train.momentum', 0, 1, open_high=True)

@@ -16,7 +16,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 
-def _cluster_environment() -> str | None:
+def cluster_environment() -> str | None:
   """The launcher that started this process among several, if any: the
   variables JAX's own cluster detection reads."""
   env = os.environ
@@ -60,7 +60,7 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
   elif num_processes or process_id is not None:
     raise ValueError('--num_processes and --process_id need '
                      '--coordinator_address=HOST:PORT (of process 0)')
-  elif launcher := _cluster_environment():
+  elif launcher := cluster_environment():
     # Said first: a process started outside the launcher's steps (python
     # in an sbatch script, not srun) waits here for the others.
     logging.info('%s started several processes: jax.distributed from its '
@@ -79,6 +79,13 @@ def barrier(name: str) -> None:
   """Waits until every process gets here (nothing with one process)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def everyone(flag: bool) -> bool:
+  """Whether flag is true in every process."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
 
 
 def gather_rows(local: np.ndarray, num_rows: int) -> np.ndarray:

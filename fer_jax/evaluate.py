@@ -22,7 +22,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   if split not in data.SPLIT_NAMES:
     raise UsageError(f'--split: {split!r} is not one of {data.SPLIT_NAMES}')
   config = inference.trained_config(config, workdir)
-  config_rules.check(config, jax.device_count())
+  config_rules.check(config, jax.device_count(), training=False)
   splits, data_report = data.load_splits_all_processes(config)
   weights = losses.configured_class_weights(
       config.train, data_report['train']['class_counts'])

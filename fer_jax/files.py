@@ -14,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Files get the usual permissions (mkstemp's would be owner-only).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_bytes(path: Path, data: bytes) -> None:
   """Writes data to path atomically, creating the folder."""
@@ -22,6 +26,7 @@ def write_bytes(path: Path, data: bytes) -> None:
   handle, temporary = tempfile.mkstemp(dir=path.parent,
                                        prefix=f'.{path.name}.', suffix='.tmp')
   try:
+    os.fchmod(handle, 0o666 & ~_UMASK)
     with os.fdopen(handle, 'wb') as f:
       f.write(data)
       f.flush()

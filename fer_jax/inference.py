@@ -54,9 +54,12 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
       model, tx, config.data.image_size, config.train.seed,
       ema=config.train.ema_decay > 0)
   manager = checkpoints.create_manager(workdir, config, read_only=True)
-  step = checkpoints.checkpoint_step(manager, checkpoint_step)
-  state, _, _ = checkpoints.restore(manager, step, template)
-  manager.close()
+  try:
+    step = checkpoints.checkpoint_step(manager, checkpoint_step,
+                                       config.train)
+    state, _, _ = checkpoints.restore(manager, step, template)
+  finally:
+    manager.close()
   logging.info('Restored the checkpoint of step %d from %s', step,
                manager.directory)
   _, p_eval = steps.pmap_steps(model, tx, config, weights)

@@ -56,7 +56,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   """Writes predictions.csv for the images at input_path; returns its path."""
   workdir = Path(workdir)
   config = inference.trained_config(config, workdir)
-  config_rules.check(config, jax.device_count())
+  config_rules.check(config, jax.device_count(), training=False)
   paths = list_images(input_path)
   if not paths:
     raise UsageError(f'--input: no images ({", ".join(IMAGE_SUFFIXES)})'

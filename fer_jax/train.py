@@ -157,10 +157,12 @@ def _restore_latest(workdir: Path, config: ml_collections.ConfigDict,
   if not resumable:
     return template, Progress(), None, None, []
   reader = checkpoints.create_manager(workdir, config, read_only=True)
-  step, restored, broken = checkpoints.latest_complete(
-      reader, functools.partial(checkpoints.restore, reader,
-                                template=template))
-  reader.close()
+  try:
+    step, restored, broken = checkpoints.latest_complete(
+        reader, functools.partial(checkpoints.restore, reader,
+                                  template=template))
+  finally:
+    reader.close()
   if step is None:
     return template, Progress(), None, None, []
   state, meta, saved_data = restored
@@ -185,7 +187,9 @@ def _end_epoch(writer: reporting.Writer, progress: Progress,
   record = _epoch_record(progress, steps_per_epoch, learning_rate,
                          images_per_sec, val_metrics)
   train = config.train
-  value = record[train.best_metric]
+  value = record.get(train.best_metric)
+  if value is None or math.isnan(value):  # undefined (a PCC of constants)
+    value = -math.inf if train.best_mode == 'max' else math.inf
   if _improved(value, progress.best_value, train.best_mode):
     progress.best_value, progress.best_step = value, progress.step
     progress.epochs_without_improvement = 0
@@ -342,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     manager.wait_until_finished()
 
     # Test the best checkpoint and write the report.
-    best = progress.best_step
+    best = checkpoints.best_kept(manager, progress.best_step, config.train)
     best_state, _, _ = checkpoints.restore(manager, best,
                                            steps.unreplicate(state))
     test_metrics, predictions = inference.evaluate_records(

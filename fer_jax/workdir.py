@@ -41,27 +41,39 @@ def decide(workdir: Path, config: ml_collections.ConfigDict
            ) -> tuple[str, dict]:
   """FRESH, RESUME or FINISHED, and the allowed config changes.
 
-  Refuses (UsageError) a config that changes what the checkpoints mean, a
-  finished run asked to train longer, and checkpoints without a record.
+  Refuses (UsageError) a config that changes what the checkpoints mean
+  (train.num_epochs too, under the cosine schedule, while training), a
+  finished run asked to train longer, and results without a config.json.
   Writes nothing.
   """
   workdir = Path(workdir)
   if not (workdir / 'config.json').exists():
-    if any((workdir / 'checkpoints').glob('[0-9]*')):
-      raise UsageError(f'{workdir}: has checkpoints but no config.json, so '
-                       'nothing says what they are; use another --workdir')
+    left = [name for name, found in (
+        ('checkpoints', any((workdir / 'checkpoints').glob('[0-9]*'))),
+        ('metrics.jsonl', (workdir / 'metrics.jsonl').exists()),
+        ('a test report', test_report(workdir).exists())) if found]
+    if left:
+      raise UsageError(f'{workdir}: has {", ".join(left)} but no '
+                       'config.json, so nothing says what they are; use '
+                       'another --workdir')
     return FRESH, {}
   saved = read_json(workdir / 'config.json')
-  refused = config_rules.meaning_changes(saved, config)
+  allowed = config_rules.HOW_FIELDS
+  if (saved['train'].get('schedule') == 'cosine' and
+      not test_report(workdir).exists()):
+    # The cosine decays over all epochs: more or fewer would change the
+    # rate of every step still to come.
+    allowed = tuple(f for f in allowed if f != 'train.num_epochs')
+  refused = config_rules.meaning_changes(saved, config, allowed)
   if refused:
     raise UsageError(
         f'{workdir}: this run was started with another config, and its '
         'checkpoints mean what that one says: '
         f'{config_rules.describe(refused)}. Use a new --workdir for the new '
         'config.')
-  allowed = config_rules.changes(saved, config)
+  changed = config_rules.changes(saved, config)
   if not test_report(workdir).exists():
-    return RESUME, allowed
+    return RESUME, changed
   report = read_json(test_report(workdir))
   trained = report.get('epochs_trained')
   # Reports of older versions lack 'stopped_early'; their runs stopped
@@ -74,7 +86,7 @@ def decide(workdir: Path, config: ml_collections.ConfigDict
         f'{workdir}: this run finished after {trained} epochs and wrote its '
         f'test report; train.num_epochs={config.train.num_epochs} would '
         'change that record. Train longer in a new --workdir.')
-  return FINISHED, allowed
+  return FINISHED, changed
 
 
 def log_changes(workdir: Path, changed: dict) -> None:
@@ -129,6 +141,8 @@ def split_differences(workdir: Path, splits: dict[str, Records],
       if then != current:
         differences[name] = (f'{len(then - current)} images no longer in it, '
                              f'{len(current - then)} new')
+      elif not np.array_equal(saved[name], now[name]):
+        differences[name] = 'the same images in another order'
       elif not all(f'{name}_{key}' not in saved or np.array_equal(
           saved[f'{name}_{key}'], now[f'{name}_{key}'], equal_nan=True)
                    for key in ('labels', 'va')):

@@ -91,6 +91,11 @@ def test_rules_between_fields():
     config_rules.check(config, NUM_DEVICES)
   config.train.warmup_epochs = 0.5
   config_rules.check(config, NUM_DEVICES)
+  # Inference on other devices: only its own batch has to divide them.
+  config.train.batch_size = 3
+  config_rules.check(config, NUM_DEVICES, training=False)
+  with pytest.raises(UsageError, match='train.batch_size: 3 is not divisible'):
+    config_rules.check(config, NUM_DEVICES)
 
 
 def test_main_says_a_bad_value_in_one_line_and_writes_nothing(tmp_path):

@@ -30,7 +30,8 @@ def test_evaluate_reproduces_the_test_report_of_training(finished):
   assert result['valence_ccc'] == pytest.approx(metrics['valence_ccc'],
                                                 abs=1e-6)
   assert result['checkpoint_step'] == metrics['checkpoint_step']
-  folder = workdir / 'report' / 'eval' / f"test-step{metrics['checkpoint_step']}"
+  folder = (workdir / 'report' / 'eval' /
+            f"test-step{metrics['checkpoint_step']}")
   saved = json.loads((folder / 'test_metrics.json').read_text())
   assert saved['accuracy'] == result['accuracy']
   assert saved['split_differs_from_training'] is None

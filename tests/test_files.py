@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -20,6 +21,9 @@ def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch):
     files.write_json(path, {'accuracy': 0.9, 'more': list(range(10_000))})
   assert json.loads(path.read_text()) == {'accuracy': 0.5}
   assert os.listdir(path.parent) == ['test_metrics.json']  # no temporary
+  umask = os.umask(0)
+  os.umask(umask)
+  assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 def test_jsonl_csv_and_npz_round_trip(tmp_path):

@@ -70,7 +70,7 @@ def test_best_and_latest_checkpoints_are_kept(trained):
   manager = checkpoints.create_manager(workdir, config, read_only=True)
   records = files.read_jsonl(workdir / 'metrics.jsonl')
   best = max(records, key=lambda r: r['val_macro_f1'])
-  assert checkpoints.best_step(manager) == best['step'] == \
+  assert checkpoints.best_step(manager, config.train) == best['step'] == \
       metrics['checkpoint_step']
   assert manager.latest_step() == records[-1]['step']
 
@@ -164,6 +164,8 @@ def test_finished_run_shows_its_report_and_writes_nothing(trained, tmp_path,
     ('data.val_fraction', 0.3, 'data.val_fraction 0.2 -> 0.3'),
     ('model.va_activation', 'none', "model.va_activation 'tanh' -> 'none'"),
     ('train.va_loss', 'ccc', "train.va_loss 'mse' -> 'ccc'"),
+    # The cosine schedule decays over all epochs.
+    ('train.num_epochs', 3, 'train.num_epochs 2 -> 3'),
 ])
 def test_resume_with_another_meaning_is_refused_and_changes_nothing(
     trained, tmp_path, field, value, message):
@@ -259,7 +261,7 @@ def test_tied_validation_keeps_the_first_best_everywhere(config, tmp_path):
   assert metrics['best_epoch'] == 1 and metrics['checkpoint_step'] == 9
   manager = checkpoints.create_manager(tmp_path, config, read_only=True)
   assert sorted(manager.all_steps()) == [9, 18]
-  assert checkpoints.best_step(manager) == 9
+  assert checkpoints.best_step(manager, config.train) == 9
 
 
 def test_diverging_loss_stops_keeps_the_last_checkpoint_and_its_workers(
@@ -271,7 +273,7 @@ def test_diverging_loss_stops_keeps_the_last_checkpoint_and_its_workers(
   shutil.rmtree(diverged / 'report')
   # A run whose learning rate blows up in its third epoch.
   saved = json.loads((diverged / 'config.json').read_text())
-  saved['train']['learning_rate'] = 1e30
+  saved['train'].update(learning_rate=1e30, num_epochs=3)
   (diverged / 'config.json').write_text(json.dumps(saved))
   config = config.copy_and_resolve_references()
   config.train.num_epochs = 3

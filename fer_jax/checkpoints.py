@@ -105,8 +105,8 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 def latest_complete(manager: ocp.CheckpointManager,
                     read: Callable[[int], Any]) -> tuple[int, Any, list]:
-  """(step, read(step)) of the latest checkpoint that reads, and the later
-  steps that did not, each with a warning naming it and the one used.
+  """(step, read(step)) of the latest checkpoint that reads in every
+  process, and the later steps that did not, each with a warning.
 
   (None, None, []) without checkpoints; UsageError naming the folder when
   none reads.

@@ -106,7 +106,8 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 def latest_complete(manager: ocp.CheckpointManager,
                     read: Callable[[int], Any]) -> tuple[int, Any, list]:
   """(step, read(step)) of the latest checkpoint that reads in every
-  process, and the later steps that did not, each with a warning.
+  process, and the later steps that did not, each with a warning. A
+  UsageError from read (the same in every process) is raised at once.
 
   (None, None, []) without checkpoints; UsageError naming the folder when
   none reads.
@@ -115,6 +116,8 @@ def latest_complete(manager: ocp.CheckpointManager,
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       value, error = read(step), None
+    except UsageError:  # read refuses it: no checkpoint of the run would do
+      raise
     except Exception as e:  # noqa: BLE001  any unreadable checkpoint
       value, error = None, e
     # Every process resumes from the same step, or the steps' collectives

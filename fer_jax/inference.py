@@ -49,7 +49,7 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
                      'first (python main.py --workdir=...)')
   model = models.create_model(config.model, axis_name=steps.AXIS)
   tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
-      config.train, 1))
+      config.train, 1))  # shaped as training's; its rates are not used
   template = steps.create_train_state(
       model, tx, config.data.image_size, config.train.seed,
       ema=config.train.ema_decay > 0)
@@ -57,6 +57,11 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
   try:
     step = checkpoints.checkpoint_step(manager, checkpoint_step,
                                        config.train)
+    rules = checkpoints.read_meta(manager, step).get('training_rules', 1)
+    if rules != steps.TRAINING_RULES:  # the model's outputs may differ a bit
+      logging.warning('%s/%d was trained under training rules %d; this '
+                      'fer_jax has rules %d (fer_jax/steps.py)',
+                      manager.directory, step, rules, steps.TRAINING_RULES)
     state, _, _ = checkpoints.restore(manager, step, template)
   finally:
     manager.close()

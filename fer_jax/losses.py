@@ -22,37 +22,36 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
 
 
-CLASS_WEIGHTS = ('none', 'inverse_frequency', 'max_over_count',
-                 'effective_number')
+CLASS_WEIGHTS = ('none', 'inverse_frequency', 'effective_number')
 
 
 def class_weights(kind: str, class_counts: np.ndarray,
                   beta: float = 0.999) -> np.ndarray | None:
-  """Per-class cross-entropy weights [8] from the training class counts.
+  """Per-class cross-entropy weights [8] from the training class counts n_c.
 
-  'inverse_frequency': N / (8 n_c); the weights average 1 over the
-  training examples and every class carries the same total weight.
-  'max_over_count': max_c n_c / n_c, 1 for the largest class (as HSEmotion
-  weights AffectNet; Savchenko, 2022). 'effective_number': (1 - beta) /
-  (1 - beta^n_c), normalised to sum to 8 (Cui et al., 2019); beta -> 0
-  gives no weighting, beta -> 1 inverse frequency. An absent class counts
-  as one example.
+  'inverse_frequency': proportional to 1 / n_c, every class carrying the
+  same total weight (HSEmotion's max n / n_c, Savchenko 2022, up to its
+  scale). 'effective_number': proportional to (1 - beta) / (1 - beta^n_c)
+  (Cui et al., 2019); beta -> 0 gives no weighting, beta -> 1 inverse
+  frequency. Both are scaled so that sum_c n_c w_c = N: the mean weight over
+  the training examples is 1, so weighting moves the balance between the
+  classes and not the expression loss against valence/arousal. An absent
+  class is weighed as if it had one example.
   """
   if kind not in CLASS_WEIGHTS:
     raise ValueError(f'train.class_weights: {kind!r} is not one of '
                      f'{CLASS_WEIGHTS}')
   if kind == 'none':
     return None
-  counts = np.maximum(np.asarray(class_counts, np.float64), 1)
+  counts = np.asarray(class_counts, np.float64)
+  present = np.maximum(counts, 1)
   if kind == 'inverse_frequency':
-    weights = counts.sum() / (NUM_CLASSES * counts)
-  elif kind == 'max_over_count':
-    weights = counts.max() / counts
+    weights = 1 / present
   else:
     if not 0 <= beta < 1:
       raise ValueError(f'train.class_weight_beta: {beta} is not in [0, 1)')
-    weights = (1 - beta) / (1 - beta ** counts)
-    weights = weights * NUM_CLASSES / weights.sum()
+    weights = (1 - beta) / (1 - beta ** present)
+  weights = weights * counts.sum() / (counts * weights).sum()
   return weights.astype(np.float32)
 
 

@@ -11,10 +11,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from fer_jax import losses
+from fer_jax import losses, models
 from fer_jax.models import pretrained
 
 AXIS = 'batch'  # the pmap axis: BatchNorm statistics and gradients span it
+# What the train step makes of a config, numbered; a run resumes only under
+# the rules it started with. 2: a frozen backbone's optimiser state kept
+# as initialised, class weights of mean 1 per example, EMA with a warm-up
+# and averaged BatchNorm statistics, the head in float32 under bfloat16.
+TRAINING_RULES = 2
 
 
 @flax.struct.dataclass
@@ -24,7 +29,9 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
-  ema_params: Any = None  # train.ema_decay > 0: what evaluation uses
+  # train.ema_decay > 0: the moving averages that evaluation uses.
+  ema_params: Any = None
+  ema_batch_stats: Any = None
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict,
@@ -57,25 +64,54 @@ def learning_rate_fn(config: ml_collections.ConfigDict,
                                after], [warmup])
 
 
+def _optimizer(config: ml_collections.ConfigDict,
+               schedule: optax.Schedule) -> optax.GradientTransformation:
+  """AdamW or SGD with weight decay on kernels only (not biases or BatchNorm)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if config.optimizer == 'adamw':
+    return optax.adamw(schedule, weight_decay=config.weight_decay,
+                       mask=decay_mask)
+  if config.optimizer == 'sgd':
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+  raise ValueError(f"train.optimizer: {config.optimizer!r} is not 'adamw' "
+                   "or 'sgd'")
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
-                     schedule: optax.Schedule) -> optax.GradientTransformation:
+                     schedule: optax.Schedule,
+                     steps_per_epoch: int = 1) -> optax.GradientTransformation:
   """AdamW or SGD; weight decay skips biases and BatchNorm (1-D) parameters.
 
   train.grad_clip_norm > 0 first clips the gradients' global norm.
+  train.freeze_backbone_epochs > 0: for that many epochs (of
+  steps_per_epoch steps) the backbone's updates are zero and its optimiser
+  state (moments, step count) stays as initialised, so at the thaw it
+  takes a fresh optimiser's first step, at the schedule's rate of that
+  step; while frozen, its gradients do not count in the clip norm.
   """
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  if config.optimizer == 'adamw':
-    tx = optax.adamw(schedule, weight_decay=config.weight_decay,
-                     mask=decay_mask)
-  elif config.optimizer == 'sgd':
-    tx = optax.chain(
-        optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-        optax.sgd(schedule, momentum=config.momentum, nesterov=True))
-  else:
-    raise ValueError(f"train.optimizer: {config.optimizer!r} is not 'adamw' "
-                     "or 'sgd'")
   clip = config.get('grad_clip_norm', 0.0)
-  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+  if not config.get('freeze_backbone_epochs', 0.0):
+    tx = _optimizer(config, schedule)
+    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+  frozen_steps = int(config.freeze_backbone_epochs * steps_per_epoch)
+  # The backbone's own counter counts from the thaw; its rate follows the
+  # run's step.
+  thawed = lambda count: count >= frozen_steps
+  backbone = optax.transforms.conditionally_mask(
+      _optimizer(config, lambda count: schedule(count + frozen_steps)),
+      thawed)
+  tx = optax.multi_transform(
+      {'backbone': backbone, 'head': _optimizer(config, schedule)},
+      models.param_labels)
+  if not clip:
+    return tx
+  silenced = optax.multi_transform(
+      {'backbone': optax.transforms.conditionally_mask(optax.identity(),
+                                                       thawed),
+       'head': optax.identity()}, models.param_labels)
+  return optax.chain(silenced, optax.clip_by_global_norm(clip), tx)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -84,8 +120,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   """Initial parameters, BatchNorm statistics and optimiser state (one copy).
 
   init_from: a torchvision checkpoint whose backbone replaces the random one.
-  ema: keep an exponential moving average of the parameters, starting at
-  them.
+  ema: keep exponential moving averages of the parameters and BatchNorm
+  statistics (ema_update), starting at them.
   """
   init_rng, rng = jax.random.split(jax.random.PRNGKey(seed))
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
@@ -93,11 +129,36 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
       init_rng, images)
   if init_from:
     variables = pretrained.load_pretrained(variables, init_from)
-  params = variables['params']
+  params, batch_stats = variables['params'], variables['batch_stats']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables['batch_stats'],
-                    opt_state=tx.init(params), rng=rng,
-                    ema_params=params if ema else None)
+                    batch_stats=batch_stats, opt_state=tx.init(params),
+                    rng=rng, ema_params=params if ema else None,
+                    ema_batch_stats=batch_stats if ema else None)
+
+
+def ema_decay(decay: float, step: jax.Array) -> jax.Array:
+  """The decay of the update after `step` updates: min(decay, (1 + step) /
+  (10 + step)), so the average forgets the initialisation within the first
+  few hundred steps (decay 0.999: weight 0.1 left on it after ~80 steps
+  instead of ~2,300)."""
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(state: 'TrainState', decay: float) -> 'TrainState':
+  """state's averages moved towards its parameters and BatchNorm statistics.
+
+  The statistics are averaged with the same decay, so the averaged model is
+  evaluated with statistics of the same window of training (as TensorFlow's
+  EfficientNet averages its moving means and variances) instead of those of
+  the latest parameters; recomputing them would cost a pass over training
+  data at each evaluation.
+  """
+  d = ema_decay(decay, state.step)
+  average = lambda old, new: jax.tree.map(
+      lambda o, n: d * o + (1 - d) * n, old, new)
+  return state.replace(
+      ema_params=average(state.ema_params, state.params),
+      ema_batch_stats=average(state.ema_batch_stats, state.batch_stats))
 
 
 def normalise_images(images: jax.Array, mean_rgb, std_rgb) -> jax.Array:
@@ -107,23 +168,14 @@ def normalise_images(images: jax.Array, mean_rgb, std_rgb) -> jax.Array:
   return (images.astype(jnp.float32) - mean) / std
 
 
-def _freeze_backbone(tree: dict, frozen: jax.Array) -> dict:
-  """tree with its 'backbone' part zeroed while frozen."""
-  return {**tree, 'backbone': jax.tree.map(
-      lambda x: jnp.where(frozen, jnp.zeros_like(x), x), tree['backbone'])}
-
-
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict,
-               weights: np.ndarray | None,
-               freeze_backbone_steps: int = 0) -> tuple[TrainState, dict]:
+               weights: np.ndarray | None) -> tuple[TrainState, dict]:
   """One step on this device's shard; run under pmap with axis AXIS.
 
-  For its first freeze_backbone_steps steps only the head learns: the
-  backbone's gradients and updates (weight decay included) are zero, so
-  its optimiser moments start at zero when it thaws. Its BatchNorm
-  statistics keep adapting to the data.
+  A backbone frozen by the optimiser (create_optimizer) keeps adapting its
+  BatchNorm statistics to the data.
   """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                            jax.lax.axis_index(AXIS))
@@ -162,20 +214,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
     scale = rho / (optax.tree.norm(grads) + 1e-12)
     perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, grads)
     grads = jax.lax.psum(jax.grad(loss_fn, has_aux=True)(perturbed)[0], AXIS)
-  frozen = state.step < freeze_backbone_steps
-  if freeze_backbone_steps:
-    grads = _freeze_backbone(grads, frozen)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  if freeze_backbone_steps:
-    updates = _freeze_backbone(updates, frozen)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = state.ema_params
-  if ema_params is not None:
-    ema_params = optax.incremental_update(params, ema_params,
-                                          1 - config.train.ema_decay)
-  state = state.replace(step=state.step + 1, params=params,
-                        batch_stats=batch_stats, opt_state=opt_state,
-                        ema_params=ema_params)
+  state = state.replace(params=optax.apply_updates(state.params, updates),
+                        batch_stats=batch_stats, opt_state=opt_state)
+  if state.ema_params is not None:
+    state = ema_update(state, config.train.ema_decay)
+  state = state.replace(step=state.step + 1)
   metrics = losses.normalise(global_sums, config.train.va_loss_weight,
                              config.train.get('va_loss', 'mse'))
   return state, metrics
@@ -187,39 +231,51 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
   """Probabilities, valence/arousal and loss sums of one shard.
 
   eval.tta 'flip': the image and its mirror, probabilities and
-  valence/arousal averaged (the loss is that of the averaged probabilities).
+  valence/arousal averaged (flip_average). With train.ema_decay > 0 the
+  averaged parameters and BatchNorm statistics are evaluated.
   """
   images = normalise_images(batch['image'], config.data.mean_rgb,
                             config.data.std_rgb)
-  params = state.params if state.ema_params is None else state.ema_params
-  variables = {'params': params, 'batch_stats': state.batch_stats}
+  variables = ({'params': state.params, 'batch_stats': state.batch_stats}
+               if state.ema_params is None else
+               {'params': state.ema_params,
+                'batch_stats': state.ema_batch_stats})
   outputs = model.apply(variables, images, train=False)
-  probs, va = jax.nn.softmax(outputs['logits']), outputs['va']
   tta = config.get('eval', {}).get('tta', 'none')
   if tta == 'flip':
-    mirrored = model.apply(variables, images[:, :, ::-1], train=False)
-    probs = (probs + jax.nn.softmax(mirrored['logits'])) / 2
-    va = (va + mirrored['va']) / 2
-    outputs = {'logits': jnp.log(probs), 'va': va}
+    outputs = flip_average(outputs, model.apply(variables, images[:, :, ::-1],
+                                                train=False))
   elif tta != 'none':
     raise ValueError(f"eval.tta: {tta!r} is not 'none' or 'flip'")
   sums = jax.lax.psum(losses.loss_sums(
       outputs, batch, config.train.label_smoothing, weights), AXIS)
-  return {'probs': probs, 'va': va, 'sums': sums}
+  return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
+          'sums': sums}
+
+
+def flip_average(outputs: dict, mirrored: dict) -> dict:
+  """The mean of two views' probabilities, as log-probabilities ('logits'),
+  and of their valence/arousal.
+
+  Averaged in log space, log((p + q) / 2) = logaddexp(log p, log q) - log 2,
+  so a probability that underflows in both views stays a finite log.
+  """
+  log_probs = (jnp.logaddexp(jax.nn.log_softmax(outputs['logits']),
+                             jax.nn.log_softmax(mirrored['logits'])) -
+               jnp.log(2.0))
+  return {'logits': log_probs, 'va': (outputs['va'] + mirrored['va']) / 2}
 
 
 def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
                config: ml_collections.ConfigDict,
-               weights: np.ndarray | None = None, devices=None,
-               freeze_backbone_steps: int = 0):
+               weights: np.ndarray | None = None, devices=None):
   """The train step (state donated) and eval step, pmapped over devices.
 
   weights: per-class cross-entropy weights (losses.class_weights) or None.
   """
   p_train = jax.pmap(
       functools.partial(train_step, model=model, tx=tx, config=config,
-                        weights=weights,
-                        freeze_backbone_steps=freeze_backbone_steps),
+                        weights=weights),
       axis_name=AXIS, donate_argnums=(0,), devices=devices)
   p_eval = jax.pmap(functools.partial(eval_step, model=model, config=config,
                                       weights=weights),

@@ -34,10 +34,12 @@ class Progress:
   epochs_without_improvement: int = 0
   stopped_early: bool = False
   train_seconds: float = 0.0      # training and validation, all sessions
+  training_rules: int = steps.TRAINING_RULES  # the step's, from the start
 
   @classmethod
   def from_meta(cls, meta: dict, steps_per_epoch: int) -> 'Progress':
     """From a checkpoint's meta item; older ones counted epochs."""
+    meta = {'training_rules': 1, **meta}  # saved before rules were numbered
     if 'step' not in meta:
       best = meta.get('best_epoch')
       meta = {**meta, 'step': (meta['epoch'] * steps_per_epoch +
@@ -157,10 +159,20 @@ def _restore_latest(workdir: Path, config: ml_collections.ConfigDict,
   if not resumable:
     return template, Progress(), None, None, []
   reader = checkpoints.create_manager(workdir, config, read_only=True)
+
+  def read(step):
+    rules = checkpoints.read_meta(reader, step).get('training_rules', 1)
+    if rules != steps.TRAINING_RULES:
+      raise UsageError(
+          f'{workdir}: step {step} was trained under training rules {rules} '
+          f'and this fer_jax trains under rules {steps.TRAINING_RULES} '
+          '(fer_jax/steps.py: TRAINING_RULES); one run under two rules '
+          'would be one record of two recipes. Finish it with the fer_jax '
+          'that started it, or start a new --workdir.')
+    return checkpoints.restore(reader, step, template)
+
   try:
-    step, restored, broken = checkpoints.latest_complete(
-        reader, functools.partial(checkpoints.restore, reader,
-                                  template=template))
+    step, restored, broken = checkpoints.latest_complete(reader, read)
   finally:
     reader.close()
   if step is None:
@@ -249,15 +261,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # holds every weight).
   model = models.create_model(config.model, axis_name=steps.AXIS)
   schedule = steps.learning_rate_fn(config.train, num_steps)
-  tx = steps.create_optimizer(config.train, schedule)
+  tx = steps.create_optimizer(config.train, schedule, num_steps)
   new_state = functools.partial(
       steps.create_train_state, model, tx, config.data.image_size,
       config.train.seed, ema=config.train.ema_decay > 0)
   weights = losses.configured_class_weights(
       config.train, data_report['train']['class_counts'])
-  p_train, p_eval = steps.pmap_steps(
-      model, tx, config, weights, freeze_backbone_steps=int(
-          config.train.freeze_backbone_epochs * num_steps))
+  p_train, p_eval = steps.pmap_steps(model, tx, config, weights)
   state, progress, saved_data, restored_step, broken = _restore_latest(
       workdir, config, new_state(), num_steps, resumable)
   if restored_step is None and config.model.init_from:

@@ -100,7 +100,9 @@ def config(data_cache):
 
 @pytest.fixture(scope='session')
 def trained(tmp_path_factory, data_cache):
-  """One finished two-epoch run of the tiny config: (config, workdir, metrics)."""
+  """One finished two-epoch run of the tiny config: (config, workdir,
+  metrics). Read-only: a test that writes into a run uses `finished`, and
+  the session fails if any file of this one changed."""
   from fer_jax import train
   config = tiny_config(data_cache)
   # Mid-epoch checkpoints too (steps 4, 8, 12, 16 of 2 x 9), for resume;
@@ -109,4 +111,15 @@ def trained(tmp_path_factory, data_cache):
   config.train.keep_checkpoints = 5
   workdir = tmp_path_factory.mktemp('run')
   metrics = train.train_and_evaluate(config, str(workdir))
-  return config, workdir, metrics
+  before = tree_digest(workdir)
+  yield config, workdir, metrics
+  assert tree_digest(workdir) == before, (
+      'a test wrote into the shared trained run; give it `finished`')
+
+
+@pytest.fixture
+def finished(trained, tmp_path):
+  """A copy of the trained run, for a test that writes into it."""
+  config, workdir, metrics = trained
+  shutil.copytree(workdir, tmp_path / 'run')
+  return config, tmp_path / 'run', metrics

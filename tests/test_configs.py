@@ -3,25 +3,88 @@
 import importlib
 import subprocess
 import sys
-from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import NUM_DEVICES, ROOT
+
 # saved.py reads a run's config.json: tested on its own below.
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
                  if p.stem not in ('__init__', 'saved'))
 
 
+ABLATIONS = sorted(p.stem for p in (ROOT / 'configs' / 'ablations').glob('*.py')
+                   if p.stem != '__init__')
+# Training class counts as skewed as AffectNet's, for the class weights.
+COUNTS = np.array([750, 1340, 250, 140, 64, 38, 250, 37])
+
+
+def train_step(config, compiled=True):
+  """(state before, state after, metrics) of one train step of config at
+  32 px, batch 4 over the test's devices, as training builds it; with
+  compiled False only traced (jax.eval_shape)."""
+  from fer_jax import losses, models, steps
+  config = config.copy_and_resolve_references()
+  config.data.image_size, config.train.batch_size = 32, 4
+  config.model.init_from = ''  # no weights here
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
+      config.train, 10), 10)
+  p_train, _ = steps.pmap_steps(
+      model, tx, config, losses.configured_class_weights(config.train,
+                                                         COUNTS))
+  new_state = lambda: steps.create_train_state(
+      model, tx, 32, 0, ema=config.train.ema_decay > 0)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
+           'label': np.arange(4, dtype=np.int32),
+           'va': rng.uniform(-1, 1, (4, 2)).astype(np.float32),
+           'va_mask': np.ones(4, bool), 'mask': np.ones(4, bool)}
+  batch = {k: v.reshape(NUM_DEVICES, -1, *v.shape[1:])
+           for k, v in batch.items()}
+  if not compiled:
+    state = jax.eval_shape(new_state)
+    replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        (NUM_DEVICES, *x.shape), x.dtype), state)
+    return state, *jax.eval_shape(p_train, replicated, batch)
+  # Two steps: the first has a learning rate of 0 under a warm-up.
+  state = new_state()
+  after, metrics = p_train(steps.replicate(state), batch)
+  after, metrics = p_train(after, batch)
+  return state, steps.unreplicate(after), steps.unreplicate(metrics)
+
+
 @pytest.mark.parametrize('name', CONFIGS)
-def test_config_loads_with_the_contract_fields(name):
+def test_config_checks_builds_its_model_and_trains(name):
+  from fer_jax import config_rules
   config = importlib.import_module(f'configs.{name}').get_config()
-  for field in ('model.name', 'model.dtype', 'model.init_from', 'data.layout',
-                'data.root', 'data.image_size', 'data.on_error',
-                'data.num_workers', 'train.num_epochs', 'train.batch_size',
-                'train.seed'):
-    section, key = field.split('.')
-    assert key in config[section], field
+  if config.data.layout != 'synthetic':
+    config.data.root = str(ROOT)  # any folder passes the door
+  config_rules.check(config, NUM_DEVICES)
+  before, after, metrics = train_step(config)
+  assert np.isfinite(metrics['loss']) and metrics['loss'] > 0
+  assert int(after.step) == 2
+  moved = [float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(after.params['head']),
+      jax.tree.leaves(before.params['head']))]
+  assert max(moved) > 0
+
+
+@pytest.mark.parametrize('name', ABLATIONS)
+def test_every_ablation_run_checks_and_traces_a_train_step(name):
+  """Each variant and seed as --mode=ablate would train it; traced, not
+  compiled (a variant changes fields whose arithmetic other tests check)."""
+  from fer_jax import ablate, config_rules
+  config = importlib.import_module(f'configs.ablations.{name}').get_config()
+  for variant, fields in config.ablate.variants:
+    run = ablate.run_config(config.base, fields, config.ablate.seeds[0],
+                            config.ablate.seed_fields, variant)
+    config_rules.check(run, NUM_DEVICES)
+    _, after, metrics = train_step(run, compiled=False)
+    assert metrics['loss'].shape == (NUM_DEVICES,), variant
+    assert after.params['head']['expression']['kernel'].shape[-1] == 8
 
 
 def test_a_saved_config_reads_back_as_it_was(tmp_path):

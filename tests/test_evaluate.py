@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import jax
@@ -13,14 +12,6 @@ from fer_jax import data, evaluate, files, models, predict, steps
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 from tests.conftest import NUM_DEVICES, tree_digest
-
-
-@pytest.fixture
-def finished(trained, tmp_path):
-  """A copy of the trained run, for a test that writes into it."""
-  config, workdir, metrics = trained
-  shutil.copytree(workdir, tmp_path / 'run')
-  return config, tmp_path / 'run', metrics
 
 
 def test_evaluate_reproduces_the_test_report_of_training(finished):

@@ -90,39 +90,82 @@ AFFECTNET_COUNTS = np.array([74874, 134415, 25459, 14090, 6378, 3803, 24882,
                              3750])  # training set, Mollahosseini et al.
 
 
-def test_class_weights_follow_their_formulas_in_float64():
-  n = AFFECTNET_COUNTS.astype(np.float64)
-  np.testing.assert_allclose(
-      losses.class_weights('inverse_frequency', n), n.sum() / (8 * n),
-      rtol=1e-6)
-  np.testing.assert_allclose(losses.class_weights('max_over_count', n),
-                             134415 / n, rtol=1e-6)
+SKEWED = np.array([300, 4700, 90, 50, 20, 13, 90, 0])  # Contempt absent
+
+
+@pytest.mark.parametrize('counts', [AFFECTNET_COUNTS, SKEWED])
+def test_class_weights_follow_their_formulas_with_mean_one_per_example(
+    counts):
+  """In float64: proportional to 1 / n_c and to the effective number's
+  inverse, scaled so that sum_c n_c w_c = N."""
+  n = counts.astype(np.float64)
+  present = np.maximum(n, 1)  # an absent class weighs as one example
   beta = 0.9999
-  effective = (1 - beta) / (1 - beta ** n)
-  np.testing.assert_allclose(
-      losses.class_weights('effective_number', n, beta),
-      effective / effective.sum() * 8, rtol=1e-5)
-  assert losses.class_weights('none', n) is None
+  for kind, shape in (('inverse_frequency', 1 / present),
+                      ('effective_number',
+                       (1 - beta) / (1 - beta ** present))):
+    w = losses.class_weights(kind, counts, beta).astype(np.float64)
+    assert np.sum(n * w) == pytest.approx(n.sum(), rel=1e-6)
+    np.testing.assert_allclose(w / w[0], shape / shape[0], rtol=1e-5)
+  assert losses.class_weights('none', counts) is None
+
+
+def test_class_weights_leave_the_mean_loss_of_equal_losses_alone():
+  """A batch in the training proportions with the same cross-entropy for
+  every example: weighting does not change its mean, only who carries it."""
+  labels = np.repeat(np.arange(8), SKEWED)
+  logits = np.zeros((len(labels), 8), np.float32)
+  batch = {'label': labels, 'mask': np.ones(len(labels), bool),
+           'va': np.zeros((len(labels), 2), np.float32),
+           'va_mask': np.ones(len(labels), bool)}
+  outputs = {'logits': logits, 'va': np.zeros((len(labels), 2), np.float32)}
+  plain = losses.loss_sums(outputs, batch)
+  for kind in ('inverse_frequency', 'effective_number'):
+    weighted = losses.loss_sums(outputs, batch, weights=losses.class_weights(
+        kind, SKEWED, 0.99))
+    assert float(weighted['ce']) == pytest.approx(float(plain['ce']),
+                                                  rel=1e-5)
 
 
 def test_effective_number_spans_no_weighting_to_inverse_frequency():
   n = AFFECTNET_COUNTS
   np.testing.assert_allclose(losses.class_weights('effective_number', n, 0.0),
                              np.ones(8), rtol=1e-6)
-  near_one = losses.class_weights('effective_number', n, 1 - 1e-9)
-  inverse = 1 / n
-  np.testing.assert_allclose(near_one, inverse / inverse.sum() * 8,
-                             rtol=1e-3)
+  np.testing.assert_allclose(
+      losses.class_weights('effective_number', n, 1 - 1e-9),
+      losses.class_weights('inverse_frequency', n), rtol=1e-3)
 
 
 def test_class_weights_survive_an_absent_class_and_name_bad_settings():
-  counts = np.array([10, 0, 5, 5, 5, 5, 5, 5])
-  for kind in ('inverse_frequency', 'max_over_count', 'effective_number'):
-    assert np.all(np.isfinite(losses.class_weights(kind, counts)))
+  for kind in ('inverse_frequency', 'effective_number'):
+    assert np.all(np.isfinite(losses.class_weights(kind, SKEWED)))
   with pytest.raises(ValueError, match="train.class_weights: 'sqrt'"):
-    losses.class_weights('sqrt', counts)
+    losses.class_weights('sqrt', SKEWED)
   with pytest.raises(ValueError, match='train.class_weight_beta: 1.0'):
-    losses.class_weights('effective_number', counts, 1.0)
+    losses.class_weights('effective_number', SKEWED, 1.0)
+
+
+def test_flip_average_keeps_an_underflowing_probability_finite():
+  """Class 7 at -120 in both views: its probability, about 1e-52, is 0 in
+  float32, whose log would be -inf and the smoothed cross-entropy NaN."""
+  from fer_jax import steps
+  logits = np.array([[3.0, 0, 0, 0, 0, 0, 0, -120],
+                     [0.5, 2, 0, 0, 1, 0, 0, -125]], np.float32)
+  mirrored = np.array([[1.0, 0, 2, 0, 0, 0, 0, -121],
+                       [0.0, 1, 0, 3, 1, 0, 0, -119]], np.float32)
+  va = np.zeros((2, 2), np.float32)
+  out = steps.flip_average({'logits': logits, 'va': va},
+                           {'logits': mirrored, 'va': va + 0.5})
+  from scipy.special import log_softmax
+  want = np.log((np.exp(log_softmax(np.float64(logits), axis=-1)) +
+                 np.exp(log_softmax(np.float64(mirrored), axis=-1))) / 2)
+  np.testing.assert_allclose(out['logits'], want, rtol=1e-6)
+  np.testing.assert_allclose(out['va'], 0.25)
+  batch = {'label': np.array([7, 0]), 'mask': np.ones(2, bool), 'va': va,
+           'va_mask': np.ones(2, bool)}
+  ce = float(losses.loss_sums(out, batch, label_smoothing=0.1)['ce'])
+  targets = np.full((2, 8), 0.1 / 8) + 0.9 * np.eye(8)[[7, 0]]
+  assert ce == pytest.approx(-np.sum(targets * want), rel=1e-6)
 
 
 def reference_ccc_loss(va_pred, va_true, valid):

@@ -197,7 +197,10 @@ def test_init_from_starts_training_from_the_checkpoint(data_cache, tmp_path):
       kernel, torch.load(path)['conv1.weight'].numpy().transpose(2, 3, 1, 0))
 
 
-def test_ema_follows_the_parameters_and_is_what_evaluation_uses(data_cache):
+def test_ema_warms_up_averages_batchnorm_and_is_what_evaluation_uses(
+    data_cache):
+  """Against the float64 recurrence e <- d_t e + (1 - d_t) x, d_t =
+  min(0.8, (1 + t) / (10 + t)), for the parameters and BatchNorm statistics."""
   from tests.conftest import tiny_config
   config = tiny_config(data_cache)
   config.train.ema_decay = 0.8
@@ -207,42 +210,119 @@ def test_ema_follows_the_parameters_and_is_what_evaluation_uses(data_cache):
   state = steps.replicate(steps.create_train_state(
       model, tx, config.data.image_size, 0, ema=True))
   batch = shard(fixed_batch(8, config.data.image_size), NUM_DEVICES)
-  ema = jax.tree.map(np.float64, steps.unreplicate(state).params)
-  for _ in range(3):
+  start = steps.unreplicate(state)
+  want = jax.tree.map(np.float64, (start.params, start.batch_stats))
+  for t in range(3):
     state, _ = p_train(state, batch)
-    params = steps.unreplicate(state).params
-    ema = jax.tree.map(lambda e, p: 0.8 * e + 0.2 * p, ema, params)
-  got = steps.unreplicate(state).ema_params
-  for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(got)):
+    live = steps.unreplicate(state)
+    d = min(0.8, (1 + t) / (10 + t))  # 0.1, 0.18, 0.25: warming up
+    want = jax.tree.map(lambda e, x: d * e + (1 - d) * x, want,
+                        (live.params, live.batch_stats))
+  got = (live.ema_params, live.ema_batch_stats)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
-  assert not np.allclose(jax.tree.leaves(got)[0],
-                         jax.tree.leaves(params)[0])
+  # Without the warm-up the average would still hold 0.8^3 = 51% of the
+  # initialisation (0.1 x 0.18 x 0.25 = 0.5% with it), and have moved about
+  # 0.35 as far as the parameters (0.9 with it).
+  moved = lambda tree: max(float(np.abs(a - b).max()) for a, b in zip(
+      jax.tree.leaves(tree), jax.tree.leaves(start.params)))
+  assert moved(live.ema_params) > 0.8 * moved(live.params)
   with_ema = jax.device_get(p_eval(state, batch))['probs']
-  swapped = state.replace(params=state.ema_params, ema_params=None)
+  swapped = state.replace(params=state.ema_params,
+                          batch_stats=state.ema_batch_stats,
+                          ema_params=None, ema_batch_stats=None)
   np.testing.assert_allclose(
       with_ema, jax.device_get(p_eval(swapped, batch))['probs'], rtol=1e-6)
+  live_stats = state.replace(params=state.ema_params, ema_params=None,
+                             ema_batch_stats=None)
+  assert not np.allclose(
+      with_ema, jax.device_get(p_eval(live_stats, batch))['probs'],
+      rtol=1e-4)
+
+
+def toy_tree(rng):
+  """A parameter (or gradient) tree with a backbone and a head."""
+  draw = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  return {'backbone': {'conv': {'kernel': draw(3, 3)},
+                       'bn': {'scale': draw(3)}},
+          'head': {'dense': {'kernel': draw(3, 2), 'bias': draw(2)}}}
+
+
+def fresh_first_update(grads, params, lr, weight_decay):
+  """AdamW's first update in float64: m / sqrt(v) = g / |g| after bias
+  correction, and decay on kernels only."""
+  return jax.tree.map(
+      lambda g, p: -lr * (np.float64(g) / (np.abs(np.float64(g)) + 1e-8) +
+                          weight_decay * p * (p.ndim > 1)), grads, params)
+
+
+@pytest.mark.parametrize('clip', [0.0, 1.0])
+def test_thawed_backbone_takes_a_fresh_optimisers_first_step(data_cache,
+                                                             clip):
+  """Frozen for 3 steps (one epoch): its updates are zero, its optimiser
+  state stays as initialised, and its first update equals a fresh AdamW's
+  at the schedule's rate of step 3. The head trains as without a freeze."""
+  from tests.conftest import tiny_config
+  config = tiny_config(data_cache).train
+  config.update(weight_decay=0.1, freeze_backbone_epochs=1.0,
+                grad_clip_norm=clip)
+  schedule = lambda count: 0.01 * (count + 1.0)
+  tx = steps.create_optimizer(config, schedule, steps_per_epoch=3)
+  config.freeze_backbone_epochs = 0.0
+  head_only = steps.create_optimizer(config, schedule)
+  rng = np.random.default_rng(0)
+  params = toy_tree(rng)
+  opt_state = tx.init(params)
+  head_state = head_only.init(params['head'])
+  for step in range(4):
+    grads = toy_tree(rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    want_head, head_state = head_only.update(grads['head'], head_state,
+                                             params['head'])
+    # While frozen the clip norm is the head's alone; after, the tree's.
+    if step < 3 or not clip:
+      for a, b in zip(jax.tree.leaves(updates['head']),
+                      jax.tree.leaves(want_head)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    if step < 3:
+      assert all(np.all(np.asarray(u) == 0)
+                 for u in jax.tree.leaves(updates['backbone']))
+  if clip:  # the thaw's gradient, clipped by the whole tree's norm
+    scale = min(1.0, clip / float(optax.tree.norm(grads)))
+    grads = jax.tree.map(lambda g: g * scale, grads)
+  want = fresh_first_update(grads['backbone'], params['backbone'],
+                            schedule(3), 0.1)
+  for a, b in zip(jax.tree.leaves(updates['backbone']),
+                  jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
 def test_frozen_backbone_stays_put_while_the_head_learns(data_cache):
   from tests.conftest import tiny_config
   config = tiny_config(data_cache)
+  config.train.freeze_backbone_epochs = 2.0
   model = models.create_model(config.model, axis_name=steps.AXIS)
-  tx = steps.create_optimizer(config.train, lambda step: 1e-2)
-  p_train, _ = steps.pmap_steps(model, tx, config, freeze_backbone_steps=2)
+  tx = steps.create_optimizer(config.train, lambda step: 1e-2,
+                              steps_per_epoch=1)
+  p_train, _ = steps.pmap_steps(model, tx, config)
   state = steps.replicate(steps.create_train_state(
       model, tx, config.data.image_size, 0))
   batch = shard(fixed_batch(8, config.data.image_size), NUM_DEVICES)
-  start = steps.unreplicate(state).params
+  start = steps.unreplicate(state)
   moved = []
   for _ in range(3):
     state, _ = p_train(state, batch)
-    params = steps.unreplicate(state).params
+    now = steps.unreplicate(state)
     moved.append({part: max(float(np.abs(a - b).max()) for a, b in zip(
-        jax.tree.leaves(params[part]), jax.tree.leaves(start[part])))
+        jax.tree.leaves(now.params[part]),
+        jax.tree.leaves(start.params[part])))
                   for part in ('backbone', 'head')})
   assert moved[0]['backbone'] == moved[1]['backbone'] == 0.0
   assert 0 < moved[0]['head'] < moved[1]['head']
   assert moved[2]['backbone'] > 0  # thawed at step 3
+  # Its BatchNorm statistics adapt to the data all along.
+  assert not np.allclose(jax.tree.leaves(now.batch_stats)[0],
+                         jax.tree.leaves(start.batch_stats)[0])
 
 
 def test_one_and_four_devices_agree_within_1e5(data_cache):

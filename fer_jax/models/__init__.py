@@ -34,7 +34,7 @@ def create_model(config: ml_collections.ConfigDict,
                                     kernels=config.get('kernels', 'auto'))
   head = MultitaskHead(dropout_rate=config.dropout_rate,
                        hidden_size=config.hidden_size,
-                       va_activation=config.va_activation, dtype=dtype)
+                       va_activation=config.va_activation)
   return FERModel(backbone=backbone, head=head)
 
 

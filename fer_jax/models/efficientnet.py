@@ -29,9 +29,14 @@ def stochastic_depth(x: jax.Array, rate: float, deterministic: bool,
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
-  """sum_ij x[:, h*s + i, w*s + j] * kernel[i, j, 0] over the k x k taps."""
-  return sum(view * kernel[i, j, 0]
-             for (i, j), view in strided_views(x, kernel.shape[0], strides))
+  """sum_ij x[:, h*s + i, w*s + j] * kernel[i, j, 0] over the k x k taps.
+
+  Accumulated in float32, as the library's convolutions accumulate: in
+  bfloat16, 9 or 25 rounded additions moved EfficientNet-B0's loss by 3%.
+  """
+  f32 = lambda a: a.astype(jnp.float32)
+  return sum(f32(view) * f32(kernel[i, j, 0]) for (i, j), view in
+             strided_views(x, kernel.shape[0], strides)).astype(x.dtype)
 
 
 def _pad(x: jax.Array, low: int, high: int, interior: int = 0) -> jax.Array:

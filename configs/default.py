@@ -53,9 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.split_seed = 0
   # 'uniform': each image once per epoch; 'balanced': every class drawn
   # equally often (with replacement). AffectNet's imbalance (Happy 47%,
-  # Contempt 1.3%) sank the reference study's ResNet18; on the synthetic set
-  # one epoch gives balanced test accuracy 0.54 with 'balanced' against 0.37
-  # with 'uniform', and 0.13 with 'uniform' + class-weighted CE.
+  # Contempt 1.3%) sank the reference study's ResNet18; on the synthetic
+  # set 'balanced' beats 'uniform' with or without class-weighted CE
+  # (configs/ablations/imbalance.py; README: Ablation studies).
   config.data.sampler = 'balanced'
   config.data.num_workers = 0             # Grain worker processes (0: threads only)
   config.data.num_threads = 2             # decoding threads per process
@@ -117,17 +117,22 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: sharpness-aware minimisation with this radius (Foret et al., 2021;
   # HSEmotion's best AffectNet models used it); two passes per step.
   config.train.sam_rho = 0.0
-  # > 0: evaluation, checkpoints' best and the test use an exponential
-  # moving average of the parameters (e.g. 0.999 per step).
+  # > 0: evaluation, checkpoints' best and the test use exponential moving
+  # averages of the parameters and BatchNorm statistics (e.g. 0.999 per
+  # step), the decay warmed up as min(d, (1 + t) / (10 + t)) at step t.
   config.train.ema_decay = 0.0
   # Only the head learns for this many epochs (a pretrained backbone is
-  # not disturbed by a random head's first gradients); 0: off.
+  # not disturbed by a random head's first gradients); the backbone's
+  # optimiser state waits untouched, so its first step after the thaw is
+  # a fresh optimiser's, at the schedule's rate. 0: off.
   config.train.freeze_backbone_epochs = 0.0
   config.train.label_smoothing = 0.0
   # Per-class CE weights from the train split's counts n_c: 'none' |
-  # 'inverse_frequency' (N / (8 n_c)) | 'max_over_count' (max n / n_c, as
-  # HSEmotion) | 'effective_number' (Cui et al., 2019; class_weight_beta).
-  # An alternative to data.sampler='balanced', not to combine with it.
+  # 'inverse_frequency' (N / (8 n_c); HSEmotion's max n / n_c up to scale)
+  # | 'effective_number' (Cui et al., 2019; class_weight_beta). Scaled so
+  # that sum n_c w_c = N: the expression loss keeps its weight against
+  # valence/arousal. An alternative to data.sampler='balanced', not to
+  # combine with it.
   config.train.class_weights = 'none'
   config.train.class_weight_beta = 0.999  # effective_number only
   # Valence/arousal loss on the VA-valid examples: 'mse' | 'ccc' (1 - CCC

@@ -25,8 +25,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import config_rules, figures, files, reporting, workdir as \
-    workdir_lib
+from fer_jax import (config_rules, figures, files, reporting, steps,
+                     workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from fer_jax.metrics import mean_std
@@ -117,12 +117,19 @@ def plan(config: ml_collections.ConfigDict, workdir: Path) -> list[Run]:
 
 def config_differences(run: Run) -> dict:
   """{field: (old, new)} between a run folder's config.json and its config,
-  but for ALLOWED_CHANGES; {} for a run not started."""
+  but for ALLOWED_CHANGES, and 'training_rules' for a run finished under
+  other rules (steps.TRAINING_RULES); {} for a run not started."""
   path = run.workdir / 'config.json'
   if not path.exists():
     return {}
-  return config_rules.meaning_changes(workdir_lib.read_json(path), run.config,
-                                      ALLOWED_CHANGES)
+  changed = config_rules.meaning_changes(workdir_lib.read_json(path),
+                                         run.config, ALLOWED_CHANGES)
+  report = workdir_lib.test_report(run.workdir)
+  rules = (workdir_lib.read_json(report).get('training_rules', 1)
+           if report.exists() else steps.TRAINING_RULES)
+  if rules != steps.TRAINING_RULES:
+    changed['training_rules'] = (rules, steps.TRAINING_RULES)
+  return changed
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:

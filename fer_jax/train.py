@@ -364,7 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     test_metrics.update(checkpoint_step=best, best_epoch=best // num_steps,
                         epochs_trained=progress.step // num_steps,
                         stopped_early=progress.stopped_early,
-                        train_seconds=progress.train_seconds)
+                        train_seconds=progress.train_seconds,
+                        training_rules=progress.training_rules)
     writer.write(reporting.write_split_report, workdir / 'report', 'test',
                  test_metrics, predictions, splits['test'], config,
                  curves=files.read_jsonl(workdir / 'metrics.jsonl'))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs.ablations import ablation
-from fer_jax import ablate, evaluate, files
+from fer_jax import ablate, evaluate, files, steps
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from tests.conftest import ROOT, live_children, tiny_config
@@ -264,6 +264,14 @@ def test_a_run_started_with_another_config_is_refused(ablated, tmp_path):
   assert 'train.learning_rate 0.002 -> 0.5' in message
   assert 'num_threads' not in message
   assert not (workdir / 'ablation.csv').exists()
+  # A run finished under other training rules is another recipe too.
+  config.base.train.learning_rate = 0.002
+  report = workdir / 'weighted' / 'seed_1' / 'report' / 'test_metrics.json'
+  saved = json.loads(report.read_text())
+  report.write_text(json.dumps({**saved, 'training_rules': 1}))
+  with pytest.raises(UsageError, match='seed_1: training_rules 1 -> '
+                     f'{steps.TRAINING_RULES}'):
+    ablate.run(config, str(workdir))
 
 
 def test_bad_variants_are_refused_before_any_run(config, tmp_path):

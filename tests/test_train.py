@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import checkpoints, files, train
+from fer_jax import checkpoints, files, steps, train
 from fer_jax.config_rules import UsageError
 from tests.conftest import ROOT, command_line, live_children, tree_digest
 
@@ -180,6 +180,21 @@ def test_resume_with_another_meaning_is_refused_and_changes_nothing(
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(UsageError, match=f'another config.*{message}'):
+    train.train_and_evaluate(config, str(resumed))
+  assert tree_digest(resumed) == before
+
+
+def test_resume_under_other_training_rules_is_refused(trained, tmp_path,
+                                                     monkeypatch):
+  """A checkpoint of rules 2 is not continued by a fer_jax of rules 3."""
+  config, _, metrics = trained
+  assert metrics['training_rules'] == steps.TRAINING_RULES
+  resumed = killed_copy(trained, tmp_path)
+  before = tree_digest(resumed)
+  monkeypatch.setattr(steps, 'TRAINING_RULES', steps.TRAINING_RULES + 1)
+  with pytest.raises(UsageError, match=f'step 12 was trained under training '
+                     f'rules {metrics["training_rules"]} and this fer_jax '
+                     f'trains under rules {steps.TRAINING_RULES}'):
     train.train_and_evaluate(config, str(resumed))
   assert tree_digest(resumed) == before
 

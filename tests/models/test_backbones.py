@@ -5,7 +5,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import safetensors.torch
 import timm
@@ -71,7 +70,7 @@ def test_backbone_parameter_count_equals_torchvision(flax_model):
 
 def test_outputs_shapes_and_dtypes(flax_model):
   name, model, variables = flax_model
-  out = model.apply(variables, jnp.ones((3, 32, 32, 3)))
+  out = jax.jit(model.apply)(variables, jnp.ones((3, 32, 32, 3)))
   assert out['logits'].shape == (3, 8) and out['va'].shape == (3, 2)
   assert out['features'].shape == (3, 512 if name == 'resnet18' else 1280)
   assert all(v.dtype == jnp.float32 for v in out.values())
@@ -96,7 +95,7 @@ def test_loaded_features_match_torch_in_eval_mode(flax_model, source, suffix,
   monkeypatch.undo()
   x = np.random.default_rng(0).normal(size=(4, 64, 64, 3)).astype(np.float32)
   want = pooled_features(net, source, x)
-  got = np.asarray(model.apply(loaded, x, train=False)['features'])
+  got = np.asarray(jax.jit(model.apply)(loaded, x)['features'])
   np.testing.assert_allclose(got, want, rtol=1e-4,
                              atol=1e-4 * np.abs(want).max())
   # The head keeps its own initialisation.
@@ -124,48 +123,56 @@ def test_mismatched_checkpoint_names_every_bad_key(flax_model, tmp_path):
   assert f'{first_conv}: checkpoint (5, 3, 2, 2)' in message
 
 
-def bf16_and_f32_step(name):
-  """(loss, flat gradient, outputs) of one training-mode loss of the same
-  float32 variables and batch (16 images of 32 px), computed in bfloat16 and
-  in float32."""
+@pytest.fixture(scope='module')
+def training_step():
+  """compute(name, variables, kernels, dtype): (eval-mode features, loss,
+  gradient, training-mode outputs) of the multitask loss on 4 images of 64
+  px in training mode, from the same float32 variables; each once."""
   from fer_jax import losses
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(16, 32, 32, 3)).astype(np.float32),
-           'label': np.arange(16, dtype=np.int32) % 8,
-           'va': rng.uniform(-1, 1, (16, 2)).astype(np.float32),
-           'va_mask': np.ones(16, bool), 'mask': np.ones(16, bool)}
-  _, variables = make(name)
-  results = {}
-  for dtype in ('bfloat16', 'float32'):
+  rng = np.random.default_rng(1)
+  batch = {'image': rng.normal(size=(4, 64, 64, 3)).astype(np.float32),
+           'label': np.array([0, 3, 5, 7], np.int32),
+           'va': rng.uniform(-1, 1, (4, 2)).astype(np.float32),
+           'va_mask': np.ones(4, bool), 'mask': np.ones(4, bool)}
+  done = {}
+
+  def compute(name, variables, kernels='cpu', dtype='float32'):
+    if (name, kernels, dtype) in done:
+      return done[name, kernels, dtype]
     config = default.get_config().model
-    config.name, config.dtype = name, dtype
+    config.name, config.kernels, config.dtype = name, kernels, dtype
     model = models.create_model(config)
 
     def loss_fn(params):
       outputs, _ = model.apply(
           {**variables, 'params': params}, batch['image'], train=True,
           mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(1)})
-      return losses.normalise(losses.loss_sums(outputs, batch), 1.0)['loss'], \
-          outputs
+      sums = losses.loss_sums(outputs, batch)
+      return losses.normalise(sums, 1.0)['loss'], outputs
 
     (loss, outputs), grads = jax.jit(jax.value_and_grad(
         loss_fn, has_aux=True))(variables['params'])
-    flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
-    results[dtype] = float(loss), flat.astype(np.float64), outputs
-  return results
+    features = jax.jit(model.apply)(variables, batch['image'])['features']
+    done[name, kernels, dtype] = features, float(loss), grads, outputs
+    return done[name, kernels, dtype]
+
+  return compute
 
 
-@pytest.mark.parametrize('name', ARCHITECTURES)
-def test_bfloat16_step_is_close_to_float32_with_a_float32_head(name):
-  """Measured here: losses within 0.4% (ResNet18) and 1.0%
-  (EfficientNet-B0), gradient cosines 0.93 and 0.86. Training-mode
-  BatchNorm over the last stages' 16 values (1 x 1 maps at 32 px)
+def test_bfloat16_step_is_close_to_float32_with_a_float32_head(
+    flax_model, training_step):
+  """Measured here: losses within 0.1% (ResNet18) and 1.2%
+  (EfficientNet-B0), gradient cosines 0.94 and 0.93. Training-mode
+  BatchNorm over the last stages' 16 values (2 x 2 maps of 4 images)
   amplifies bfloat16's rounding; the bounds leave a margin."""
-  results = bf16_and_f32_step(name)
-  (loss16, grad16, out16), (loss32, grad32, _) = (
-      results['bfloat16'], results['float32'])
-  assert loss16 == pytest.approx(loss32, rel=0.02)
+  name, _, variables = flax_model
+  _, loss16, grads16, out16 = training_step(name, variables, dtype='bfloat16')
+  _, loss32, grads32, _ = training_step(name, variables)
+  flat = lambda tree: np.concatenate(
+      [np.ravel(g) for g in jax.tree.leaves(tree)]).astype(np.float64)
+  grad16, grad32 = flat(grads16), flat(grads32)
   cosine = grad16 @ grad32 / np.linalg.norm(grad16) / np.linalg.norm(grad32)
+  assert loss16 == pytest.approx(loss32, rel=0.03)
   assert cosine > 0.8
   # The head's outputs are not bfloat16 numbers (8 significant bits) cast
   # to float32, as a bfloat16 head's were.
@@ -187,26 +194,24 @@ def test_efficientnet_stochastic_depth_only_in_training():
   model, variables = make('efficientnet_b0')
   x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 32, 32, 3)),
                   jnp.float32)
-  run = lambda seed: model.apply(
+  run = jax.jit(lambda rng: model.apply(
       variables, x, train=True, mutable=['batch_stats'],
-      rngs={'dropout': jax.random.PRNGKey(seed)})[0]['features']
-  assert not np.allclose(run(0), run(1))  # blocks dropped at random
-  eval_a = model.apply(variables, x, train=False)['features']
-  np.testing.assert_array_equal(eval_a, model.apply(variables, x)['features'])
+      rngs={'dropout': rng})[0]['features'])
+  assert not np.allclose(run(jax.random.PRNGKey(0)),
+                         run(jax.random.PRNGKey(1)))  # blocks dropped
+  evaluate = jax.jit(lambda rng: model.apply(
+      variables, x, train=False, rngs={'dropout': rng})['features'])
+  np.testing.assert_array_equal(evaluate(jax.random.PRNGKey(0)),
+                                evaluate(jax.random.PRNGKey(1)))
 
 
-def test_param_labels_freeze_the_backbone_with_multi_transform(flax_model):
+def test_param_labels_name_each_parameters_part(flax_model):
+  """What create_optimizer partitions on to freeze the backbone."""
   _, _, variables = flax_model
-  params = variables['params']
-  tx = optax.multi_transform({'backbone': optax.set_to_zero(),
-                              'head': optax.sgd(0.1)},
-                             models.param_labels(params))
-  grads = jax.tree.map(jnp.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  assert all(float(jnp.abs(u).max()) == 0
-             for u in jax.tree.leaves(updates['backbone']))
-  assert all(float(jnp.abs(u).min()) > 0
-             for u in jax.tree.leaves(updates['head']))
+  labels = models.param_labels(variables['params'])
+  for part in ('backbone', 'head'):
+    leaves = jax.tree.leaves(labels[part])
+    assert leaves == [part] * len(jax.tree.leaves(variables['params'][part]))
 
 
 def test_parameter_summary_totals(flax_model):
@@ -240,33 +245,24 @@ def test_depthwise_shifted_equals_library_with_gradients(kernel, strides,
     np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('name', ARCHITECTURES)
-def test_kernel_choices_share_parameters_outputs_and_gradients(name):
-  x = np.random.default_rng(1).normal(size=(4, 64, 64, 3)).astype(np.float32)
-  outputs, shapes, grads = {}, {}, {}
+def test_kernel_choices_share_parameters_outputs_and_gradients(
+    flax_model, training_step):
+  name, _, variables = flax_model
+  x = jnp.zeros((1, 32, 32, 3))
+  shapes = {}
   for impl in ('cpu', 'library'):
     config = default.get_config().model
     config.name, config.kernels = name, impl
-    model = models.create_model(config)
-    variables = model.init(jax.random.PRNGKey(0), x)
-    outputs[impl] = model.apply(variables, x)['features']
-    shapes[impl] = jax.tree.map(np.shape, variables)
-
-    def loss(params, model=model, variables=variables):
-      out, _ = model.apply({**variables, 'params': params}, x, train=True,
-                           mutable=['batch_stats'],
-                           rngs={'dropout': jax.random.PRNGKey(1)})
-      return jnp.sum(jnp.sin(out['logits'])) + jnp.sum(out['va'])
-
-    grads[impl] = jax.grad(loss)(variables['params'])
+    shapes[impl] = jax.tree.map(np.shape, jax.eval_shape(
+        models.create_model(config).init, jax.random.PRNGKey(0), x))
   assert shapes['cpu'] == shapes['library']
-  np.testing.assert_allclose(outputs['cpu'], outputs['library'],
-                             rtol=1e-4, atol=1e-5)
+  (features, _, grads, _), (want_features, _, want_grads, _) = (
+      training_step(name, variables, impl) for impl in ('cpu', 'library'))
+  np.testing.assert_allclose(features, want_features, rtol=1e-4, atol=1e-5)
   # Gradients that cancel (a bias before the next BatchNorm) are rounding
   # noise: tolerances scale with the largest gradient.
-  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads['library']))
-  for got, want in zip(jax.tree.leaves(grads['cpu']),
-                       jax.tree.leaves(grads['library'])):
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * scale)
   config.kernels = 'fft'
   with pytest.raises(ValueError, match="model.kernels: 'fft'"):

@@ -138,9 +138,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 def ema_decay(decay: float, step: jax.Array) -> jax.Array:
   """The decay of the update after `step` updates: min(decay, (1 + step) /
-  (10 + step)), so the average forgets the initialisation within the first
-  few hundred steps (decay 0.999: weight 0.1 left on it after ~80 steps
-  instead of ~2,300)."""
+  (10 + step)). The initialisation keeps a weight of 1e-5 after ten
+  updates, where a constant 0.999 would keep 0.1 after 2,300; the window
+  then spans about the last ninth of the steps so far, up to 1 / (1 - decay)
+  steps."""
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 

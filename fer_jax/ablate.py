@@ -125,7 +125,7 @@ def config_differences(run: Run) -> dict:
   changed = config_rules.meaning_changes(workdir_lib.read_json(path),
                                          run.config, ALLOWED_CHANGES)
   report = workdir_lib.test_report(run.workdir)
-  rules = (workdir_lib.read_json(report).get('training_rules', 1)
+  rules = (steps.rules_of(workdir_lib.read_json(report))
            if report.exists() else steps.TRAINING_RULES)
   if rules != steps.TRAINING_RULES:
     changed['training_rules'] = (rules, steps.TRAINING_RULES)

@@ -57,7 +57,7 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
   try:
     step = checkpoints.checkpoint_step(manager, checkpoint_step,
                                        config.train)
-    rules = checkpoints.read_meta(manager, step).get('training_rules', 1)
+    rules = steps.rules_of(checkpoints.read_meta(manager, step))
     if rules != steps.TRAINING_RULES:  # the model's outputs may differ a bit
       logging.warning('%s/%d was trained under training rules %d; this '
                       'fer_jax has rules %d (fer_jax/steps.py)',

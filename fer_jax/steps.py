@@ -22,6 +22,12 @@ AXIS = 'batch'  # the pmap axis: BatchNorm statistics and gradients span it
 TRAINING_RULES = 2
 
 
+def rules_of(record: dict) -> int:
+  """The training rules a checkpoint's meta or a test report records; 1
+  for those written before the rules were numbered."""
+  return record.get('training_rules', 1)
+
+
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array

@@ -39,7 +39,6 @@ class Progress:
   @classmethod
   def from_meta(cls, meta: dict, steps_per_epoch: int) -> 'Progress':
     """From a checkpoint's meta item; older ones counted epochs."""
-    meta = {'training_rules': 1, **meta}  # saved before rules were numbered
     if 'step' not in meta:
       best = meta.get('best_epoch')
       meta = {**meta, 'step': (meta['epoch'] * steps_per_epoch +
@@ -161,7 +160,7 @@ def _restore_latest(workdir: Path, config: ml_collections.ConfigDict,
   reader = checkpoints.create_manager(workdir, config, read_only=True)
 
   def read(step):
-    rules = checkpoints.read_meta(reader, step).get('training_rules', 1)
+    rules = steps.rules_of(checkpoints.read_meta(reader, step))
     if rules != steps.TRAINING_RULES:
       raise UsageError(
           f'{workdir}: step {step} was trained under training rules {rules} '

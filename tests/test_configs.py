@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import NUM_DEVICES, ROOT
+from tests.test_steps import fixed_batch, shard
 
 # saved.py reads a run's config.json: tested on its own below.
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py')
@@ -37,13 +38,7 @@ def train_step(config, compiled=True):
                                                          COUNTS))
   new_state = lambda: steps.create_train_state(
       model, tx, 32, 0, ema=config.train.ema_decay > 0)
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8),
-           'label': np.arange(4, dtype=np.int32),
-           'va': rng.uniform(-1, 1, (4, 2)).astype(np.float32),
-           'va_mask': np.ones(4, bool), 'mask': np.ones(4, bool)}
-  batch = {k: v.reshape(NUM_DEVICES, -1, *v.shape[1:])
-           for k, v in batch.items()}
+  batch = shard(fixed_batch(4, 32), NUM_DEVICES)
   if not compiled:
     state = jax.eval_shape(new_state)
     replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct(

@@ -97,6 +97,23 @@ def get_config() -> ml_collections.ConfigDict:
   # its mirror (validation, test and --mode=evaluate/predict).
   config.eval.tta = 'none'                # 'none' | 'flip'
 
+  # --mode=predict (README: Predict). Faces are found by MediaPipe's
+  # BlazeFace. 'blazeface_full' (full range, 192 px input) finds faces
+  # from 5-8% to 70% of the picture's longer side; 'blazeface_short'
+  # (short range, 128 px) from 12% to 90%: selfies and close-ups. 'none':
+  # every input is a face crop already (as AffectNet's are).
+  config.predict = ml_collections.ConfigDict()
+  config.predict.detector = 'blazeface_full'
+  # Above MediaPipe's 0.5: the short-range model scores scikit-image's cat
+  # photo 0.58; the real faces we tried score 0.66-0.97.
+  config.predict.min_score = 0.6
+  config.predict.min_face_size = 20.0     # box side in the image's pixels
+  config.predict.video_every = 1          # videos: every k-th frame
+  # Videos: each tracked face's probabilities and valence/arousal averaged
+  # over frames, s_t = w s_(t-1) + (1 - w) x_t; 0: each frame alone.
+  config.predict.smoothing = 0.0
+  config.predict.annotate = False         # images and videos with boxes drawn
+
   config.train = ml_collections.ConfigDict()
   config.train.seed = 0
   config.train.num_epochs = 3

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from fer_jax import losses, metrics, models
+from fer_jax import detect, losses, metrics, models
 from fer_jax.data import DEFAULT_SOURCES
 
 # Fields that change how long a run trains, or where and how fast it reads
@@ -26,7 +26,9 @@ HOW_FIELDS = (
     'data.root', 'data.on_error', 'data.check_images', 'data.num_workers',
     'data.num_threads', 'data.prefetch_batches', 'data.index_processes',
     'data.index_cache_dir', 'data.synthetic.num_processes',
-    'data.synthetic.cache_dir', 'data.synthetic.regenerate')
+    'data.synthetic.cache_dir', 'data.synthetic.regenerate',
+    'predict.detector', 'predict.min_score', 'predict.min_face_size',
+    'predict.video_every', 'predict.smoothing', 'predict.annotate')
 # Inference also takes which copy of the data it reads, and its test-time
 # augmentation, from the command line.
 INFERENCE_FIELDS = HOW_FIELDS + (
@@ -207,6 +209,12 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
     _number(config, 'data.synthetic.va_missing_fraction', 0, 1,
             open_high=True)
   _choice(config, 'eval.tta', ('none', 'flip'))
+  _choice(config, 'predict.detector', detect.DETECTORS)
+  _number(config, 'predict.min_score', 0, 1, open_low=True, open_high=True)
+  _number(config, 'predict.min_face_size', 0)
+  _number(config, 'predict.video_every', 1, integer=True)
+  _number(config, 'predict.smoothing', 0, 1, open_high=True)
+  _choice(config, 'predict.annotate', (False, True))
 
   _number(config, 'train.seed', 0, integer=True)
   _number(config, 'train.num_epochs', 1, integer=True)

@@ -1,43 +1,154 @@
-"""--mode=predict: expressions and valence/arousal for image files.
+"""--mode=predict: expressions and valence/arousal of the faces in image
+files, videos or a folder of both.
 
-predictions.csv goes to report/predict/<input>-step<N>[-flip]/, beside
-(never over) the run's record.
+Each image, or every predict.video_every-th frame of a video, goes to the
+face detector (predict.detector; 'none' when the inputs are face crops
+already, as AffectNet's are); each face is cropped as training crops a face
+box (a square of the box's longer side enlarged by the run's
+data.face_margin on every side, resized to data.image_size, RGB) and the
+crops go through the compiled evaluation step in batches.
+predictions.csv has one row per face; skipped.csv names every input that
+gave none, with the reason. Both go to report/predict/<input>-step<N>
+[-flip]/, beside (never over) the run's record.
 """
 
+import dataclasses
+import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
+from tqdm import tqdm
 
-from fer_jax import config_rules, files, inference, workdir as workdir_lib
+from fer_jax import (annotate, config_rules, detect, files, inference, video,
+                     workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.data import images, pipeline
 from fer_jax.data.index import IMAGE_SUFFIXES, check_image
 from fer_jax.labels import EXPRESSIONS
 
+HEADER = ['path', 'frame', 'time_s', 'face', 'track', 'x', 'y', 'w', 'h',
+          'score', 'expression_id', 'expression',
+          *(f'prob_{name}' for name in EXPRESSIONS), 'valence', 'arousal']
+_EXIF_ORIENTATION = 0x0112  # 5-8: turned by 90 degrees
 
-def list_images(input_path: str) -> list[Path]:
-  """The image file at input_path, or every image below a folder, sorted."""
+
+@dataclasses.dataclass
+class Crop:
+  """One face to classify, and where it came from."""
+  path: str
+  box: np.ndarray          # x, y, w, h in the (EXIF-turned) image or frame
+  image: np.ndarray        # the S x S RGB crop
+  face: int = 0            # its rank in the image, best detection first
+  score: float | None = None  # the detector's; None without a detector
+  frame: int | None = None    # videos: the frame index, its time, the track
+  time: float | None = None
+  track: int | None = None
+
+
+@dataclasses.dataclass
+class Tally:
+  """What the inputs gave besides faces: the images and frames read, and
+  [path, reason] of each input that gave no face."""
+  frames: int = 0
+  skipped: list = dataclasses.field(default_factory=list)
+
+
+def list_inputs(input_path: str) -> list[Path]:
+  """The file at input_path, or every image and video below a folder."""
   path = Path(input_path)
   if path.is_file():
     return [path]
   if path.is_dir():
+    suffixes = IMAGE_SUFFIXES + video.SUFFIXES
     return sorted(p for p in path.rglob('*')
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                  if p.is_file() and p.suffix.lower() in suffixes)
   raise UsageError(f'--input: {input_path} is not a file or folder')
 
 
-def _decoded(paths: list[Path], image_size: int, skipped: list[dict]):
-  """(path, image) for the readable files; the rest recorded in skipped."""
-  for path in paths:
-    try:
-      check_image(str(path))  # OpenCV would decode a truncated JPEG in part
-      yield path, images.load(str(path), image_size)
-    except (ValueError, OSError) as e:
-      logging.warning('Skipping %s', e)
-      skipped.append({'path': str(path), 'reason': str(e)})
+def _shown_size(path: Path, width: int, height: int) -> tuple[int, int]:
+  """(width, height) as shown, after the EXIF orientation."""
+  with Image.open(path) as image:
+    turned = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+  return (height, width) if turned else (width, height)
+
+
+def image_crops(path: Path, config: ml_collections.ConfigDict,
+                detector: Callable | None, tally: Tally) -> Iterator[Crop]:
+  """The faces of one image file; the reason in tally if none."""
+  size = config.data.image_size
+  try:
+    width, height, _, _ = check_image(str(path))  # OpenCV decodes part of
+    if detector is None:                          # a truncated JPEG
+      box = np.array([0, 0, *_shown_size(path, width, height)], float)
+      crop = images.load(str(path), size, orient=True)
+      tally.frames += 1
+      yield Crop(str(path), box, crop)
+      return
+    image = images.decode(path.read_bytes(), str(path), orient=True)
+  except (ValueError, OSError) as e:
+    _skip(tally, path, str(e))
+    return
+  tally.frames += 1
+  faces = detector(image)
+  if not faces:
+    _skip(tally, path, f'{path}: no face found ({_detector_text(config)})')
+  for rank, face in enumerate(faces):
+    yield Crop(str(path), face.box, images.face_crop(
+        image, face.box, config.data.face_margin, size), rank, face.score)
+
+
+def video_crops(path: Path, config: ml_collections.ConfigDict,
+                detector: Callable | None, tally: Tally) -> Iterator[Crop]:
+  """The faces of every predict.video_every-th frame of a video, tracked."""
+  try:
+    capture, fps, count = video.open_video(str(path))
+  except ValueError as e:
+    _skip(tally, path, str(e))
+    return
+  every, size = config.predict.video_every, config.data.image_size
+  tracker, num_frames, num_faces = video.Tracker(), 0, 0
+  total = -(-count // every) if count else None
+  try:
+    with tqdm(total=total, unit='frame', desc=path.name, leave=False) as bar:
+      for index, seconds, frame in video.frames(capture, fps, every):
+        num_frames += 1
+        tally.frames += 1
+        bar.update()
+        if detector is None:
+          box = np.array([0, 0, frame.shape[1], frame.shape[0]], float)
+          yield Crop(str(path), box, images.resize(frame, size),
+                     frame=index, time=seconds, track=0)
+          continue
+        faces = detector(frame)
+        tracks = tracker.update([face.box for face in faces])
+        num_faces += len(faces)
+        for rank, (face, track) in enumerate(zip(faces, tracks)):
+          yield Crop(str(path), face.box, images.face_crop(
+              frame, face.box, config.data.face_margin, size), rank,
+                     face.score, index, seconds, track)
+  finally:
+    capture.release()
+  if not num_frames:
+    _skip(tally, path, f'{path}: no frame could be decoded')
+  elif detector is not None and not num_faces:
+    _skip(tally, path, f'{path}: no face found in {num_frames} frames '
+          f'({_detector_text(config)})')
+
+
+def _detector_text(config: ml_collections.ConfigDict) -> str:
+  p = config.predict
+  return (f'predict.detector={p.detector}, min_score={p.min_score}, '
+          f'min_face_size={p.min_face_size}')
+
+
+def _skip(tally: Tally, path: Path, reason: str) -> None:
+  logging.warning('Skipping %s', reason)
+  tally.skipped.append([str(path), reason])
 
 
 def _batches(items, batch_size: int):
@@ -51,48 +162,98 @@ def _batches(items, batch_size: int):
     yield batch
 
 
-def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
-            checkpoint_step: int | None = None) -> Path:
-  """Writes predictions.csv for the images at input_path; returns its path."""
-  workdir = Path(workdir)
-  config = inference.trained_config(config, workdir)
-  config_rules.check(config, jax.device_count(), training=False)
-  paths = list_images(input_path)
-  if not paths:
-    raise UsageError(f'--input: no images ({", ".join(IMAGE_SUFFIXES)})'
-                     f' under {input_path}')
-  state, p_eval, step = inference.restore(config, workdir, checkpoint_step)
-  num_devices, batch_size = jax.local_device_count(), \
-      config.train.eval_batch_size
-  skipped, rows = [], []
-  for chunk in _batches(_decoded(paths, config.data.image_size, skipped),
-                        batch_size):
+def classify(crops: Iterator[Crop], state, p_eval: Callable,
+             batch_size: int) -> Iterator[tuple[Crop, np.ndarray,
+                                                np.ndarray]]:
+  """(crop, probabilities [8], valence/arousal [2]) of each crop, in
+  batches through the pmapped evaluation step."""
+  num_devices = jax.local_device_count()
+  for chunk in _batches(crops, batch_size):
     n = len(chunk)
-    batch = {'image': np.stack([image for _, image in chunk]),
+    batch = {'image': np.stack([crop.image for crop in chunk]),
              'label': np.zeros(n, np.int32), 'va': np.zeros((n, 2), np.float32),
              'va_mask': np.zeros(n, bool), 'mask': np.ones(n, bool)}
     batch = pipeline.pad_and_shard(batch, batch_size, num_devices)
     out = jax.device_get(p_eval(state, batch))
     probs = out['probs'].reshape(batch_size, -1)[:n]
     va = np.clip(out['va'].reshape(batch_size, 2)[:n], -1, 1)
-    for (path, _), p, (valence, arousal) in zip(chunk, probs, va):
-      label = int(p.argmax())
-      rows.append([str(path), label, EXPRESSIONS[label],
-                   *(f'{x:.6f}' for x in p), f'{valence:.6f}',
-                   f'{arousal:.6f}'])
+    for crop, p, v in zip(chunk, probs, va):
+      crop.image = None  # the pixels are done with
+      yield crop, p, v
+
+
+def _all_crops(paths: list[Path], config, detector, tally: Tally):
+  for path in tqdm(paths, unit='file', desc='predict', leave=False):
+    crops = (video_crops if path.suffix.lower() in video.SUFFIXES
+             else image_crops)
+    yield from crops(path, config, detector, tally)
+
+
+def _rows(results: list, smoothing: float) -> list[dict]:
+  """CSV rows (dicts keyed by HEADER); with smoothing, each video face's
+  outputs averaged along its track."""
+  probs = np.array([p for _, p, _ in results]).reshape(-1, len(EXPRESSIONS))
+  va = np.array([v for _, _, v in results]).reshape(-1, 2)
+  if smoothing:
+    tracks = [(c.path, c.track) if c.track is not None else None
+              for c, _, _ in results]
+    probs = video.smooth(probs, tracks, smoothing)
+    va = video.smooth(va, tracks, smoothing)
+  blank = lambda x, form: '' if x is None else form.format(x)
+  rows = []
+  for (crop, _, _), p, (valence, arousal) in zip(results, probs, va):
+    label = int(p.argmax())
+    values = [crop.path, blank(crop.frame, '{}'), blank(crop.time, '{:.3f}'),
+              crop.face, blank(crop.track, '{}'),
+              *(f'{v:.1f}' for v in crop.box), blank(crop.score, '{:.4f}'),
+              label, EXPRESSIONS[label], *(f'{x:.6f}' for x in p),
+              f'{valence:.6f}', f'{arousal:.6f}']
+    rows.append(dict(zip(HEADER, values)))
+  return rows
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
+            checkpoint_step: int | None = None) -> Path:
+  """Writes predictions.csv for the faces at input_path; returns its path."""
+  workdir = Path(workdir)
+  config = inference.trained_config(config, workdir)
+  config_rules.check(config, jax.device_count(), training=False)
+  paths = list_inputs(input_path)
+  detector = (None if config.predict.detector == 'none' else
+              detect.create_detector(config.predict.detector,
+                                     config.predict.min_score,
+                                     config.predict.min_face_size))
+  state, p_eval, step = inference.restore(config, workdir, checkpoint_step)
+  tally = Tally()
+  if not paths:
+    _skip(tally, Path(input_path), f'{input_path}: no images '
+          f'({", ".join(IMAGE_SUFFIXES)}) or videos '
+          f'({", ".join(video.SUFFIXES)})')
+  size, batch_size = config.data.image_size, config.train.eval_batch_size
+  blank = Crop('', np.zeros(4), np.zeros((size, size, 3), np.uint8))
+  list(classify(iter([blank]), state, p_eval, batch_size))  # compiles
+  start = time.perf_counter()
+  results = list(classify(_all_crops(paths, config, detector, tally),
+                          state, p_eval, batch_size))
+  seconds = time.perf_counter() - start
+  rows = _rows(results, config.predict.smoothing)
   input_name = Path(input_path).resolve().name or 'input'
   folder = workdir_lib.output_dir(
       workdir, 'predict', inference.output_name(input_name, step, config))
   output = folder / 'predictions.csv'
-  files.write_csv(output, ['path', 'expression_id', 'expression',
-                           *(f'prob_{name}' for name in EXPRESSIONS),
-                           'valence', 'arousal'], rows)
-  if skipped:
+  files.write_csv(output, HEADER, rows)
+  if tally.skipped:
     files.write_csv(folder / 'skipped.csv', ['path', 'reason'],
-                    [[item['path'], item['reason']] for item in skipped])
-  print(f'Wrote {len(rows)} predictions to {output}')
-  if skipped:
-    print(f'Skipped {len(skipped)} unreadable files:')
-    for item in skipped:
-      print(f"  {item['path']}: {item['reason']}")
+                    tally.skipped)
+  if config.predict.annotate:
+    annotate.write_all(rows, Path(input_path), folder / 'annotated',
+                       config.predict.video_every)
+  print(f'Wrote {len(rows)} predictions ({len(paths)} inputs) to {output}\n'
+        f'{tally.frames / max(seconds, 1e-9):.1f} images or frames/s, '
+        f'{len(rows) / max(seconds, 1e-9):.1f} faces/s (reading, detection, '
+        'cropping and the model; compilation excluded)')
+  if tally.skipped:
+    print(f'Skipped {len(tally.skipped)} inputs (listed in skipped.csv):')
+    for _, reason in tally.skipped:
+      print(f'  {reason}')
   return output

@@ -123,3 +123,19 @@ def finished(trained, tmp_path):
   config, workdir, metrics = trained
   shutil.copytree(workdir, tmp_path / 'run')
   return config, tmp_path / 'run', metrics
+
+
+@pytest.fixture(scope='session')
+def photos() -> dict[str, Path]:
+  """Real photographs that fer_jax did not draw, from registry packages:
+  NASA's portrait of the astronaut Eileen Collins (scikit-image), Grace
+  Hopper (U.S. Navy; matplotlib); without a face: a cat, a cup of coffee
+  and a rocket (scikit-image). All public domain or CC0."""
+  import matplotlib
+  import skimage.data
+  images = Path(skimage.data.__file__).parent
+  return {'astronaut': images / 'astronaut.png',
+          'hopper': Path(matplotlib.get_data_path()) / 'sample_data' /
+                    'grace_hopper.jpg',
+          'cat': images / 'chelsea.png', 'coffee': images / 'coffee.png',
+          'rocket': images / 'rocket.jpg'}

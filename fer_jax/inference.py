@@ -35,18 +35,37 @@ def trained_config(config: ml_collections.ConfigDict, workdir: Path
   return config
 
 
-def restore(config: ml_collections.ConfigDict, workdir: Path,
-            checkpoint_step: int | None,
-            weights: np.ndarray | None = None):
-  """The replicated state of a checkpoint, the pmapped eval step, the step.
-
-  checkpoint_step: None for the best. weights: the class weights of the
-  loss that evaluation reports. model.init_from is not read: the
-  checkpoint holds every weight.
-  """
+def _require_checkpoints(workdir: Path) -> None:
+  """UsageError when workdir has no checkpoints/."""
   if not (Path(workdir) / 'checkpoints').exists():
     raise UsageError(f"{Path(workdir) / 'checkpoints'}: not found; train "
                      'first (python main.py --workdir=...)')
+
+
+def find_step(config: ml_collections.ConfigDict, workdir: Path,
+              checkpoint_step: int | None) -> int:
+  """checkpoint_step if the run keeps it (UsageError if not), or None: the
+  best step."""
+  _require_checkpoints(workdir)
+  manager = checkpoints.create_manager(workdir, config, read_only=True)
+  try:
+    return checkpoints.checkpoint_step(manager, checkpoint_step,
+                                       config.train)
+  finally:
+    manager.close()
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: Path,
+                  checkpoint_step: int | None
+                  ) -> tuple[steps.TrainState, int, dict]:
+  """One copy of a checkpoint's train state (on the host), its step and
+  its meta item.
+
+  checkpoint_step: None for the best. Warns when the checkpoint was
+  trained under other training rules. model.init_from is not read: the
+  checkpoint holds every weight.
+  """
+  _require_checkpoints(workdir)
   model = models.create_model(config.model, axis_name=steps.AXIS)
   tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
       config.train, 1))  # shaped as training's; its rates are not used
@@ -62,11 +81,27 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
       logging.warning('%s/%d was trained under training rules %d; this '
                       'fer_jax has rules %d (fer_jax/steps.py)',
                       manager.directory, step, rules, steps.TRAINING_RULES)
-    state, _, _ = checkpoints.restore(manager, step, template)
+    state, meta, _ = checkpoints.restore(manager, step, template)
   finally:
     manager.close()
   logging.info('Restored the checkpoint of step %d from %s', step,
                manager.directory)
+  return state, step, meta
+
+
+def restore(config: ml_collections.ConfigDict, workdir: Path,
+            checkpoint_step: int | None,
+            weights: np.ndarray | None = None):
+  """The replicated state of a checkpoint, the pmapped eval step, the step.
+
+  checkpoint_step: None for the best. weights: the class weights of the
+  loss that evaluation reports. model.init_from is not read: the
+  checkpoint holds every weight.
+  """
+  state, step, _ = restore_state(config, workdir, checkpoint_step)
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
+      config.train, 1))
   _, p_eval = steps.pmap_steps(model, tx, config, weights)
   return steps.replicate(state), p_eval, step
 

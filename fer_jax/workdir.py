@@ -22,6 +22,7 @@ from fer_jax.data.index import Records
 
 FRESH, RESUME, FINISHED = 'fresh', 'resume', 'finished'
 CHANGE_LOG = 'config_changes.jsonl'
+IMPORT_RECORD = 'import.json'  # a model imported, not trained (import_model)
 
 
 def test_report(workdir: Path) -> Path:
@@ -43,10 +44,14 @@ def decide(workdir: Path, config: ml_collections.ConfigDict
 
   Refuses (UsageError) a config that changes what the checkpoints mean
   (train.num_epochs too, under the cosine schedule, while training), a
-  finished run asked to train longer, and results without a config.json.
+  finished run asked to train longer, results without a config.json, and
+  an imported model.
   Writes nothing.
   """
   workdir = Path(workdir)
+  if (workdir / IMPORT_RECORD).exists():
+    raise UsageError(f'{workdir}: holds an imported model ({IMPORT_RECORD}), '
+                     'not a training run; train in a new --workdir')
   if not (workdir / 'config.json').exists():
     left = [name for name, found in (
         ('checkpoints', any((workdir / 'checkpoints').glob('[0-9]*'))),

@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fer_jax.models.efficientnet import EfficientNetB0
+from fer_jax.models.efficientnet import EfficientNetB0, TFEfficientNetB0
 from fer_jax.models.heads import FERModel, MultitaskHead
 from fer_jax.models.resnet import ResNet18
 
-BACKBONES = {'resnet18': ResNet18, 'efficientnet_b0': EfficientNetB0}
+BACKBONES = {'resnet18': ResNet18, 'efficientnet_b0': EfficientNetB0,
+             'tf_efficientnet_b0': TFEfficientNetB0}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 

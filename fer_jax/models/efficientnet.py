@@ -1,4 +1,6 @@
-"""EfficientNet-B0 backbone with torchvision's topology, in NHWC."""
+"""EfficientNet-B0 backbone with torchvision's topology, in NHWC; and the
+variant ported from TensorFlow (timm's tf_efficientnet_b0) that HSEmotion's
+published models use."""
 
 import functools
 from typing import Any
@@ -122,18 +124,35 @@ def depthwise_library(x: jax.Array, kernel: jax.Array, strides: int,
 DEPTHWISE = {'cpu': depthwise_shifted, 'library': depthwise_library}
 
 
+def same_pads(size: int, k: int, strides: int) -> tuple[int, int]:
+  """TensorFlow's SAME padding (before, after) of one axis: the odd pixel
+  goes after, as in timm's Conv2dSame."""
+  total = max((-(-size // strides) - 1) * strides + k - size, 0)
+  return total // 2, total - total // 2
+
+
+def pad_same(x: jax.Array, k: int, strides: int) -> jax.Array:
+  """x [B, H, W, C] zero-padded for a k x k window as SAME pads it."""
+  return jnp.pad(x, ((0, 0), same_pads(x.shape[1], k, strides),
+                     same_pads(x.shape[2], k, strides), (0, 0)))
+
+
 class DepthwiseConv(nn.Module):
   """Bias-free depthwise kxk convolution; its kernel is nn.Conv's [k, k, 1, C]."""
   kernel_size: int
   strides: int
   dtype: Any
   impl: str = 'library'
+  same_padding: bool = False  # TensorFlow's SAME, else (k - 1) / 2 each side
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param('kernel', conv_init, (k, k, 1, x.shape[-1]))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if self.same_padding:
+      return DEPTHWISE[self.impl](pad_same(x, k, self.strides), kernel,
+                                  self.strides, 0)
     return DEPTHWISE[self.impl](x, kernel, self.strides, (k - 1) // 2)
 
 
@@ -163,6 +182,7 @@ class MBConv(nn.Module):
   norm: Any
   dtype: Any
   depthwise: str
+  same_padding: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -172,7 +192,7 @@ class MBConv(nn.Module):
       x = nn.silu(self.norm(name='expand_bn')(
           self.conv(channels, (1, 1), name='expand_conv')(x)))
     x = DepthwiseConv(self.kernel, self.strides, self.dtype, self.depthwise,
-                      name='dw_conv')(x)
+                      self.same_padding, name='dw_conv')(x)
     x = nn.silu(self.norm(name='dw_bn')(x))
     x = SqueezeExcite(max(1, inputs.shape[-1] // 4), self.dtype,
                       name='se')(x)
@@ -192,6 +212,9 @@ class EfficientNetB0(nn.Module):
   stochastic_depth_rate: float = 0.2  # of the last block; linear in index
   axis_name: str | None = None
   kernels: str = 'auto'  # 'auto' | 'cpu' | 'library'; see kernels_impl
+  # TensorFlow's SAME padding (the stem and strided depthwise convolutions
+  # pad the odd pixel after): EfficientNets ported from TensorFlow.
+  same_padding: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -199,8 +222,12 @@ class EfficientNetB0(nn.Module):
     conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
                                     self.bn_epsilon, self.axis_name,
                                     depthwise)
-    x = conv(STEM_CHANNELS, (3, 3), (2, 2), padding=((1, 1), (1, 1)),
-             name='stem_conv')(x)
+    if self.same_padding:
+      x = conv(STEM_CHANNELS, (3, 3), (2, 2), name='stem_conv')(
+          pad_same(x, 3, 2))
+    else:
+      x = conv(STEM_CHANNELS, (3, 3), (2, 2), padding=((1, 1), (1, 1)),
+               name='stem_conv')(x)
     x = nn.silu(norm(name='stem_bn')(x))
     total = sum(stage[-1] for stage in STAGES)
     index = 0
@@ -208,9 +235,17 @@ class EfficientNetB0(nn.Module):
       for b in range(blocks):
         x = MBConv(expand, kernel, stride if b == 0 else 1, features,
                    self.stochastic_depth_rate * index / total, conv, norm,
-                   self.dtype, depthwise,
+                   self.dtype, depthwise, self.same_padding,
                    name=f'stage{s + 1}_{b}')(x, train)
         index += 1
     x = nn.silu(norm(name='head_bn')(
         conv(HEAD_CHANNELS, (1, 1), name='head_conv')(x)))
     return jnp.mean(x, axis=(1, 2))
+
+
+class TFEfficientNetB0(EfficientNetB0):
+  """EfficientNet-B0 as timm's tf_efficientnet_b0(_ns) ports TensorFlow's:
+  SAME padding and BatchNorm epsilon 1e-3; the same variables. HSEmotion's
+  published B0 models are this one."""
+  bn_epsilon: float = 1e-3
+  same_padding: bool = True

@@ -8,7 +8,8 @@ and timm (`layer2_0/downsample_conv` is `layer2.0.downsample.0`).
 EfficientNet-B0's differ: the block `stage2_0/dw_conv` is torchvision's
 `features.2.0.block.1.0` and timm's `blocks.1.0.conv_dw`. The classifier
 (`fc.*`, `classifier.*`) is not used: the multitask head keeps its own
-initialisation.
+initialisation (fer_jax/import_model.py reads HSEmotion's classifier into
+it, with backbone_keys, mismatches and with_backbone).
 """
 
 import re
@@ -105,35 +106,59 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
   return {k: v.detach().numpy() for k, v in state.items()}
 
 
+def backbone_keys(variables: Any, state: dict) -> tuple[str, dict]:
+  """(format, {state-dict key: (collection, path, value)}) of every backbone
+  variable, named as in the format whose names state holds most of."""
+  flat = {c: flax.traverse_util.flatten_dict(variables[c]['backbone'])
+          for c in ('params', 'batch_stats')}
+  names = {(c, key): checkpoint_names(c, key) for c in flat for key in flat[c]}
+  fmt = max(FORMATS, key=lambda f: sum(n[f] in state for n in names.values()))
+  return fmt, {n[fmt]: (c, key, flat[c][key]) for (c, key), n in names.items()}
+
+
+def mismatches(state: dict, shapes: dict[str, tuple],
+               skip: tuple[str, ...] = CLASSIFIER_PREFIXES) -> list[str]:
+  """The missing, unexpected and mis-shaped keys of state against {key:
+  Flax shape}, a line each; [] if it matches. Keys that start with skip,
+  and BatchNorm counters, are not unexpected."""
+  missing = sorted(set(shapes) - set(state))
+  unexpected = sorted(k for k in set(state) - set(shapes)
+                      if not k.startswith(skip)
+                      and not k.endswith(IGNORED_SUFFIXES))
+  misshaped = [f'{name}: checkpoint {tuple(state[name].shape)} (Flax layout '
+               f'{to_flax(state[name]).shape}), model {tuple(shape)}'
+               for name, shape in sorted(shapes.items())
+               if name in state and to_flax(state[name]).shape != tuple(shape)]
+  if not (missing or unexpected or misshaped):
+    return []
+  return [f'missing ({len(missing)}): {missing}',
+          f'unexpected ({len(unexpected)}): {unexpected}',
+          f'mis-shaped ({len(misshaped)}): {misshaped}']
+
+
+def with_backbone(variables: Any, state: dict, keys: dict) -> Any:
+  """variables with every backbone variable of keys (backbone_keys) read
+  from state, in its layout and dtype."""
+  variables = flax.core.unfreeze(variables)
+  for collection in ('params', 'batch_stats'):
+    flat = flax.traverse_util.flatten_dict(variables[collection]['backbone'])
+    for name, (c, key, value) in keys.items():
+      if c == collection:
+        flat[key] = to_flax(state[name]).astype(value.dtype)
+    variables[collection]['backbone'] = flax.traverse_util.unflatten_dict(
+        flat)
+  return variables
+
+
 def load_pretrained(variables: Any, path: str | Path) -> Any:
   """variables with the backbone (params and BatchNorm statistics) from path.
 
   Raises ValueError listing every missing, unexpected and mis-shaped key.
   """
   state = read_state_dict(path)
-  variables = flax.core.unfreeze(variables)
-  flat = {c: flax.traverse_util.flatten_dict(variables[c]['backbone'])
-          for c in ('params', 'batch_stats')}
-  names = {(c, key): checkpoint_names(c, key) for c in flat for key in flat[c]}
-  # The format whose names the checkpoint holds most of.
-  fmt = max(FORMATS, key=lambda f: sum(n[f] in state for n in names.values()))
-  expected = {n[fmt]: (c, key, flat[c][key]) for (c, key), n in names.items()}
-  missing = sorted(set(expected) - set(state))
-  unexpected = sorted(k for k in set(state) - set(expected)
-                      if not k.startswith(CLASSIFIER_PREFIXES)
-                      and not k.endswith(IGNORED_SUFFIXES))
-  misshaped = [f'{name}: checkpoint {tuple(state[name].shape)} (Flax layout '
-               f'{to_flax(state[name]).shape}), model {value.shape}'
-               for name, (_, _, value) in sorted(expected.items())
-               if name in state and to_flax(state[name]).shape != value.shape]
-  if missing or unexpected or misshaped:
-    raise ValueError(
-        f'{path}: does not match the backbone (read as {fmt} names).\n'
-        f'  missing ({len(missing)}): {missing}\n'
-        f'  unexpected ({len(unexpected)}): {unexpected}\n'
-        f'  mis-shaped ({len(misshaped)}): {misshaped}')
-  for name, (c, key, value) in expected.items():
-    flat[c][key] = to_flax(state[name]).astype(value.dtype)
-  for c in flat:
-    variables[c]['backbone'] = flax.traverse_util.unflatten_dict(flat[c])
-  return variables
+  fmt, keys = backbone_keys(variables, state)
+  problems = mismatches(state, {k: v.shape for k, (_, _, v) in keys.items()})
+  if problems:
+    raise ValueError(f'{path}: does not match the backbone (read as {fmt} '
+                     'names).\n  ' + '\n  '.join(problems))
+  return with_backbone(variables, state, keys)

@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'resnet18'          # | 'efficientnet_b0' | 'tf_efficientnet_b0'
+  # 'resnet18' | 'efficientnet_b0' | 'tf_efficientnet_b0' (TensorFlow's
+  # padding and BatchNorm epsilon: HSEmotion's models, --mode=import)
+  config.model.name = 'resnet18'
   config.model.dtype = 'float32'          # compute dtype: 'float32' | 'bfloat16'
   config.model.init_from = ''             # torchvision .pth/.safetensors backbone
   config.model.dropout_rate = 0.0         # before the two Dense heads

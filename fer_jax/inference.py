@@ -69,9 +69,10 @@ def restore_state(config: ml_collections.ConfigDict, workdir: Path,
   model = models.create_model(config.model, axis_name=steps.AXIS)
   tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
       config.train, 1))  # shaped as training's; its rates are not used
-  template = steps.create_train_state(
+  # Shapes only: compiling the initialisers cost 30-50 s for EfficientNet.
+  template = jax.eval_shape(lambda: steps.create_train_state(
       model, tx, config.data.image_size, config.train.seed,
-      ema=config.train.ema_decay > 0)
+      ema=config.train.ema_decay > 0))
   manager = checkpoints.create_manager(workdir, config, read_only=True)
   try:
     step = checkpoints.checkpoint_step(manager, checkpoint_step,

@@ -26,6 +26,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from fer_jax import distributed
 from fer_jax.config_rules import UsageError
+from fer_jax.steps import TRAINING_RULES
 
 
 @dataclasses.dataclass
@@ -44,6 +45,30 @@ class EarliestBest:
     best = pick(c.metrics[self.metric] for c in ranked)
     keep = min(c.step for c in ranked if c.metrics[self.metric] == best)
     return [c.step == keep for c in checkpoints]
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where the loop is: each checkpoint's 'meta' item."""
+  step: int = 0                   # steps done, over the whole run
+  epoch_sums: dict = dataclasses.field(default_factory=dict)  # this epoch's
+  best_value: float | None = None
+  best_step: int | None = None    # the first step with best_value
+  epochs_without_improvement: int = 0
+  stopped_early: bool = False
+  train_seconds: float = 0.0      # training and validation, all sessions
+  training_rules: int = TRAINING_RULES  # the step's, from the start
+
+  @classmethod
+  def from_meta(cls, meta: dict, steps_per_epoch: int) -> 'Progress':
+    """From a checkpoint's meta item; older ones counted epochs."""
+    if 'step' not in meta:
+      best = meta.get('best_epoch')
+      meta = {**meta, 'step': (meta['epoch'] * steps_per_epoch +
+                               meta.get('epoch_step', 0)),
+              'best_step': best * steps_per_epoch if best else None}
+    names = {field.name for field in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in meta.items() if k in names})
 
 
 def create_manager(workdir: Path, config: ml_collections.ConfigDict,

@@ -31,7 +31,6 @@ from fer_jax import (checkpoints, config_rules, files, models, steps,
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from fer_jax.models import pretrained
-from fer_jax.train import Progress
 
 HSEMOTION_CLASSES = ('Anger', 'Contempt', 'Disgust', 'Fear', 'Happiness',
                      'Neutral', 'Sadness', 'Surprise')
@@ -153,7 +152,8 @@ def import_model(config: ml_collections.ConfigDict, workdir: str | Path
   # Decided: from here on the import writes.
   manager = checkpoints.create_manager(workdir, config)
   try:
-    meta = dataclasses.asdict(Progress(step=STEP, best_step=STEP))
+    meta = dataclasses.asdict(checkpoints.Progress(step=STEP,
+                                                     best_step=STEP))
     checkpoints.save(manager, STEP, train_state, meta, {}, None)
     manager.wait_until_finished()
   finally:

@@ -20,32 +20,9 @@ from absl import logging
 from fer_jax import (checkpoints, config_rules, data, distributed, files,
                      figures, inference, losses, models, reporting, steps,
                      workdir as workdir_lib)
+from fer_jax.checkpoints import Progress
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
-
-
-@dataclasses.dataclass
-class Progress:
-  """Where the loop is: each checkpoint's 'meta' item."""
-  step: int = 0                   # steps done, over the whole run
-  epoch_sums: dict = dataclasses.field(default_factory=dict)  # this epoch's
-  best_value: float | None = None
-  best_step: int | None = None    # the first step with best_value
-  epochs_without_improvement: int = 0
-  stopped_early: bool = False
-  train_seconds: float = 0.0      # training and validation, all sessions
-  training_rules: int = steps.TRAINING_RULES  # the step's, from the start
-
-  @classmethod
-  def from_meta(cls, meta: dict, steps_per_epoch: int) -> 'Progress':
-    """From a checkpoint's meta item; older ones counted epochs."""
-    if 'step' not in meta:
-      best = meta.get('best_epoch')
-      meta = {**meta, 'step': (meta['epoch'] * steps_per_epoch +
-                               meta.get('epoch_step', 0)),
-              'best_step': best * steps_per_epoch if best else None}
-    names = {field.name for field in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in meta.items() if k in names})
 
 
 def _due(done: int, steps_per_epoch: int, train: ml_collections.ConfigDict

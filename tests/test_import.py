@@ -27,6 +27,7 @@ from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 from fer_jax.labels import EXPRESSIONS
 from tests.conftest import tree_digest
+from tests.models.test_backbones import torch_reference
 from tools import convert_hsemotion
 
 NUM_IMAGES = 4
@@ -37,16 +38,9 @@ STD = np.array(import_model.IMAGENET_STD)
 def hsemotion_like() -> torch.nn.Module:
   """timm's tf_efficientnet_b0 with HSEmotion's classifier, its BatchNorm
   statistics random and every weight perturbed, so none is zero."""
-  torch.manual_seed(0)
-  net = timm.create_model('tf_efficientnet_b0')
+  net = torch_reference('tf_efficientnet_b0', 'timm')
   net.classifier = torch.nn.Linear(1280, 10)
   with torch.no_grad():
-    for module in net.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.uniform_(-0.3, 0.3)
-        module.running_mean.uniform_(-0.3, 0.3)
-        module.running_var.uniform_(0.5, 2.0)
     for param in net.parameters():
       param.add_(0.01 * torch.randn_like(param))
     net.classifier.weight.normal_(0.0, 0.1)

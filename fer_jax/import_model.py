@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 import safetensors
 
-from fer_jax import (checkpoints, config_rules, files, models, steps,
-                     workdir as workdir_lib)
+from fer_jax import (checkpoints, config_rules, files, inference, models,
+                     steps, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from fer_jax.models import pretrained
@@ -97,13 +97,8 @@ def imported_state(config: ml_collections.ConfigDict, tensors: dict,
   fresh optimiser state."""
   tensors = {k.replace('classifier.0.', 'classifier.', 1): v
              for k, v in tensors.items()}  # a Sequential(Linear) classifier
-  model = models.create_model(config.model, axis_name=steps.AXIS)
-  tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
-      config.train, 1))
+  _, tx, shapes = inference.state_shape(config)
   ema = config.train.ema_decay > 0
-  # Shapes only: compiling the random initialisers takes 30-50 s on a CPU.
-  shapes = jax.eval_shape(lambda: steps.create_train_state(
-      model, tx, config.data.image_size, config.train.seed, ema=ema))
   variables = {'params': shapes.params, 'batch_stats': shapes.batch_stats}
   fmt, keys = pretrained.backbone_keys(variables, tensors)
   problems = pretrained.mismatches(

@@ -55,17 +55,9 @@ def find_step(config: ml_collections.ConfigDict, workdir: Path,
     manager.close()
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: Path,
-                  checkpoint_step: int | None
-                  ) -> tuple[steps.TrainState, int, dict]:
-  """One copy of a checkpoint's train state (on the host), its step and
-  its meta item.
-
-  checkpoint_step: None for the best. Warns when the checkpoint was
-  trained under other training rules. model.init_from is not read: the
-  checkpoint holds every weight.
-  """
-  _require_checkpoints(workdir)
+def state_shape(config: ml_collections.ConfigDict):
+  """The model, the optimiser and the train state's shapes (no values)
+  that a run of config trains and checkpoints."""
   model = models.create_model(config.model, axis_name=steps.AXIS)
   tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
       config.train, 1))  # shaped as training's; its rates are not used
@@ -73,6 +65,12 @@ def restore_state(config: ml_collections.ConfigDict, workdir: Path,
   template = jax.eval_shape(lambda: steps.create_train_state(
       model, tx, config.data.image_size, config.train.seed,
       ema=config.train.ema_decay > 0))
+  return model, tx, template
+
+
+def _restore(config: ml_collections.ConfigDict, workdir: Path,
+             checkpoint_step: int | None, template: steps.TrainState
+             ) -> tuple[steps.TrainState, int, dict]:
   manager = checkpoints.create_manager(workdir, config, read_only=True)
   try:
     step = checkpoints.checkpoint_step(manager, checkpoint_step,
@@ -90,19 +88,32 @@ def restore_state(config: ml_collections.ConfigDict, workdir: Path,
   return state, step, meta
 
 
+def restore_state(config: ml_collections.ConfigDict, workdir: Path,
+                  checkpoint_step: int | None
+                  ) -> tuple[steps.TrainState, int, dict]:
+  """One copy of a checkpoint's train state (on the host), its step and
+  its meta item.
+
+  checkpoint_step: None for the best. Warns when the checkpoint was
+  trained under other training rules. model.init_from is not read: the
+  checkpoint holds every weight.
+  """
+  _require_checkpoints(workdir)
+  return _restore(config, workdir, checkpoint_step, state_shape(config)[2])
+
+
 def restore(config: ml_collections.ConfigDict, workdir: Path,
             checkpoint_step: int | None,
             weights: np.ndarray | None = None):
   """The replicated state of a checkpoint, the pmapped eval step, the step.
 
   checkpoint_step: None for the best. weights: the class weights of the
-  loss that evaluation reports. model.init_from is not read: the
-  checkpoint holds every weight.
+  loss that evaluation reports. As restore_state, it warns about other
+  training rules and does not read model.init_from.
   """
-  state, step, _ = restore_state(config, workdir, checkpoint_step)
-  model = models.create_model(config.model, axis_name=steps.AXIS)
-  tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
-      config.train, 1))
+  _require_checkpoints(workdir)
+  model, tx, template = state_shape(config)
+  state, step, _ = _restore(config, workdir, checkpoint_step, template)
   _, p_eval = steps.pmap_steps(model, tx, config, weights)
   return steps.replicate(state), p_eval, step
 

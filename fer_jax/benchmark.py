@@ -65,9 +65,10 @@ def peak_memory_bytes(device) -> int | None:
   return (stats or {}).get('peak_bytes_in_use')
 
 
-def _step_config(config: ml_collections.ConfigDict, name: str,
-                 batch_size: int, image_size: int,
-                 dtype: str) -> ml_collections.ConfigDict:
+def step_config(config: ml_collections.ConfigDict, name: str,
+                batch_size: int, image_size: int,
+                dtype: str) -> ml_collections.ConfigDict:
+  """config with one row's model, dtype, batch size and image size."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.model.name, config.model.dtype = name, dtype
   config.train.batch_size, config.data.image_size = batch_size, image_size
@@ -146,7 +147,8 @@ def check_pipeline_size(config: ml_collections.ConfigDict, num_records: int,
         f'train split has {num_records}; raise data.synthetic.num_train')
 
 
-def _pipeline_records(config: ml_collections.ConfigDict):
+def pipeline_records(config: ml_collections.ConfigDict):
+  """The train split the pipeline rows read (generated if synthetic)."""
   splits, _ = data.load_splits(config)
   return splits['train']
 
@@ -161,11 +163,14 @@ def benchmark_pipeline(config: ml_collections.ConfigDict, records,
   """Images/s of the training pipeline alone, after warm-up batches."""
   bench = config.benchmark
   batches = pipeline.train_batches(records, config, num_devices)
-  for _ in _take(batches, bench.warmup_steps):
-    pass
-  start = time.perf_counter()
-  count = sum(1 for _ in _take(batches, bench.pipeline_batches))
-  seconds = time.perf_counter() - start
+  try:  # closed: its worker processes would compete with the next row's
+    for _ in _take(batches, bench.warmup_steps):
+      pass
+    start = time.perf_counter()
+    count = sum(1 for _ in _take(batches, bench.pipeline_batches))
+    seconds = time.perf_counter() - start
+  finally:
+    batches.close()
   workers = config.data.num_workers
   return {'pipeline_images_per_sec': count * config.train.batch_size / seconds,
           'pipeline_images_per_sec_per_worker':
@@ -183,7 +188,10 @@ def benchmark_fed(config: ml_collections.ConfigDict, records,
     holder['state'], metrics = compiled(holder['state'], next(batches))
     return metrics
 
-  times = timed(step, bench.warmup_steps, bench.pipeline_batches)
+  try:
+    times = timed(step, bench.warmup_steps, bench.pipeline_batches)
+  finally:
+    batches.close()
   return {'fed_images_per_sec': config.train.batch_size / float(
       np.median(times))}
 
@@ -196,8 +204,8 @@ def _grid(bench: ml_collections.ConfigDict):
           yield name, batch_size, image_size, dtype
 
 
-def _data_config(config: ml_collections.ConfigDict,
-                 image_size: int) -> ml_collections.ConfigDict:
+def data_config(config: ml_collections.ConfigDict,
+                image_size: int) -> ml_collections.ConfigDict:
   """The pipeline benchmark's data: a small synthetic set at image_size."""
   config = ml_collections.ConfigDict(config.to_dict())
   config.data.image_size = image_size
@@ -214,7 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     if batch_size % len(devices):
       raise ValueError(f'benchmark.batch_sizes: {batch_size} is not divisible'
                        f' by {len(devices)} devices')
-    row_config = _step_config(config, name, batch_size, image_size, dtype)
+    row_config = step_config(config, name, batch_size, image_size, dtype)
     row = {'framework': 'jax', 'model': name, 'batch_size': batch_size,
            'image_size': image_size, 'dtype': dtype,
            'num_devices': len(devices), 'device_kind': devices[0].device_kind,
@@ -227,9 +235,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     row.update(step_row)
     if bench.pipeline:
       if image_size not in records:
-        records[image_size] = _pipeline_records(
-            _data_config(config, image_size))
-      row_config = _data_config(row_config, image_size)
+        records[image_size] = pipeline_records(
+            data_config(config, image_size))
+      row_config = data_config(row_config, image_size)
       check_pipeline_size(row_config, len(records[image_size]), batch_size)
       row.update(benchmark_pipeline(row_config, records[image_size],
                                     len(devices)))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import compare, torch_reference
+from benchmarks import compare, profile_step, torch_reference
 from configs import benchmark as benchmark_config
 from fer_jax import benchmark
 from tests.conftest import NUM_DEVICES, tiny_config
@@ -108,3 +108,40 @@ def test_pair_matches_rows_of_two_runs_by_configuration(tmp_path):
              for r in json.loads((tmp_path / 'compare.json').read_text())}
   assert results == {'resnet18': {'compile': 1.5, 'eager': 3.0},
                      'efficientnet_b0': {'compile': 1.5, 'eager': None}}
+
+
+def _trace(device: bool) -> dict:
+  """Two annotated steps of 10 ms: on a GPU two kernels per step on a
+  stream (and a line that repeats them, which must not count twice); on a
+  CPU the same ops run by a host thread."""
+  meta = [{'ph': 'M', 'pid': 1, 'name': 'process_name',
+           'args': {'name': '/host:CPU'}},
+          {'ph': 'M', 'pid': 2, 'name': 'process_name',
+           'args': {'name': '/device:GPU:0'}},
+          {'ph': 'M', 'pid': 2, 'tid': 7, 'name': 'thread_name',
+           'args': {'name': 'Stream #7(Kernel)'}},
+          {'ph': 'M', 'pid': 2, 'tid': 9, 'name': 'thread_name',
+           'args': {'name': 'XLA Ops'}}]
+  events = []
+  for k in range(2):
+    t = k * 10_000
+    events.append({'ph': 'X', 'pid': 1, 'tid': 1, 'ts': t, 'dur': 10_000,
+                   'name': profile_step.STEP})
+    for name, hlo, start, dur in (('sm90_conv', 'cudnn-conv.1', 0, 6000),
+                                  ('loop_fusion_3', 'fusion.3', 6000, 2000)):
+      for pid, tid in ((2, 7), (2, 9)) if device else ((1, 3),):
+        events.append({'ph': 'X', 'pid': pid, 'tid': tid, 'ts': t + start,
+                       'dur': dur, 'name': name, 'args': {'hlo_op': hlo}})
+  return {'traceEvents': (meta if device else meta[:1]) + events}
+
+
+@pytest.mark.parametrize('device', [True, False])
+def test_profile_top_ops_per_step(device):
+  summary = profile_step.top_ops(_trace(device), top=1)
+  assert summary['source'].startswith('GPU' if device else 'XLA')
+  assert summary['steps'] == 2 and summary['step_ms'] == 10.0
+  assert summary['busy_ms'] == 8.0 and summary['busy_percent'] == 80.0
+  assert summary['ops'] == [{'name': 'sm90_conv', 'hlo_op': 'cudnn-conv.1',
+                             'calls': 1.0, 'ms': 6.0, 'percent': 60.0}]
+  assert '| 1 | `sm90_conv` | cudnn-conv.1 | 1 | 6.000 | 60.0 |' in (
+      profile_step.format_markdown('resnet18', summary))

@@ -13,7 +13,7 @@ import torchvision
 
 from configs import default
 from fer_jax import models
-from fer_jax.models import efficientnet, pretrained
+from fer_jax.models import efficientnet, layers, pretrained
 
 ARCHITECTURES = ('resnet18', 'efficientnet_b0')
 BACKBONE_COUNTS = {'resnet18': 11_176_512, 'efficientnet_b0': 4_007_548}
@@ -243,6 +243,27 @@ def test_depthwise_shifted_equals_library_with_gradients(kernel, strides,
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   for g, w_ in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w_, rtol=1e-4, atol=1e-4)
+
+
+# The first shape is 1.5 MB an image: three chunks of one image each.
+@pytest.mark.parametrize('kernel,strides,shape', [
+    (3, 1, (3, 128, 128, 24)), (7, 2, (2, 21, 21, 3)), (3, 2, (2, 9, 9, 8))])
+def test_conv_matmul_grad_equals_xla_with_gradients(kernel, strides, shape):
+  rng = np.random.default_rng(kernel + strides)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, shape[-1], 5)),
+                  jnp.float32)
+  pad = kernel // 2
+  xla = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (strides, strides), ((pad, pad), (pad, pad)),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda x, w: layers.conv_matmul_grad(x, w, strides, pad)
+  grads = lambda conv: jax.jit(jax.grad(
+      lambda x, w: jnp.sum(jnp.sin(conv(x, w))), (0, 1)))(x, w)
+  np.testing.assert_allclose(ours(x, w), xla(x, w), rtol=1e-5, atol=1e-4)
+  for got, want in zip(grads(ours), grads(xla)):
+    np.testing.assert_allclose(got, want, rtol=1e-4,
+                               atol=1e-4 * float(np.abs(want).max()))
 
 
 def test_kernel_choices_share_parameters_outputs_and_gradients(

@@ -326,7 +326,7 @@ def _wait(process, condition, timeout=300.0) -> bool:
 
 
 def test_killed_at_random_moments_ends_as_if_never_killed(trained, tmp_path):
-  """main.py killed with SIGKILL at 11 seeded random moments (writing its
+  """main.py killed with SIGKILL at 8 seeded random moments (writing its
   record, saving checkpoints, right after a metrics.jsonl line, writing the
   report), restarted each time, ends as the uninterrupted run did."""
   config, workdir, metrics = trained
@@ -339,7 +339,7 @@ def test_killed_at_random_moments_ends_as_if_never_killed(trained, tmp_path):
                              any(p.stat().st_mtime > since
                                  for p in report.glob('*')))
   rng = random.Random(0)
-  moments = ['record'] + rng.sample(['save'] * 6 + ['metrics'] * 2, 8) + [
+  moments = ['record'] + rng.sample(['save'] * 4 + ['metrics'], 5) + [
       'report'] * 2
   seen = []
   for moment in moments:
@@ -360,7 +360,7 @@ def test_killed_at_random_moments_ends_as_if_never_killed(trained, tmp_path):
   finished = subprocess.run(command, cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
   assert finished.returncode == 0, finished.stderr[-3000:]
-  assert len(seen) >= 10, seen  # the last may find the run finished
+  assert len(seen) >= 7, seen  # the last may find the run finished
   assert 'saving' in seen and 'reporting' in seen, seen
   assert_same_records(workdir, run)
   assert_same_params(config, workdir, run)

@@ -117,8 +117,9 @@ class CpuConv(nn.Module):
   1x1: one 2-D matmul (3-7x faster forward+backward than XLA:CPU's 1x1
   convolution). kxk, strided or on maps of at most 8x8 pixels: im2col and
   one matmul (1.5-70x faster; XLA:CPU is slowest on maps smaller than the
-  kernel). Otherwise, and for the RGB stem, lax.conv_general_dilated with
-  the kernel gradient as matmuls (conv_matmul_grad).
+  kernel). Otherwise lax.conv_general_dilated, with the kernel gradient
+  as matmuls (conv_matmul_grad; not for a 3x3 RGB stem, where XLA's
+  own was faster).
   BENCHMARKS.md has the measurements.
   """
   features: int
@@ -140,6 +141,9 @@ class CpuConv(nn.Module):
       return y.reshape(batch, height, width, self.features)
     if channels >= 8 and (s > 1 or x.shape[1] * x.shape[2] <= 64):
       return im2col_conv(x, kernel, s, self.pad)
+    if channels < 8 and k < 5:
+      # EfficientNet's 3x3 RGB stem: XLA's kernel gradient is faster there.
+      return _conv(x, kernel, s, self.pad)
     return conv_matmul_grad(x, kernel, s, self.pad)
 
 

@@ -1,15 +1,33 @@
 """What a run says and records: its log lines, metrics.jsonl, TensorBoard,
 and the report of a split (metrics, figures, summary page)."""
 
+import sys
 from pathlib import Path
 from typing import Callable
 
 import ml_collections
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from fer_jax import config_rules, figures, files
 from fer_jax.data.index import Records
+
+
+def summary_writer() -> type:
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  Where PyTorch is installed (as for the tests), tensorboardX imports it
+  (2 s) only to accept torch tensors; fer_jax gives it NumPy. PyTorch
+  stays importable afterwards.
+  """
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules['torch'] = None  # `import torch` raises ImportError
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
 
 
 def _tensorboard_tag(key: str) -> str:
@@ -67,7 +85,7 @@ class Writer:
       return
     files.append_jsonl(self.workdir / 'metrics.jsonl', record)
     if self._tensorboard is None:
-      self._tensorboard = SummaryWriter(str(self.workdir / 'tb'))
+      self._tensorboard = summary_writer()(str(self.workdir / 'tb'))
     step = record['step']
     for key, value in record.items():
       if key not in ('epoch', 'step') and value is not None:

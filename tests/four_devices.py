@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.conftest import tiny_config, xla_flags  # noqa: E402
 
-from tests.conftest import tiny_config  # noqa: E402
+os.environ['XLA_FLAGS'] = xla_flags(4)
+os.environ['JAX_PLATFORMS'] = 'cpu'
 from tests.test_steps import first_step_differences, fixed_batch, run_steps  # noqa: E402,E501
 
 if __name__ == '__main__':

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fer_jax import distributed
-from tests.conftest import ROOT, command_line
+from tests.conftest import ROOT, command_line, xla_flags
 from tests.multi_process import tiny_run_config
 
 SLURM_TWO_TASKS = {'SLURM_NTASKS': '2', 'SLURM_JOB_ID': '7',
@@ -122,7 +122,7 @@ def launch(command_of, num_processes: int, devices: int,
   `devices` CPU devices each; their outputs. Each must succeed, or fail."""
   port = _free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+         'XLA_FLAGS': xla_flags(devices)}
   procs = [subprocess.Popen(command_of(i, port), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

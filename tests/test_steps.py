@@ -115,7 +115,10 @@ def runs(request, data_cache):
   from tests.conftest import tiny_config
   config = tiny_config(data_cache)
   config.train.va_loss = request.param
-  batch = fixed_batch(8, config.data.image_size)
+  # 16 images: with 8 (4 a device) the gradients of 1 and 2 devices
+  # differed by 2e-2 under -O0 machine code, loss and statistics by 1e-7:
+  # a tie in the backward pass that the rounding tips, not an error.
+  batch = fixed_batch(16, config.data.image_size)
   return {d: run_steps(config, batch, d, 4 if d == 1 else 1)
           for d in (1, NUM_DEVICES)}
 

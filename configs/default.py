@@ -63,6 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_workers = 0             # Grain worker processes (0: threads only)
   config.data.num_threads = 2             # decoding threads per process
   config.data.prefetch_batches = 4
+  # Every split's base images (before augmentation) decoded once and held
+  # in memory when they fit in this many MB, instead of decoded in every
+  # epoch; 0: never. The synthetic set at 72 px: 8,800 images, 130 MB.
+  # AffectNet at 224 px (about 290,000 images, 44 GB) does not fit.
+  config.data.cache_decoded_mb = 1024
   # ImageNet statistics, as the pretrained backbones expect.
   config.data.mean_rgb = (0.485, 0.456, 0.406)
   config.data.std_rgb = (0.229, 0.224, 0.225)

@@ -25,6 +25,7 @@ HOW_FIELDS = (
     'train.log_every_steps', 'train.num_sample_images', 'model.kernels',
     'data.root', 'data.on_error', 'data.check_images', 'data.num_workers',
     'data.num_threads', 'data.prefetch_batches', 'data.index_processes',
+    'data.cache_decoded_mb',
     'data.index_cache_dir', 'data.synthetic.num_processes',
     'data.synthetic.cache_dir', 'data.synthetic.regenerate',
     'predict.detector', 'predict.min_score', 'predict.min_face_size',
@@ -195,6 +196,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
   for field in ('data.num_workers', 'data.prefetch_batches',
                 'data.index_processes'):
     _number(config, field, 0, integer=True)
+  if 'cache_decoded_mb' in config.data:  # not in runs' configs before it
+    _number(config, 'data.cache_decoded_mb', 0, integer=True)
   _number(config, 'data.num_threads', 1, integer=True)
   _pair(config, 'data.augment.crop_scale', 0, 1)
   _pair(config, 'data.augment.crop_ratio', 0, math.inf)

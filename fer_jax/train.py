@@ -224,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         '(splits.npz): ' + '; '.join(f'{k}: {v}' for k, v in
                                       differences.items()) +
         '. Restore the data, or start a new --workdir.')
+  splits = pipeline.hold_decoded(splits, config.data)
   num_steps = pipeline.steps_per_epoch(len(splits['train']),
                                        config.train.batch_size)
   if num_steps == 0:

@@ -55,13 +55,19 @@ class Records:
   va_mask: np.ndarray     # bool [N]: valence and arousal both valid
   boxes: np.ndarray       # float32 [N, 4] face (x, y, w, h); NaN: whole image
   landmarks: np.ndarray | None = None  # float32 [N, 68, 2]; NaN if absent
+  # uint8 [N, S, S, 3]: the base images, decoded once (pipeline.hold_decoded)
+  images: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.paths)
 
   def __getitem__(self, i: int) -> dict:
-    return {'path': self.paths[i], 'label': self.labels[i], 'va': self.va[i],
-            'va_mask': self.va_mask[i], 'box': self.boxes[i]}
+    record = {'path': self.paths[i], 'label': self.labels[i],
+              'va': self.va[i], 'va_mask': self.va_mask[i],
+              'box': self.boxes[i]}
+    if self.images is not None:
+      record['image'] = self.images[i]
+    return record
 
   def subset(self, index: np.ndarray) -> 'Records':
     """The records at the given positions."""

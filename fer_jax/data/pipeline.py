@@ -9,6 +9,8 @@ batch and D its local devices: process p reads the p-th 1/P of every
 global training batch, and the p-th contiguous 1/P of an evaluated split.
 """
 
+import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import math
@@ -16,6 +18,7 @@ from typing import Iterator
 
 import grain
 import ml_collections
+from absl import logging
 import numpy as np
 
 from fer_jax.data import images
@@ -28,9 +31,29 @@ def load_image(record: dict, data: ml_collections.ConfigDict) -> np.ndarray:
                      data.face_margin)
 
 
+def hold_decoded(splits: dict[str, Records], data: ml_collections.ConfigDict
+                 ) -> dict[str, Records]:
+  """The splits with their base images decoded into memory, once, when all
+  of them fit in data.cache_decoded_mb; otherwise as they are (decoded in
+  every epoch). The batches are the same either way."""
+  num_bytes = 3 * data.image_size ** 2 * sum(len(r) for r in splits.values())
+  if num_bytes > data.get('cache_decoded_mb', 0) * 2 ** 20:
+    return splits
+  logging.info('Decoding %d MB of base images into memory (data.'
+               'cache_decoded_mb)', num_bytes // 2 ** 20)
+  empty = np.zeros((0, data.image_size, data.image_size, 3), np.uint8)
+  with concurrent.futures.ThreadPoolExecutor(data.num_threads) as pool:
+    decode = lambda r: list(pool.map(lambda i: load_image(r[i], data),
+                                     range(len(r))))
+    return {name: dataclasses.replace(
+        r, images=np.stack(decode(r)) if len(r) else empty)
+            for name, r in splits.items()}
+
+
 def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
   """An example with its base image (no augmentation)."""
-  return {'image': load_image(record, data),
+  image = record.get('image')
+  return {'image': load_image(record, data) if image is None else image,
           'label': record['label'], 'va': record['va'],
           'va_mask': record['va_mask'], 'mask': np.True_}
 

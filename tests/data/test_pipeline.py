@@ -238,3 +238,25 @@ def test_split_moves_at_most_one_other_example_when_a_file_goes():
   assert len(before ^ after) <= 1
   _, other_seed = data.stratified_split(labels, keys, 0.2, 1)
   assert len(set(held) ^ set(other_seed)) > 100
+
+
+def test_decoded_images_held_in_memory_give_the_same_batches(loaded):
+  """Decoded once (data.cache_decoded_mb) or in every epoch: the same
+  augmented training batches and evaluation batches, to the bit."""
+  config, splits, _ = loaded
+  held = pipeline.hold_decoded(splits, config.data)
+  size = config.data.image_size
+  for name, records in splits.items():
+    assert held[name].images.shape == (len(records), size, size, 3)
+    np.testing.assert_array_equal(
+        held[name].images[3], pipeline.load_image(records[3], config.data))
+  for make in (pipeline.train_batches, pipeline.eval_batches):
+    for decoded, each_epoch in zip(make(held['train'], config, NUM_DEVICES),
+                                   make(splits['train'], config,
+                                        NUM_DEVICES)):
+      for key in each_epoch:
+        np.testing.assert_array_equal(decoded[key], each_epoch[key])
+  # 0 MB: nothing is held.
+  small = config.data.copy_and_resolve_references()
+  small.cache_decoded_mb = 0
+  assert pipeline.hold_decoded(splits, small)['train'].images is None

@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -325,6 +326,18 @@ def _wait(process, condition, timeout=300.0) -> bool:
   return True
 
 
+def _changed_since(folder: Path, since: float) -> bool:
+  """Whether a file in folder was written after `since`. A file listed
+  may be gone when looked at: an atomic write renames its temporary file."""
+  for path in folder.glob('*'):
+    try:
+      if path.stat().st_mtime > since:
+        return True
+    except FileNotFoundError:
+      continue
+  return False
+
+
 def test_killed_at_random_moments_ends_as_if_never_killed(trained, tmp_path):
   """main.py killed with SIGKILL at 5 seeded random moments (writing its
   record, saving a checkpoint, right after a metrics.jsonl line, writing
@@ -337,8 +350,7 @@ def test_killed_at_random_moments_ends_as_if_never_killed(trained, tmp_path):
   saving = lambda: any((run / 'checkpoints').glob('*.orbax-checkpoint-tmp*'))
   lines = lambda: len(files.read_jsonl(run / 'metrics.jsonl'))
   reporting = lambda since: (not (report / 'test_metrics.json').exists() and
-                             any(p.stat().st_mtime > since
-                                 for p in report.glob('*')))
+                             _changed_since(report, since))
   rng = random.Random(0)
   moments = ['record', 'save', 'metrics', 'report', 'report']
   seen = []

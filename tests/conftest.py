@@ -22,8 +22,9 @@ def xla_flags(devices: int) -> str:
   """
   ours = [f'--xla_force_host_platform_device_count={devices}',
           '--xla_backend_optimization_level=0']
+  names = {flag.split('=')[0] for flag in ours}
   given = [flag for flag in os.environ.get('XLA_FLAGS', '').split()
-           if flag.split('=')[0] not in {f.split('=')[0] for f in ours}]
+           if flag.split('=')[0] not in names]
   return ' '.join(ours + given)
 
 

@@ -51,6 +51,14 @@ def train_step(config, compiled=True):
   return state, steps.unreplicate(after), steps.unreplicate(metrics)
 
 
+def assert_step_traces(config, label: str = '') -> None:
+  """config's train step traces (jax.eval_shape) to a loss per device and
+  an 8-class head."""
+  _, after, metrics = train_step(config, compiled=False)
+  assert metrics['loss'].shape == (NUM_DEVICES,), label
+  assert after.params['head']['expression']['kernel'].shape[-1] == 8, label
+
+
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_checks_builds_its_model_and_trains(name):
   from fer_jax import config_rules
@@ -62,9 +70,7 @@ def test_config_checks_builds_its_model_and_trains(name):
     # Traced only: EfficientNet-B0's compile costs 40 s, and its step with
     # this config's dropout trains in test_train's end-to-end run; the
     # loss terms and optimiser are resnet18_affectnet's, compiled here.
-    _, after, metrics = train_step(config, compiled=False)
-    assert metrics['loss'].shape == (NUM_DEVICES,)
-    assert after.params['head']['expression']['kernel'].shape[-1] == 8
+    assert_step_traces(config)
     return
   before, after, metrics = train_step(config)
   assert np.isfinite(metrics['loss']) and metrics['loss'] > 0
@@ -85,9 +91,7 @@ def test_every_ablation_run_checks_and_traces_a_train_step(name):
     run = ablate.run_config(config.base, fields, config.ablate.seeds[0],
                             config.ablate.seed_fields, variant)
     config_rules.check(run, NUM_DEVICES)
-    _, after, metrics = train_step(run, compiled=False)
-    assert metrics['loss'].shape == (NUM_DEVICES,), variant
-    assert after.params['head']['expression']['kernel'].shape[-1] == 8
+    assert_step_traces(run, variant)
 
 
 def test_a_saved_config_reads_back_as_it_was(tmp_path):

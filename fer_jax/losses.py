@@ -11,14 +11,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fer_jax.labels import NUM_CLASSES
-
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
                   label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy [B] with optional label smoothing."""
-  targets = jax.nn.one_hot(labels, NUM_CLASSES)
-  targets = targets * (1 - label_smoothing) + label_smoothing / NUM_CLASSES
+  """Per-example softmax cross-entropy [B] with optional label smoothing.
+
+  labels: int [B] (positions among the K logits) or target distributions
+  [B, K] (FERPlus's votes).
+  """
+  num_classes = logits.shape[-1]
+  targets = (labels if labels.ndim == logits.ndim else
+             jax.nn.one_hot(labels, num_classes))
+  targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
   return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
 
 
@@ -27,7 +31,7 @@ CLASS_WEIGHTS = ('none', 'inverse_frequency', 'effective_number')
 
 def class_weights(kind: str, class_counts: np.ndarray,
                   beta: float = 0.999) -> np.ndarray | None:
-  """Per-class cross-entropy weights [8] from the training class counts n_c.
+  """Per-class cross-entropy weights [K] from the training class counts n_c.
 
   'inverse_frequency': proportional to 1 / n_c, every class carrying the
   same total weight (HSEmotion's max n / n_c, Savchenko 2022, up to its
@@ -70,11 +74,14 @@ def loss_sums(outputs: dict, batch: dict, label_smoothing: float = 0.0,
   """Sums over the valid examples of a batch (shard), and their counts.
 
   With class weights, each example's cross-entropy is scaled by its class's
-  weight; the mean stays over examples (count), not over weights.
+  (its label's) weight; the mean stays over examples (count), not over weights.
   """
   mask = batch['mask'].astype(jnp.float32)
   va_mask = mask * batch['va_mask'].astype(jnp.float32)
-  ce = cross_entropy(outputs['logits'], batch['label'], label_smoothing)
+  # FERPlus's vote distributions, where the batch has them (data.ferplus_
+  # labels='probability'); else the labels.
+  ce = cross_entropy(outputs['logits'], batch.get('soft', batch['label']),
+                     label_smoothing)
   if weights is not None:
     ce = ce * jnp.asarray(weights)[batch['label']]
   pred, true = outputs['va'], batch['va']

@@ -1,9 +1,10 @@
 """Evaluation metrics in pure NumPy (no jax, no scikit-learn at run time).
 
-Definitions (README, Metrics): macro F1 is the unweighted mean over all 8
-classes, a class with no support and no prediction counting as 0;
-valence/arousal predictions are clipped to [-1, 1] and scored on VA-valid
-samples only; CCC uses population variances; SAGR is the rate of matching
+Definitions (README, Metrics): macro F1 is the unweighted mean over the
+run's K classes (data.classes), a class with no support and no prediction
+counting as 0; valence/arousal predictions are clipped to [-1, 1] and
+scored on VA-valid samples only, and are None (not available) when a split
+has none; CCC uses population variances; SAGR is the rate of matching
 signs.
 """
 
@@ -11,14 +12,15 @@ import warnings
 
 import numpy as np
 
-from fer_jax.labels import EXPRESSIONS, NUM_CLASSES
+from fer_jax.labels import EXPRESSIONS
 
 
-def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
-  """[8, 8] counts, rows the true class, columns the predicted one."""
-  index = np.asarray(y_true) * NUM_CLASSES + np.asarray(y_pred)
-  return np.bincount(index, minlength=NUM_CLASSES ** 2).reshape(
-      NUM_CLASSES, NUM_CLASSES)
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray,
+                     num_classes: int = len(EXPRESSIONS)) -> np.ndarray:
+  """[K, K] counts, rows the true class, columns the predicted one."""
+  index = np.asarray(y_true) * num_classes + np.asarray(y_pred)
+  return np.bincount(index, minlength=num_classes ** 2).reshape(
+      num_classes, num_classes)
 
 
 def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -27,9 +29,11 @@ def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   return np.divide(a, b, out=np.zeros_like(a), where=b != 0)
 
 
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-  """Accuracy, balanced accuracy, F1s and the per-class table."""
-  cm = confusion_matrix(y_true, y_pred)
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray,
+                           classes: tuple[str, ...] = EXPRESSIONS) -> dict:
+  """Accuracy, balanced accuracy, F1s and the per-class table over classes
+  (labels are positions in it)."""
+  cm = confusion_matrix(y_true, y_pred, len(classes))
   tp = np.diag(cm).astype(np.float64)
   support, predicted = cm.sum(1), cm.sum(0)
   precision, recall = _divide(tp, predicted), _divide(tp, support)
@@ -45,7 +49,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
       'per_class': {name: {'precision': float(precision[c]),
                            'recall': float(recall[c]), 'f1': float(f1[c]),
                            'support': int(support[c])}
-                    for c, name in enumerate(EXPRESSIONS)},
+                    for c, name in enumerate(classes)},
       'confusion_matrix': cm.tolist(),
   }
 
@@ -73,13 +77,15 @@ def ccc(pred: np.ndarray, true: np.ndarray) -> float:
   return float(2 * covariance / denominator)
 
 
+VA_METRICS = ('rmse', 'mae', 'pcc', 'ccc', 'sagr')
+
+
 def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict:
   """RMSE, MAE, PCC, CCC and SAGR of one dimension (already masked)."""
   pred = np.clip(np.asarray(pred, np.float64), -1, 1)
   true = np.asarray(true, np.float64)
-  if len(pred) == 0:  # errors undefined (None in JSON); correlations 0
-    return {'rmse': None, 'mae': None, 'pcc': pcc(pred, true),
-            'ccc': ccc(pred, true), 'sagr': None}
+  if len(pred) == 0:  # not available (None in JSON), never 0
+    return dict.fromkeys(VA_METRICS)
   error = pred - true
   return {'rmse': float(np.sqrt((error ** 2).mean())),
           'mae': float(np.abs(error).mean()), 'pcc': pcc(pred, true),
@@ -89,10 +95,14 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict:
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray,
                     va_true: np.ndarray, va_pred: np.ndarray,
-                    va_mask: np.ndarray) -> dict:
-  """Every metric of a split's report (README, Metrics)."""
-  metrics = classification_metrics(np.asarray(y_true), np.asarray(y_pred))
+                    va_mask: np.ndarray,
+                    classes: tuple[str, ...] = EXPRESSIONS) -> dict:
+  """Every metric of a split's report (README, Metrics); y_* are positions
+  in classes, the run's label space."""
+  metrics = classification_metrics(np.asarray(y_true), np.asarray(y_pred),
+                                   tuple(classes))
   va_mask = np.asarray(va_mask, bool)
+  metrics['classes'] = list(classes)
   metrics['num_va_examples'] = int(va_mask.sum())
   va_true, va_pred = np.asarray(va_true), np.asarray(va_pred)
   for d, name in enumerate(('valence', 'arousal')):

@@ -52,6 +52,35 @@ def test_multitask_loss_matches_float64_reference(seed, smoothing):
                              want, rtol=1e-5)
 
 
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+@pytest.mark.parametrize('k', [7, 8])
+def test_cross_entropy_over_k_classes_with_labels_or_vote_distributions(
+    k, smoothing):
+  """K logits (the run's label space); targets as labels, or as FERPlus's
+  vote distributions, against float64."""
+  rng = np.random.default_rng(k)
+  n = 23
+  logits = rng.normal(0, 3, (n, k)).astype(np.float32)
+  votes = rng.integers(0, 6, (n, k)) * (rng.random((n, k)) < 0.4)
+  votes[:, 0] += 1
+  soft = (votes / votes.sum(1, keepdims=True)).astype(np.float32)
+  mask = rng.random(n) > 0.2
+  batch = {'label': jnp.asarray(soft.argmax(1).astype(np.int32)),
+           'va': jnp.zeros((n, 2)), 'mask': jnp.asarray(mask),
+           'va_mask': jnp.zeros(n, bool)}
+  outputs = {'logits': jnp.asarray(logits), 'va': jnp.zeros((n, 2))}
+  log_p = logits.astype(np.float64)
+  log_p = log_p - log_p.max(1, keepdims=True)
+  log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
+  for targets in (np.eye(k)[soft.argmax(1)], soft):
+    if targets is soft:
+      batch['soft'] = jnp.asarray(soft)
+    got = losses.normalise(losses.loss_sums(outputs, batch, smoothing), 1.0)
+    want = -((targets * (1 - smoothing) + smoothing / k) * log_p).sum(1)
+    assert float(got['ce_loss']) == pytest.approx(want[mask].mean(),
+                                                  rel=1e-5)
+
+
 def test_all_masked_va_gives_zero_va_loss_not_nan():
   b = random_batch(np.random.default_rng(3), 16, va_mask_rate=1.1)
   got = jax_loss(b, 0.0, va_weight=1.0)

@@ -10,42 +10,54 @@ from sklearn import metrics as skm
 from fer_jax import metrics
 from fer_jax.labels import EXPRESSIONS
 
-LABELS = list(range(8))
-
 
 @st.composite
 def predictions(draw):
+  """A label space (K of the 8 names, in any order) and predictions in it."""
+  space = draw(st.permutations(EXPRESSIONS))[:draw(st.integers(2, 8))]
+  k = len(space)
   n = draw(st.integers(1, 60))
-  classes = draw(st.lists(st.integers(0, 7), min_size=1, max_size=8,
+  present = draw(st.lists(st.integers(0, k - 1), min_size=1, max_size=k,
                           unique=True))
-  y_true = draw(st.lists(st.sampled_from(classes), min_size=n, max_size=n))
-  y_pred = draw(st.lists(st.integers(0, 7), min_size=n, max_size=n))
-  return np.array(y_true), np.array(y_pred)
+  y_true = draw(st.lists(st.sampled_from(present), min_size=n, max_size=n))
+  y_pred = draw(st.lists(st.integers(0, k - 1), min_size=n, max_size=n))
+  return tuple(space), np.array(y_true), np.array(y_pred)
 
 
 @settings(max_examples=150, deadline=None)
 @given(predictions())
-def test_classification_matches_sklearn(pair):
-  y_true, y_pred = pair
-  got = metrics.classification_metrics(y_true, y_pred)
+def test_classification_matches_sklearn_over_the_runs_classes(drawn):
+  classes, y_true, y_pred = drawn
+  labels = list(range(len(classes)))
+  got = metrics.classification_metrics(y_true, y_pred, classes)
   assert got['accuracy'] == pytest.approx(skm.accuracy_score(y_true, y_pred))
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # sklearn warns about absent classes
     balanced = skm.balanced_accuracy_score(y_true, y_pred)
   assert got['balanced_accuracy'] == pytest.approx(balanced)
   for average in ('macro', 'weighted'):
-    want = skm.f1_score(y_true, y_pred, labels=LABELS, average=average,
+    want = skm.f1_score(y_true, y_pred, labels=labels, average=average,
                         zero_division=0)
     assert got[f'{average}_f1'] == pytest.approx(want)
   p, r, f, s = skm.precision_recall_fscore_support(
-      y_true, y_pred, labels=LABELS, zero_division=0)
-  for c, name in enumerate(EXPRESSIONS):
+      y_true, y_pred, labels=labels, zero_division=0)
+  assert list(got['per_class']) == list(classes)
+  for c, name in enumerate(classes):
     row = got['per_class'][name]
     assert (row['precision'], row['recall'], row['f1'], row['support']) == \
         pytest.approx((p[c], r[c], f[c], s[c]))
   np.testing.assert_array_equal(
       got['confusion_matrix'], skm.confusion_matrix(y_true, y_pred,
-                                                    labels=LABELS))
+                                                    labels=labels))
+
+
+def test_a_perfect_seven_class_model_scores_one_not_seven_eighths():
+  classes = EXPRESSIONS[:7]
+  y = np.arange(7).repeat(3)
+  got = metrics.classification_metrics(y, y, classes)
+  assert got['macro_f1'] == 1.0 and got['balanced_accuracy'] == 1.0
+  assert np.shape(got['confusion_matrix']) == (7, 7)
+  assert 'Contempt' not in got['per_class']
 
 
 def reference_ccc(p, g):
@@ -111,10 +123,12 @@ def test_compute_metrics_masks_va_and_has_every_report_key():
   assert expected <= set(got)
 
 
-def test_empty_va_mask_gives_no_nan():
-  with pytest.warns(UserWarning):
+def test_no_va_labels_give_not_available_never_zero():
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # no warning either: nothing is wrong
     got = metrics.compute_metrics(np.zeros(4, int), np.zeros(4, int),
                                   np.zeros((4, 2)), np.zeros((4, 2)),
                                   np.zeros(4, bool))
   assert got['num_va_examples'] == 0
-  assert got['valence_ccc'] == 0.0 and got['valence_rmse'] is None
+  assert all(got[f'{d}_{m}'] is None for d in ('valence', 'arousal')
+             for m in metrics.VA_METRICS)

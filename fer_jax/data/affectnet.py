@@ -20,12 +20,12 @@ import numpy as np
 
 from fer_jax.data import index as index_lib
 from fer_jax.data.index import IMAGE_SUFFIXES, NUM_LANDMARKS, row
-from fer_jax.labels import EXTRA_CODES, NUM_CLASSES
+from fer_jax.labels import NUM_CLASSES
 
 CSV_COLUMNS = ('subDirectory_filePath', 'face_x', 'face_y', 'face_width',
                'face_height', 'facial_landmarks', 'expression', 'valence',
                'arousal')
-_MAX_CODE = max(EXTRA_CODES)
+_MAX_CODE = 10  # 8 None, 9 Uncertain, 10 No-Face (labels.EXTRA_CODES)
 
 
 def parse_number(value, where: str) -> float:

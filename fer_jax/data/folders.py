@@ -15,14 +15,7 @@ import ml_collections
 
 from fer_jax.data import index as index_lib
 from fer_jax.data.index import IMAGE_SUFFIXES, row
-from fer_jax.labels import EXPRESSIONS
-
-CLASS_ALIASES = {
-    'neutral': 0, 'happy': 1, 'happiness': 1, 'sad': 2, 'sadness': 2,
-    'surprise': 3, 'surprised': 3, 'fear': 4, 'fearful': 4, 'disgust': 5,
-    'disgusted': 5, 'anger': 6, 'angry': 6, 'contempt': 7,
-}
-
+from fer_jax.labels import CLASS_ALIASES, EXPRESSIONS
 
 def class_map(spec: str) -> dict[str, int]:
   """Folder name -> class: the aliases, or data.class_folders' pairs."""

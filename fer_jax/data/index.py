@@ -14,7 +14,13 @@ An index is a dict of parallel arrays, one row per image file:
   box float32 [N, 4] (x, y, w, h; NaN: the whole image);
   size int32 [N, 2] (width, height; 0 unless images are checked);
   mode, format str [N] (Pillow's); error str [N] ('' when readable);
-  landmarks float32 [N, 68, 2], only for layouts that have them.
+  landmarks float32 [N, 68, 2], only for layouts that have them;
+  pixels uint8 [N, H, W] or [N, H, W, 3], the images themselves, for
+    layouts that ship pixels instead of files (FER2013's CSV);
+  votes float32 [N, 8], annotators' votes per canonical expression, for
+    layouts that have them (FERPlus).
+Codes are canonical (fer_jax.labels): 0-7 the expressions, EXTRA_CODES
+past them; a layout maps its own.
 """
 
 import dataclasses
@@ -30,7 +36,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from fer_jax.labels import EXTRA_CODES, NUM_CLASSES
+from fer_jax import labels as labels_lib
 
 INDEX_VERSION = 1
 # Image file names, and the format (Pillow's name) each suffix promises.
@@ -50,13 +56,18 @@ _MIN_PARALLEL_JOBS = 2000
 class Records:
   """One split: image paths with their labels, as parallel arrays."""
   paths: np.ndarray       # str [N]
-  labels: np.ndarray      # int32 [N], 0..7
+  labels: np.ndarray      # int32 [N], positions in the run's classes
   va: np.ndarray          # float32 [N, 2]; 0 where masked
   va_mask: np.ndarray     # bool [N]: valence and arousal both valid
   boxes: np.ndarray       # float32 [N, 4] face (x, y, w, h); NaN: whole image
   landmarks: np.ndarray | None = None  # float32 [N, 68, 2]; NaN if absent
   # uint8 [N, S, S, 3]: the base images, decoded once (pipeline.hold_decoded)
   images: np.ndarray | None = None
+  # uint8 [N, H, W(, 3)]: the stored images, for layouts without files
+  pixels: np.ndarray | None = None
+  # float32 [N, K]: target distributions over the run's classes (FERPlus's
+  # votes under data.ferplus_labels='probability')
+  soft: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -65,8 +76,10 @@ class Records:
     record = {'path': self.paths[i], 'label': self.labels[i],
               'va': self.va[i], 'va_mask': self.va_mask[i],
               'box': self.boxes[i]}
-    if self.images is not None:
-      record['image'] = self.images[i]
+    for field in ('images', 'pixels', 'soft'):
+      if getattr(self, field) is not None:
+        record[field[:-1] if field == 'images' else field] = getattr(
+            self, field)[i]
     return record
 
   def subset(self, index: np.ndarray) -> 'Records':
@@ -89,11 +102,12 @@ class SourceReport:
 
 def row(path: str, code: int = -1, va=(np.nan, np.nan), box=None,
         landmarks=None, image: tuple = (0, 0, '', ''),
-        error: str = '') -> dict:
+        error: str = '', pixels=None, votes=None) -> dict:
   """One image's index row; image is (width, height, mode, format)."""
   return {'path': str(path), 'code': code, 'va': va,
           'box': np.full(4, np.nan) if box is None else box,
-          'landmarks': landmarks, 'image': image, 'error': error}
+          'landmarks': landmarks, 'image': image, 'error': error,
+          'pixels': pixels, 'votes': votes}
 
 
 def check_image(path: str) -> tuple[int, int, str, str]:
@@ -165,6 +179,12 @@ def _columns(rows: list[dict], with_landmarks: bool) -> dict:
     index['landmarks'] = np.array(
         [missing if r['landmarks'] is None else r['landmarks'] for r in rows],
         np.float32).reshape(n, NUM_LANDMARKS, 2)
+  for field, dtype in (('pixels', np.uint8), ('votes', np.float32)):
+    given = [r[field] for r in rows if r.get(field) is not None]
+    if given:  # rows without (errors) get zeros of the same shape
+      blank = np.zeros_like(np.asarray(given[0], dtype))
+      index[field] = np.array([blank if r.get(field) is None else r[field]
+                               for r in rows], dtype)
   return index
 
 
@@ -209,12 +229,16 @@ def _image_notes(index: dict, keep: np.ndarray) -> dict:
   return notes
 
 
-def to_records(index: dict, on_error: str) -> tuple[Records, SourceReport]:
+def to_records(index: dict, on_error: str,
+               classes: tuple[str, ...] = labels_lib.EXPRESSIONS
+               ) -> tuple[Records, SourceReport]:
   """The label rules (README, Labels) applied to an index.
 
   Rows with an error raise (on_error='raise', the first one in path order)
-  or are skipped and listed ('skip'). Codes 8-10 are dropped and counted;
-  a valence or arousal that is missing, -2 or outside [-1, 1] masks both
+  or are skipped and listed ('skip'). A row whose code is not one of
+  `classes` (the run's label space; EXTRA_CODES never are) is dropped and
+  counted by the code's name; the others get their position in classes.
+  A valence or arousal that is missing, -2 or outside [-1, 1] masks both
   out of the VA loss and metrics while the class label stays.
   """
   if on_error not in ('raise', 'skip'):
@@ -226,17 +250,35 @@ def to_records(index: dict, on_error: str) -> tuple[Records, SourceReport]:
                      'in data_report.json)')
   skipped = [{'path': str(p), 'reason': str(e)}
              for p, e in zip(index['path'][bad], index['error'][bad])]
-  codes = index['code']
-  extra = ~bad & (codes >= NUM_CLASSES)
-  names, counts = np.unique(codes[extra], return_counts=True)
-  dropped = {EXTRA_CODES[int(c)]: int(n) for c, n in zip(names, counts)}
-  keep = np.flatnonzero(~bad & ~extra)
+  codes = index['code'].astype(np.int64)
+  position = np.full(max(labels_lib.EXTRA_CODES) + 1, -1)
+  position[[labels_lib.EXPRESSIONS.index(c) for c in classes]] = np.arange(
+      len(classes))
+  labels = np.where(codes >= 0, position[np.clip(codes, 0, len(position) - 1)],
+                    -1)
+  outside = ~bad & (labels < 0)
+  names, counts = np.unique(codes[outside], return_counts=True)
+  dropped = {labels_lib.code_name(int(c)): int(n)
+             for c, n in zip(names, counts)}
+  keep = np.flatnonzero(~bad & ~outside)
   va = index['va'][keep]
   with np.errstate(invalid='ignore'):
     valid = np.all(np.abs(va) <= 1, axis=1)  # False for NaN and -2
+  optional = lambda field: index[field][keep] if field in index else None
   records = Records(
-      paths=index['path'][keep], labels=codes[keep].astype(np.int32),
+      paths=index['path'][keep], labels=labels[keep].astype(np.int32),
       va=np.where(valid[:, None], va, 0).astype(np.float32), va_mask=valid,
-      boxes=index['box'][keep],
-      landmarks=index['landmarks'][keep] if 'landmarks' in index else None)
+      boxes=index['box'][keep], landmarks=optional('landmarks'),
+      pixels=optional('pixels'), soft=_soft_targets(optional('votes'),
+                                                    classes))
   return records, SourceReport(dropped, skipped, _image_notes(index, keep))
+
+
+def _soft_targets(votes: np.ndarray | None, classes: tuple[str, ...]
+                  ) -> np.ndarray | None:
+  """Votes [N, 8] as distributions over classes [N, K] (None: no votes)."""
+  if votes is None:
+    return None
+  votes = votes[:, [labels_lib.EXPRESSIONS.index(c) for c in classes]]
+  return (votes / np.maximum(votes.sum(1, keepdims=True), 1e-12)).astype(
+      np.float32)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fer_jax.labels import NUM_CLASSES
 from fer_jax.models.efficientnet import EfficientNetB0, TFEfficientNetB0
 from fer_jax.models.heads import FERModel, MultitaskHead
 from fer_jax.models.resnet import ResNet18
@@ -18,11 +19,13 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def create_model(config: ml_collections.ConfigDict,
-                 axis_name: str | None = None) -> FERModel:
+                 axis_name: str | None = None,
+                 num_classes: int = NUM_CLASSES) -> FERModel:
   """The backbone named by config.name with the multitask head.
 
   axis_name: the pmap axis over which BatchNorm averages its training
-  statistics (None: this device's batch only).
+  statistics (None: this device's batch only). num_classes: the logits,
+  one per class of the run's label space (labels.run_classes).
   """
   if config.name not in BACKBONES:
     raise ValueError(f'model.name: {config.name!r} is not one of '
@@ -35,7 +38,8 @@ def create_model(config: ml_collections.ConfigDict,
                                     kernels=config.get('kernels', 'auto'))
   head = MultitaskHead(dropout_rate=config.dropout_rate,
                        hidden_size=config.hidden_size,
-                       va_activation=config.va_activation)
+                       va_activation=config.va_activation,
+                       num_classes=num_classes)
   return FERModel(backbone=backbone, head=head)
 
 

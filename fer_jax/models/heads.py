@@ -7,7 +7,7 @@ from fer_jax.labels import NUM_CLASSES
 
 
 class MultitaskHead(nn.Module):
-  """Expression logits [B, 8] and valence/arousal [B, 2] from features.
+  """Expression logits [B, K] and valence/arousal [B, 2] from features.
 
   Always float32: under a bfloat16 backbone, bfloat16 logits and
   valence/arousal would be quantised (steps of 1/256 near +-1) before any
@@ -16,6 +16,7 @@ class MultitaskHead(nn.Module):
   dropout_rate: float = 0.0
   hidden_size: int = 0  # 0: the reference study's head, two Dense layers.
   va_activation: str = 'tanh'  # 'tanh' | 'none'
+  num_classes: int = NUM_CLASSES  # K, the run's label space
 
   @nn.compact
   def __call__(self, features, train: bool = False):
@@ -24,7 +25,8 @@ class MultitaskHead(nn.Module):
       x = nn.relu(nn.Dense(self.hidden_size, dtype=jnp.float32,
                            name='hidden')(x))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(NUM_CLASSES, dtype=jnp.float32, name='expression')(x)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32,
+                      name='expression')(x)
     va = nn.Dense(2, dtype=jnp.float32, name='va')(x)
     if self.va_activation == 'tanh':
       va = jnp.tanh(va)

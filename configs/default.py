@@ -40,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.images_dir = 'Manually_Annotated_Images'  # csv: under root
   config.data.face_margin = 0.1           # csv: square of box side x (1 + 2 m)
   config.data.class_folders = ''          # folders: '1:surprise,...'; '': by name
+  # The label space, in the head's order: '' the layout's own (AffectNet's 8
+  # here), a preset (affectnet8, affectnet7, rafdb, fer2013, ferplus) or
+  # names: 'Neutral,Happy,Sad,Surprise,Fear,Disgust,Anger'.
+  config.data.classes = ''
+  config.data.rafdb_images = 'aligned'    # rafdb: 'aligned' (100 px) | 'original'
+  config.data.ferplus_labels = 'majority'  # ferplus: 'majority' | 'probability'
   # 72 px, not 64: XLA's own convolutions run ResNet18 4x slower when its
   # last stage is 2x2 (48-64 px) than at 3x3 (72 px). model.kernels='cpu'
   # removes that (BENCHMARKS.md); README's results were measured at 72 px.

@@ -1,9 +1,10 @@
 """Data sets and splits: which images are train, val and test.
 
-Each layout ('npy', 'csv', 'folders'; 'synthetic' is generated in Layout
-A) has two released sets, read through the cached index
+Most layouts ('npy', 'csv', 'folders', 'rafdb'; 'synthetic' is generated
+in Layout A) have two released sets, read through the cached index
 (fer_jax.data.index): the one split into train and val (or test), and the
-released evaluation set. `data.validation` selects the reference study's
+released evaluation set. FER2013 and FERPlus release all three splits
+(Training, PublicTest, PrivateTest), taken as they are. `data.validation` selects the reference study's
 two protocols: 'holdout' (ResNet18): a seeded stratified split of
 train_set into train and val (`data.val_fraction`), the released val_set as
 the balanced test set;
@@ -19,10 +20,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import distributed
-from fer_jax.data import affectnet, folders, index, synthetic
+from fer_jax import distributed, labels
+from fer_jax.data import affectnet, fer2013, folders, index, rafdb, synthetic
 from fer_jax.data.index import Records, SourceReport
-from fer_jax.labels import NUM_CLASSES
 
 SPLIT_NAMES = ('train', 'val', 'test')
 
@@ -61,43 +61,68 @@ def relative_paths(paths: np.ndarray, root: Path) -> list[str]:
 DEFAULT_SOURCES = {'npy': ('train_set', 'val_set'),
                    'csv': ('training.csv', 'validation.csv'),
                    'folders': ('train', 'test')}
+# Layouts read from one root, whose files name the split of every image.
+SPLIT_LAYOUTS = {'rafdb': rafdb.index_rafdb, 'fer2013': fer2013.index_fer2013,
+                 'ferplus': fer2013.index_ferplus}
+LAYOUTS = ('synthetic', *DEFAULT_SOURCES, *SPLIT_LAYOUTS)
 
 
 def dataset_root(config: ml_collections.ConfigDict) -> Path:
   """The root of the configured data set, generated if synthetic."""
   if config.data.layout == 'synthetic':
     return synthetic.ensure_dataset(config)
-  if config.data.layout not in DEFAULT_SOURCES:
+  if config.data.layout not in LAYOUTS:
     raise ValueError(f"data.layout: {config.data.layout!r} is not one of "
-                     f"'synthetic', {', '.join(map(repr, DEFAULT_SOURCES))}")
+                     f"{', '.join(map(repr, LAYOUTS))}")
   if not config.data.root:
     raise ValueError('data.root: empty; point it at the data set '
                      '(--config.data.root=PATH)')
   return Path(config.data.root)
 
 
-def read_source(config: ml_collections.ConfigDict, root: Path,
-                which: str) -> tuple[Records, SourceReport]:
-  """The records of one released set: which is 'train' or 'released'."""
+def _index_source(config: ml_collections.ConfigDict, root: Path,
+                  which: str) -> dict:
+  """The index of one released set: which is 'train' or 'released'."""
   data = config.data
   layout = 'npy' if data.layout == 'synthetic' else data.layout
   name = data.get(f'{which}_source') or DEFAULT_SOURCES[layout][
       which == 'released']
   if layout == 'npy':
-    built = affectnet.index_npy(root / name, data)
-  elif layout == 'csv':
-    built = affectnet.index_csv(root / name, data, root / data.images_dir)
+    return affectnet.index_npy(root / name, data)
+  if layout == 'csv':
+    return affectnet.index_csv(root / name, data, root / data.images_dir)
+  return folders.index_folders(root / name, data)
+
+
+def read_sources(config: ml_collections.ConfigDict, root: Path
+                 ) -> dict[str, tuple[Records, SourceReport]]:
+  """The records of the layout's released sets, labelled in the run's
+  label space: 'train' and 'released' (the evaluation set), or 'train',
+  'val' and 'test' where the layout fixes all three."""
+  layout = config.data.layout
+  if layout in SPLIT_LAYOUTS:
+    built = SPLIT_LAYOUTS[layout](root, config.data)
+    if 'val' not in built:
+      built = {'train': built['train'], 'released': built['test']}
   else:
-    built = folders.index_folders(root / name, data)
-  return index.to_records(built, data.on_error)
+    built = {which: _index_source(config, root, which)
+             for which in ('train', 'released')}
+  classes = labels.run_classes(config)
+  return {which: index.to_records(one, config.data.on_error, classes)
+          for which, one in built.items()}
 
 
 def load_splits(config: ml_collections.ConfigDict
                 ) -> tuple[dict[str, Records], dict]:
   """The train, val and test records and the data report (README, Data)."""
   root = dataset_root(config)
-  train_set, train_report = read_source(config, root, 'train')
-  released, released_report = read_source(config, root, 'released')
+  sources = read_sources(config, root)
+  if 'val' in sources:  # the layout's own three splits
+    splits = {name: records for name, (records, _) in sources.items()}
+    reports = {name: report for name, (_, report) in sources.items()}
+    return splits, _data_report(root, splits, reports, config)
+  (train_set, train_report), (released, released_report) = (
+      sources['train'], sources['released'])
   rest, held = stratified_split(
       train_set.labels, relative_paths(train_set.paths, root),
       config.data.val_fraction, config.data.split_seed)
@@ -112,17 +137,26 @@ def load_splits(config: ml_collections.ConfigDict
   else:
     raise ValueError(f"data.validation: {config.data.validation!r} is not "
                      "'holdout' or 'released'")
+  return splits, _data_report(root, splits, sources, config)
+
+
+def _data_report(root: Path, splits: dict[str, Records],
+                 sources: dict[str, SourceReport | None],
+                 config: ml_collections.ConfigDict) -> dict:
+  """data_report.json's content; raises if a split is empty."""
   for name, records in splits.items():
     if len(records) == 0:
       raise ValueError(f'{root}: split {name!r} has no examples')
-  report = {'root': str(root)}
-  report.update({name: split_report(splits[name], sources[name])
+  classes = labels.run_classes(config)
+  report = {'root': str(root), 'classes': list(classes)}
+  report.update({name: split_report(splits[name], sources[name],
+                                    len(classes))
                  for name in SPLIT_NAMES})
-  for source in (train_report, released_report):
-    if source.skipped:
+  for source in sources.values():
+    if source is not None and source.skipped:
       logging.warning('%s: skipped %d files (data.on_error=skip), listed in '
                       'data_report.json', root, len(source.skipped))
-  return splits, report
+  return report
 
 
 def load_splits_all_processes(config: ml_collections.ConfigDict
@@ -135,7 +169,8 @@ def load_splits_all_processes(config: ml_collections.ConfigDict
   return distributed.primary_first(load_splits, config)
 
 
-def split_report(records: Records, source: SourceReport | None) -> dict:
+def split_report(records: Records, source: SourceReport | None,
+                 num_classes: int) -> dict:
   """Counts of one split; dropped and skipped files where it owns them.
 
   A released set's dropped and skipped files, and the notes on its images,
@@ -146,7 +181,7 @@ def split_report(records: Records, source: SourceReport | None) -> dict:
       'num_examples': len(records),
       'num_va_examples': int(records.va_mask.sum()),
       'class_counts': np.bincount(records.labels,
-                                  minlength=NUM_CLASSES).tolist(),
+                                  minlength=num_classes).tolist(),
       'dropped_classes': dict(source.dropped_classes) if source else {},
       'skipped': list(source.skipped) if source else [],
       'image_notes': dict(source.image_notes) if source else {},

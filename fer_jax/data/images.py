@@ -99,6 +99,15 @@ def face_crop(image: np.ndarray, box: np.ndarray, margin: float,
   return resize(_crop_square(image, *face_region(box, margin)), size)
 
 
+def from_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+  """The base image of stored pixels (FER2013's 48 x 48 grey values):
+  grey replicated to RGB, resized to S x S."""
+  pixels = np.asarray(pixels, np.uint8)
+  if pixels.ndim == 2:
+    pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+  return resize(pixels, size)
+
+
 def load(path: str, size: int, box: np.ndarray | None = None,
          margin: float = 0.0, orient: bool = False) -> np.ndarray:
   """The base image: the face region of the file at path, S x S RGB uint8.

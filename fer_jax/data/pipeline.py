@@ -27,6 +27,8 @@ from fer_jax.data.index import Records
 
 def load_image(record: dict, data: ml_collections.ConfigDict) -> np.ndarray:
   """A record's base image, as evaluation sees it."""
+  if 'pixels' in record:  # a layout that ships pixels, not files
+    return images.from_pixels(record['pixels'], data.image_size)
   return images.load(record['path'], data.image_size, record['box'],
                      data.face_margin)
 
@@ -53,9 +55,12 @@ def hold_decoded(splits: dict[str, Records], data: ml_collections.ConfigDict
 def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
   """An example with its base image (no augmentation)."""
   image = record.get('image')
-  return {'image': load_image(record, data) if image is None else image,
-          'label': record['label'], 'va': record['va'],
-          'va_mask': record['va_mask'], 'mask': np.True_}
+  example = {'image': load_image(record, data) if image is None else image,
+             'label': record['label'], 'va': record['va'],
+             'va_mask': record['va_mask'], 'mask': np.True_}
+  if 'soft' in record:  # target distributions (FERPlus's votes)
+    example['soft'] = record['soft']
+  return example
 
 
 def _load_augmented(record: dict, rng: np.random.Generator,
@@ -189,9 +194,13 @@ def train_batches(records: Records, config: ml_collections.ConfigDict,
   return iter(_read(ds, config.data))
 
 
-def _masked_batch(batch_size: int, image_size: int, num_devices: int) -> dict:
-  """A batch of nothing (mask False everywhere), to keep processes in step."""
-  return _shard({'image': np.zeros((batch_size, image_size, image_size, 3),
+def _masked_batch(batch_size: int, image_size: int, num_devices: int,
+                  soft: np.ndarray | None) -> dict:
+  """A batch of nothing (mask False everywhere), to keep processes in step;
+  with target distributions where the records have them (soft)."""
+  extra = {} if soft is None else {
+      'soft': np.zeros((batch_size, soft.shape[1]), np.float32)}
+  return _shard({**extra, 'image': np.zeros((batch_size, image_size, image_size, 3),
                                    np.uint8),
                  'label': np.zeros(batch_size, np.int32),
                  'va': np.zeros((batch_size, 2), np.float32),
@@ -224,4 +233,4 @@ def eval_batches(records: Records, config: ml_collections.ConfigDict,
   batches = iter(_read(ds, config.data)) if len(mine) else iter(())
   missing = math.ceil(share / local) - math.ceil(len(mine) / local)
   return itertools.chain(batches, itertools.repeat(_masked_batch(
-      local, config.data.image_size, num_devices), missing))
+      local, config.data.image_size, num_devices, records.soft), missing))

@@ -1,0 +1,275 @@
+"""FER2013 (ROOT/fer2013.csv) and FERPlus's votes for it (fer2013new.csv).
+
+fer2013.csv holds every face itself: 48x48 grey values as a string of
+2,304 numbers, with FER2013's label and its Usage (Training -> train,
+PublicTest -> val, PrivateTest -> test). fer2013new.csv's rows line up one
+to one with those and give 10 annotators' votes over 8 expressions,
+unknown and NF (not a face). A row's path is CSV:line; a bad row becomes
+its row's error, never a label.
+"""
+
+import csv
+import functools
+import math
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from fer_jax.data import index as index_lib
+from fer_jax.data.affectnet import parse_number
+from fer_jax.data.index import row
+from fer_jax.labels import NUM_CLASSES
+
+SIDE = 48  # pixels a side
+GREY_IMAGE = (SIDE, SIDE, 'L', '')  # the index's (width, height, mode, format)
+USAGE_SPLITS = {'Training': 'train', 'PublicTest': 'val',
+                'PrivateTest': 'test'}
+SPLITS = ('train', 'val', 'test')
+FER_COLUMNS = ('emotion', 'pixels', 'Usage')
+# FER2013's 0 Angry, 1 Disgust, 2 Fear, 3 Happy, 4 Sad, 5 Surprise,
+# 6 Neutral -> canonical codes (fer_jax.labels).
+FER_CODES = (6, 5, 4, 1, 2, 3, 0)
+VOTE_COLUMNS = ('neutral', 'happiness', 'surprise', 'sadness', 'anger',
+                'disgust', 'fear', 'contempt', 'unknown', 'NF')
+FERPLUS_COLUMNS = ('Usage', 'Image name') + VOTE_COLUMNS
+# Each vote column's canonical code: 8 expressions, 11 Unknown, 10 No-Face.
+VOTE_CODES = (0, 1, 3, 2, 6, 5, 4, 7, 11, 10)
+NO_FACE, NO_MAJORITY = 10, 12
+_LAYOUT = ('FER2013 needs ROOT/fer2013.csv; FERPlus also '
+           'ROOT/fer2013new.csv')
+
+
+def read_table(path: Path, columns: tuple[str, ...]) -> list[tuple]:
+  """(path:line, {column: value}) for each non-blank row under the header."""
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: file not found ({_LAYOUT})')
+  with open(path, newline='', encoding='utf-8-sig') as f:
+    reader = csv.reader(f)
+    try:
+      header = [h.strip() for h in next(reader, [])]
+      missing = [c for c in columns if c not in header]
+      if missing:
+        raise ValueError(f'{path}: missing columns {missing} (has '
+                         f'{[h[:40] for h in header[:len(columns) + 2]]})')
+      position = {c: header.index(c) for c in columns}
+      rows = []
+      for values in reader:
+        if any(v.strip() for v in values):
+          rows.append((f'{path}:{reader.line_num}', {
+              c: values[i] if i < len(values) else ''
+              for c, i in position.items()}))
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{path}: not UTF-8 text ({e.reason})') from None
+    except csv.Error as e:
+      raise ValueError(f'{path}:{reader.line_num}: {e}') from None
+  return rows
+
+
+def parse_label(value: str, where: str, labels: range) -> int:
+  """An integer in labels (given as a number), or a ValueError."""
+  number = parse_number(value.strip(), where)
+  if number not in labels:
+    raise ValueError(f'{where}: {value.strip()!r} not in '
+                     f'{labels[0]}..{labels[-1]}')
+  return int(number)
+
+
+def _is_grey(value: str) -> bool:
+  return value.isascii() and value.isdigit() and int(value) <= 255
+
+
+def parse_pixels(text: str, where: str) -> np.ndarray:
+  """The uint8 [48, 48] face of a pixels field: 2,304 values 0..255."""
+  values = text.split()
+  if len(values) != SIDE * SIDE:
+    raise ValueError(f'{where}: pixels: expected {SIDE * SIDE} grey values, '
+                     f'found {len(values)}')
+  try:  # loadtxt reads a line of numbers 4x faster than int() on each
+    pixels = np.loadtxt([' '.join(values)], np.int64, comments=None)
+  except ValueError:
+    pixels = None
+  if pixels is None or pixels.min() < 0 or pixels.max() > 255:
+    bad = next(v for v in values if not _is_grey(v))
+    raise ValueError(f'{where}: pixels: {bad!r} is not a grey value 0..255')
+  return pixels.astype(np.uint8).reshape(SIDE, SIDE)
+
+
+def _split(fields: dict, where: str) -> str:
+  usage = fields['Usage'].strip()
+  if usage not in USAGE_SPLITS:
+    raise ValueError(f'{where}: Usage {usage!r} is not one of '
+                     f'{", ".join(USAGE_SPLITS)}')
+  return USAGE_SPLITS[usage]
+
+
+def parse_fer_row(job: tuple) -> dict:
+  """The index row of one fer2013.csv row."""
+  where, fields = job
+  try:
+    _split(fields, where)
+    code = FER_CODES[parse_label(fields['emotion'], f'{where}: emotion',
+                                 range(7))]
+    pixels = parse_pixels(fields['pixels'], where)
+  except ValueError as e:
+    return row(where, error=str(e))
+  return row(where, code, image=GREY_IMAGE, pixels=pixels)
+
+
+def cached_splits(name: str, key: str, build: Callable[[], dict],
+                  data: ml_collections.ConfigDict) -> dict[str, dict]:
+  """Each split's index, cached; build() ({split: rows}) runs at most once."""
+  built = {}
+
+  def split_rows(split: str) -> list[dict]:
+    if not built:
+      built.update(build())
+    return built[split]
+
+  return {split: index_lib.cached_index(
+      f'{name}_{split}', key, data.index_cache_dir,
+      functools.partial(split_rows, split), False) for split in SPLITS}
+
+
+def _by_usage(rows: list[tuple], parsed: list[dict]) -> dict[str, list]:
+  """Rows by their Usage's split; an unknown Usage's error goes to train."""
+  splits = {split: [] for split in SPLITS}
+  for (_, fields), parsed_row in zip(rows, parsed):
+    splits[USAGE_SPLITS.get(fields['Usage'].strip(), 'train')].append(
+        parsed_row)
+  return splits
+
+
+def index_fer2013(root: Path, data: ml_collections.ConfigDict
+                  ) -> dict[str, dict]:
+  """The indexes of fer2013.csv's splits: {'train', 'val', 'test'}."""
+  path = root / 'fer2013.csv'
+  if not path.is_file():
+    raise FileNotFoundError(f'{path}: file not found ({_LAYOUT})')
+  settings = {'layout': 'fer2013', 'version': index_lib.INDEX_VERSION}
+
+  def build() -> dict[str, list]:
+    rows = read_table(path, FER_COLUMNS)
+    return _by_usage(rows, index_lib.parallel_map(
+        parse_fer_row, rows, data.index_processes))
+
+  return cached_splits(index_lib.cache_name(path),
+                       index_lib.listing_key(settings, [str(path)]), build,
+                       data)
+
+
+# FERPlus --------------------------------------------------------------------
+
+def parse_votes(fields: dict, where: str) -> np.ndarray:
+  """The 10 vote counts of a fer2013new.csv row, in VOTE_COLUMNS order."""
+  counts = []
+  for column in VOTE_COLUMNS:
+    count = parse_number(fields[column].strip(), f'{where}: {column}')
+    if not math.isfinite(count) or count < 0 or count != int(count):
+      raise ValueError(f'{where}: {column}: {fields[column].strip()!r} is '
+                       'not a vote count')
+    counts.append(count)
+  if not any(counts):
+    raise ValueError(f'{where}: no votes')
+  return np.array(counts, np.float32)
+
+
+def without_outliers(counts: np.ndarray) -> np.ndarray:
+  """The counts with single votes removed (the FERPlus paper's outliers)."""
+  return np.where(counts > 1, counts, 0)
+
+
+def majority_code(counts: np.ndarray) -> int:
+  """The column with more than half the votes, else No-Majority."""
+  counts = without_outliers(counts)
+  top = int(np.argmax(counts))
+  return VOTE_CODES[top] if counts[top] > counts.sum() / 2 else NO_MAJORITY
+
+
+def probability_label(counts: np.ndarray) -> tuple[int, np.ndarray | None]:
+  """The top expression's code and the 8 expressions' votes (canonical order).
+
+  Kept only when an expression has the most votes: a tie with unknown or
+  NF drops the row as Unknown or No-Face; no votes left, as No-Majority.
+  """
+  counts = without_outliers(counts)
+  if not counts.any():
+    return NO_MAJORITY, None
+  for column in (8, 9):  # unknown, NF
+    if counts[column] == counts.max():
+      return VOTE_CODES[column], None
+  votes = np.zeros(NUM_CLASSES, np.float32)
+  votes[list(VOTE_CODES[:NUM_CLASSES])] = counts[:NUM_CLASSES]
+  return int(np.argmax(votes)), votes  # ties: the first in canonical order
+
+
+def parse_ferplus_row(job: tuple) -> dict:
+  """The index row of one fer2013new.csv row with its fer2013.csv pixels."""
+  where, fields, pixel_where, pixel_text, mode = job
+  try:
+    _split(fields, where)
+    if not fields['Image name'].strip():
+      # FERPlus blanks the name of the images it removed, and its own
+      # script writes no file for them: every such row of the release has
+      # all 10 votes on NF, so they are dropped as No-Face.
+      return row(where, NO_FACE)
+    counts = parse_votes(fields, where)
+    code, votes = (probability_label(counts) if mode == 'probability' else
+                   (majority_code(counts), None))
+    if code >= NUM_CLASSES:
+      return row(where, code)  # dropped: the pixels do not matter
+    pixels = parse_pixels(pixel_text, pixel_where)
+  except ValueError as e:
+    return row(where, error=str(e))
+  return row(where, code, image=GREY_IMAGE, pixels=pixels, votes=votes)
+
+
+def ferplus_jobs(new_path: Path, fer_path: Path, mode: str) -> list[tuple]:
+  """One parse_ferplus_row job per fer2013new.csv row, checked against
+  fer2013.csv's (same count, same Usage). Only Training takes the mode:
+  validation and test are labelled by majority, as FERPlus's own training
+  script scores them.
+  """
+  votes, faces = read_table(new_path, FERPLUS_COLUMNS), read_table(
+      fer_path, ('pixels', 'Usage'))
+  if len(votes) != len(faces):
+    raise ValueError(f'{new_path}: {len(votes)} rows, but {fer_path} has '
+                     f'{len(faces)}: the two must line up row for row')
+  jobs = []
+  for (where, fields), (pixel_where, face) in zip(votes, faces):
+    usage = fields['Usage'].strip()
+    if usage != face['Usage'].strip():
+      raise ValueError(f'{where}: Usage {usage!r}, but {pixel_where} has '
+                       f"{face['Usage'].strip()!r}: the files do not line up")
+    jobs.append((where, fields, pixel_where, face['pixels'],
+                 mode if usage == 'Training' else 'majority'))
+  return jobs
+
+
+def index_ferplus(root: Path, data: ml_collections.ConfigDict
+                  ) -> dict[str, dict]:
+  """The indexes of FERPlus's splits: {'train', 'val', 'test'}.
+
+  data.ferplus_labels: 'majority' (codes by majority vote) or
+  'probability' (train keeps the top expression's rows with their votes,
+  for the loss to fit the distribution; val and test stay majority).
+  """
+  mode = data.ferplus_labels
+  if mode not in ('majority', 'probability'):
+    raise ValueError(f"data.ferplus_labels: {mode!r} is not 'majority' or "
+                     "'probability'")
+  new_path, fer_path = root / 'fer2013new.csv', root / 'fer2013.csv'
+  for path in (new_path, fer_path):
+    if not path.is_file():
+      raise FileNotFoundError(f'{path}: file not found ({_LAYOUT})')
+  settings = {'layout': 'ferplus', 'version': index_lib.INDEX_VERSION,
+              'ferplus_labels': mode}
+
+  def build() -> dict[str, list]:
+    jobs = ferplus_jobs(new_path, fer_path, mode)
+    return _by_usage([job[:2] for job in jobs], index_lib.parallel_map(
+        parse_ferplus_row, jobs, data.index_processes))
+
+  key = index_lib.listing_key(settings, [str(new_path), str(fer_path)])
+  return cached_splits(index_lib.cache_name(new_path), key, build, data)

@@ -289,8 +289,15 @@ def _run_columns(done: list[dict], num_seeds: int) -> list[str]:
           _cell(*mean_std(minutes), digits=1) if minutes else '-']
 
 
+def recall_classes(rows: list[dict]) -> list[str]:
+  """The classes with a recall_<class> column in rows, in their order (the
+  base run's label space, then any a variant adds)."""
+  return list(dict.fromkeys(k[len('recall_'):] for row in rows for k in row
+                            if k.startswith('recall_')))
+
+
 def ablation_markdown(title: str, config: ml_collections.ConfigDict,
-                      rows: list[dict], class_shares: list[float] | None
+                      rows: list[dict], class_shares: dict[str, float] | None
                       ) -> str:
   """ablation.md: the test metrics, differences to the baseline and per-class
   recall, as mean ± std over seeds per variant."""
@@ -330,9 +337,10 @@ def ablation_markdown(title: str, config: ml_collections.ConfigDict,
                                  else '-' for d in diffs])
   lines += reporting.markdown_table(['variant', 'n', *metrics], body)
 
-  recall = [f'recall_{c}' for c in EXPRESSIONS]
-  shares = ([f'{c} ({s:.1%})' for c, s in zip(EXPRESSIONS, class_shares)]
-            if class_shares else list(EXPRESSIONS))
+  classes = recall_classes(rows)
+  recall = [f'recall_{c}' for c in classes]
+  shares = [f'{c} ({class_shares[c]:.1%})' if c in (class_shares or {})
+            else c for c in classes]
   lines += ['', '## Test recall per class', '',
             'The header gives each class\'s share of the training split.', '']
   lines += _marked_table(['variant', *shares], names,
@@ -354,14 +362,15 @@ def ablation_markdown(title: str, config: ml_collections.ConfigDict,
   return '\n'.join(lines) + '\n'
 
 
-def _class_shares(rows: list[dict]) -> list[float] | None:
+def _class_shares(rows: list[dict]) -> dict[str, float] | None:
   """Each class's share of the first finished run's training split."""
   for row in rows:
     report = Path(row['workdir']) / 'data_report.json'
     if row['status'] == 'finished' and report.exists():
-      counts = np.asarray(json.loads(report.read_text())['train']
-                          ['class_counts'], dtype=np.float64)
-      return list(counts / counts.sum())
+      saved = json.loads(report.read_text())
+      counts = np.asarray(saved['train']['class_counts'], dtype=np.float64)
+      return dict(zip(saved.get('classes', EXPRESSIONS),
+                      (counts / counts.sum()).tolist()))
   return None
 
 
@@ -378,8 +387,9 @@ def write_tables(workdir: Path, config: ml_collections.ConfigDict,
   values = {key: {n: [r[key] for r in finished if r['variant'] == n
                       and r.get(key) is not None] for n in names}
             for key in [*config.ablate.metrics,
-                        *(f'recall_{c}' for c in EXPRESSIONS)]}
+                        *(f'recall_{c}' for c in recall_classes(rows))]}
   figures.plot_ablation(workdir / 'ablation.png', names,
-                          list(config.ablate.metrics), values)
+                        list(config.ablate.metrics), values,
+                        recall_classes(rows))
   print(f'\n{markdown}\nTables in {workdir}: ablation.md, ablation.csv, '
         'ablation.png')

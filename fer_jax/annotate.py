@@ -13,23 +13,22 @@ from fer_jax import files, video
 from fer_jax.data import images
 from fer_jax.labels import EXPRESSIONS
 
-# RGB, one per expression, told apart on photos.
+# RGB, one per expression (in EXPRESSIONS' order), told apart on photos.
 COLOURS = ((200, 200, 200), (255, 215, 0), (70, 130, 255), (255, 140, 0),
            (160, 32, 240), (50, 205, 50), (255, 40, 40), (0, 206, 209))
 
 
 def draw(image: np.ndarray, faces: list[dict]) -> np.ndarray:
   """A copy of RGB image with faces drawn; each face a dict with box
-  (x, y, w, h), expression_id, probability, valence and arousal."""
+  (x, y, w, h), expression (a name), probability, valence and arousal."""
   image = image.copy()
   scale = max(image.shape[:2]) / 640
   thick = max(1, round(2 * scale))
   for face in faces:
     x, y, w, h = (int(round(v)) for v in face['box'])
-    colour = COLOURS[face['expression_id']]
+    colour = COLOURS[EXPRESSIONS.index(face['expression'])]
     cv2.rectangle(image, (x, y), (x + w, y + h), colour, thick)
-    text = (f"{EXPRESSIONS[face['expression_id']]} "
-            f"{face['probability']:.2f}")
+    text = f"{face['expression']} {face['probability']:.2f}"
     font = 0.5 * scale + 0.2
     (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font,
                                      thick)
@@ -67,9 +66,9 @@ def encode_jpeg(image: np.ndarray) -> bytes:
 
 def _face(row: dict) -> dict:
   """draw's face of a predictions.csv row."""
-  label = int(row['expression_id'])
-  return {'box': [float(row[k]) for k in 'xywh'], 'expression_id': label,
-          'probability': float(row[f'prob_{EXPRESSIONS[label]}']),
+  name = row['expression']
+  return {'box': [float(row[k]) for k in 'xywh'], 'expression': name,
+          'probability': float(row[f'prob_{name}']),
           'valence': float(row['valence']),
           'arousal': float(row['arousal'])}
 

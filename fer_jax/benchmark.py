@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import data, files, models, steps
+from fer_jax import data, files, labels, models, steps
 from fer_jax.data import pipeline
 from fer_jax.models.layers import kernels_impl
 
@@ -32,7 +32,7 @@ def random_batch(batch_size: int, image_size: int, devices: list,
   batch = {
       'image': rng.integers(0, 256, (d, n, image_size, image_size, 3),
                             dtype=np.uint8),
-      'label': rng.integers(0, 8, (d, n)).astype(np.int32),
+      'label': rng.integers(0, 2, (d, n)).astype(np.int32),  # any K >= 2
       'va': rng.uniform(-1, 1, (d, n, 2)).astype(np.float32),
       'va_mask': np.ones((d, n), bool),
       'mask': np.ones((d, n), bool)}
@@ -82,7 +82,9 @@ def compiled_step(config: ml_collections.ConfigDict, devices: list):
   step), from XLA's cost analysis of the HLO before backend passes: after
   them, GPU convolutions are library calls that the analysis cannot see.
   """
-  model = models.create_model(config.model, axis_name=steps.AXIS)
+  num_classes = len(labels.run_classes(config))
+  model = models.create_model(config.model, axis_name=steps.AXIS,
+                              num_classes=num_classes)
   tx = steps.create_optimizer(config.train,
                               lambda _: config.train.learning_rate)
   state = steps.replicate(steps.create_train_state(

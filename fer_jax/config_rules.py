@@ -12,8 +12,8 @@ from typing import Any
 
 import ml_collections
 
-from fer_jax import detect, losses, metrics, models
-from fer_jax.data import DEFAULT_SOURCES
+from fer_jax import detect, labels, losses, metrics, models
+from fer_jax.data import LAYOUTS
 
 # Fields that change how long a run trains, or where and how fast it reads
 # and writes, not what a checkpoint means: a resumed run may change them
@@ -43,8 +43,12 @@ class UsageError(ValueError):
 
 
 def as_json(config: ml_collections.ConfigDict) -> dict:
-  """A config as its config.json reads back: plain dicts, tuples as lists."""
-  return json.loads(json.dumps(config.to_dict()))
+  """A config as its config.json reads back: plain dicts, tuples as lists,
+  data.classes as the names of the label space (not '' or a preset)."""
+  tree = json.loads(json.dumps(config.to_dict()))
+  if 'classes' in tree.get('data', {}):
+    tree['data']['classes'] = ','.join(labels.run_classes(config))
+  return tree
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:
@@ -180,7 +184,14 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
   _number(config, 'model.dropout_rate', 0, 1, open_high=True)
   _number(config, 'model.hidden_size', 0, integer=True)
 
-  _choice(config, 'data.layout', ('synthetic', *DEFAULT_SOURCES))
+  _choice(config, 'data.layout', LAYOUTS)
+  if 'classes' in data:  # not in runs' configs before it
+    try:
+      labels.run_classes(config)
+    except ValueError as e:
+      raise UsageError(str(e)) from None
+    _choice(config, 'data.rafdb_images', ('aligned', 'original'))
+    _choice(config, 'data.ferplus_labels', ('majority', 'probability'))
   if data.layout != 'synthetic' and not data.root:
     raise UsageError('data.root: empty; point it at the data set '
                      '(--config.data.root=PATH)')

@@ -11,7 +11,7 @@ import ml_collections
 from absl import logging
 
 from fer_jax import (config_rules, data, distributed, files, inference,
-                     losses, reporting, workdir as workdir_lib)
+                     labels, losses, reporting, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 
 
@@ -21,15 +21,35 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   workdir = Path(workdir)
   if split not in data.SPLIT_NAMES:
     raise UsageError(f'--split: {split!r} is not one of {data.SPLIT_NAMES}')
+  command_line = config
   config = inference.trained_config(config, workdir)
   config_rules.check(config, jax.device_count(), training=False)
-  splits, data_report = data.load_splits_all_processes(config)
-  weights = losses.configured_class_weights(
-      config.train, data_report['train']['class_counts'])
+  model_classes = labels.run_classes(config)
+  classes = inference.data_classes(command_line, workdir) or model_classes
+  unknown = [c for c in classes if c not in model_classes]
+  if unknown:
+    raise UsageError(f'{workdir}: the model has no class {unknown[0]!r} of '
+                     f'this data set (its classes: {", ".join(classes)}; the '
+                     f'model\'s: {", ".join(model_classes)}); set '
+                     '--config.data.classes to those it shares')
+  data_config = config.copy_and_resolve_references()
+  data_config.data.classes = ','.join(classes)
+  splits, data_report = data.load_splits_all_processes(data_config)
+  # The loss as the run trained it: class weights from its own record.
+  counts = (data_report if classes == model_classes else workdir_lib.read_json(
+      workdir / 'data_report.json'))['train']['class_counts']
+  weights = losses.configured_class_weights(config.train, counts)
   state, p_eval, step = inference.restore(config, workdir, checkpoint_step,
                                           weights)
-  result, predictions = inference.evaluate_records(p_eval, state,
-                                                   splits[split], config)
+  result, predictions = inference.evaluate_records(
+      p_eval, state, splits[split], config, classes)
+  if classes != model_classes:  # stated in the report
+    result.update(model_classes=list(model_classes), class_mapping={
+        c: model_classes.index(c) for c in classes}, left_out_of_argmax=[
+            c for c in model_classes if c not in classes])
+    logging.info('Cross-dataset: the data set\'s classes %s are the model\'s '
+                 'logits %s; left out of the argmax: %s', classes,
+                 result['class_mapping'], result['left_out_of_argmax'])
   differs = workdir_lib.split_differences(
       workdir, {split: splits[split]}, data_report['root']).get(split)
   if differs:
@@ -40,8 +60,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
                 split_differs_from_training=differs)
   writer = reporting.Writer(workdir, distributed.is_primary())
   if writer.active:
+    what = split if classes == model_classes else (
+        f'{split}-{data_config.data.layout}-{len(classes)}classes')
     folder = workdir_lib.output_dir(
-        workdir, 'eval', inference.output_name(split, step, config))
+        workdir, 'eval', inference.output_name(what, step, config))
     files.write_json(folder / 'data_report.json', data_report)
     reporting.write_split_report(folder, split, result, predictions,
                                  splits[split], config)

@@ -30,7 +30,7 @@ from jax.extend import core
 
 from fer_jax import files, inference, models, steps
 from fer_jax.config_rules import UsageError
-from fer_jax.labels import EXPRESSIONS
+from fer_jax.labels import run_classes
 
 INPUT_NAME = 'images'
 OUTPUT_NAMES = ('probs', 'logits', 'va')
@@ -69,7 +69,8 @@ def serving_fn(config: ml_collections.ConfigDict, variables: dict
                ) -> Callable[[jax.Array], tuple]:
   """uint8 images [B, S, S, 3] -> (probs, logits, va), as eval_step
   computes them without test-time augmentation; variables are constants."""
-  model = models.create_model(export_model_config(config))
+  model = models.create_model(export_model_config(config),
+                              num_classes=len(run_classes(config)))
 
   def serve(images: jax.Array) -> tuple:
     x = steps.normalise_images(images, config.data.mean_rgb,
@@ -235,7 +236,8 @@ def model_info(config: ml_collections.ConfigDict, workdir: Path, step: int,
 
   difference: onnxruntime's largest from JAX in check_onnx, if checked.
   """
-  size, classes = config.data.image_size, len(EXPRESSIONS)
+  names = run_classes(config)
+  size, classes = config.data.image_size, len(names)
   va = 'valence, arousal' + (' in [-1, 1] (tanh)'
                              if config.model.va_activation == 'tanh' else '')
   return {
@@ -248,7 +250,7 @@ def model_info(config: ml_collections.ConfigDict, workdir: Path, step: int,
           {'name': 'logits', 'shape': ['B', classes],
            'is': 'expression logits'},
           {'name': 'va', 'shape': ['B', 2], 'is': va}],
-      'classes': list(EXPRESSIONS),
+      'classes': list(names),
       'image_size': size,
       'crop': (f'a square around the face box, its side x (1 + 2 x '
                f'{config.data.face_margin}), resized to {size} px'),

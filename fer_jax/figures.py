@@ -11,15 +11,16 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
 from fer_jax import files  # noqa: E402
-from fer_jax.labels import EXPRESSIONS  # noqa: E402
 from fer_jax.metrics import mean_std  # noqa: E402
 
 
 def sample_predictions_figure(paths: list[str], images: list[np.ndarray],
                               labels: np.ndarray, probs: np.ndarray,
-                              va_true: np.ndarray, va_pred: np.ndarray):
-  """A grid of images titled with the predicted and true expression, the
-  prediction's probability and the predicted (true) valence/arousal."""
+                              va_true: np.ndarray, va_pred: np.ndarray,
+                              classes: tuple[str, ...]):
+  """A grid of images titled with the predicted and true expression (of
+  classes), the prediction's probability and the predicted (true)
+  valence/arousal."""
   columns = min(4, len(images))
   rows = -(-len(images) // columns)
   fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns,
@@ -30,8 +31,8 @@ def sample_predictions_figure(paths: list[str], images: list[np.ndarray],
       axes.ravel(), paths, images, labels, probs, va_true, va_pred):
     guess = int(p.argmax())
     ax.imshow(image)
-    ax.set_title(f'{EXPRESSIONS[guess]} {p[guess]:.2f}\n'
-                 f'true {EXPRESSIONS[int(label)]}\n'
+    ax.set_title(f'{classes[guess]} {p[guess]:.2f}\n'
+                 f'true {classes[int(label)]}\n'
                  f'v {pred[0]:+.2f} ({true[0]:+.2f}) '
                  f'a {pred[1]:+.2f} ({true[1]:+.2f})', fontsize=7,
                  color='green' if guess == label else 'red')
@@ -39,8 +40,10 @@ def sample_predictions_figure(paths: list[str], images: list[np.ndarray],
   return fig
 
 
-def plot_confusion_matrix(path: Path, cm: np.ndarray, title: str) -> None:
-  """Row-normalised confusion matrix with counts in the cells."""
+def plot_confusion_matrix(path: Path, cm: np.ndarray, title: str,
+                          classes: tuple[str, ...]) -> None:
+  """Row-normalised confusion matrix (K x K, classes' order) with counts
+  in the cells."""
   cm = np.asarray(cm)
   rates = cm / np.maximum(cm.sum(1, keepdims=True), 1)
   fig, ax = plt.subplots(figsize=(7, 6))
@@ -50,8 +53,8 @@ def plot_confusion_matrix(path: Path, cm: np.ndarray, title: str) -> None:
       ax.text(j, i, f'{rates[i, j]:.2f}\n({cm[i, j]})', ha='center',
               va='center', fontsize=7,
               color='white' if rates[i, j] > 0.5 else 'black')
-  ax.set_xticks(range(len(cm)), EXPRESSIONS, rotation=45, ha='right')
-  ax.set_yticks(range(len(cm)), EXPRESSIONS)
+  ax.set_xticks(range(len(cm)), classes, rotation=45, ha='right')
+  ax.set_yticks(range(len(cm)), classes)
   ax.set_xlabel('predicted')
   ax.set_ylabel('true')
   ax.set_title(title)
@@ -80,8 +83,10 @@ def plot_curves(path: Path, records: list[dict]) -> None:
 
 
 def plot_va_scatter(path: Path, va_true: np.ndarray, va_pred: np.ndarray,
-                    labels: np.ndarray, metrics: dict) -> None:
-  """Predicted against true valence and arousal, and the 2-D circumplex."""
+                    labels: np.ndarray, metrics: dict,
+                    classes: tuple[str, ...]) -> None:
+  """Predicted against true valence and arousal, and the 2-D circumplex
+  coloured by the true class (of classes)."""
   va_pred = np.clip(va_pred, -1, 1)
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
   for d, name in enumerate(('valence', 'arousal')):
@@ -93,7 +98,7 @@ def plot_va_scatter(path: Path, va_true: np.ndarray, va_pred: np.ndarray,
     ax.set_xlabel(f'true {name}')
     ax.set_ylabel(f'predicted {name}')
   ax = axes[2]
-  for c, name in enumerate(EXPRESSIONS):
+  for c, name in enumerate(classes):
     sel = labels == c
     ax.scatter(va_pred[sel, 0], va_pred[sel, 1], s=4, alpha=0.5, label=name)
   ax.set_title('predicted valence/arousal by true expression')
@@ -118,7 +123,7 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_ablation(path: Path, variants: list[str], metrics: list[str],
-                  values: dict) -> None:
+                  values: dict, classes: tuple[str, ...]) -> None:
   """Each metric per variant (seeds as dots, mean ± std as a bar) and the
   per-class recall per variant (mean, std as error bars).
 
@@ -142,12 +147,12 @@ def plot_ablation(path: Path, variants: list[str], metrics: list[str],
   width = 0.8 / len(variants)
   for i, variant in enumerate(variants):
     recall = [np.asarray(values[f'recall_{c}'][variant], dtype=np.float64)
-              for c in EXPRESSIONS]
+              for c in classes]
     if all(len(r) for r in recall):
-      ax.bar(np.arange(len(EXPRESSIONS)) + (i - (len(variants) - 1) / 2) *
+      ax.bar(np.arange(len(classes)) + (i - (len(variants) - 1) / 2) *
              width, [r.mean() for r in recall], width, label=variant,
              yerr=[spread(r) for r in recall], capsize=2)
-  ax.set_xticks(range(len(EXPRESSIONS)), EXPRESSIONS)
+  ax.set_xticks(range(len(classes)), classes)
   ax.set_ylabel('test recall')
   ax.set_ylim(0, 1.05)
   ax.grid(axis='y', alpha=0.3)

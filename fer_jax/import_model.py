@@ -74,6 +74,7 @@ def imported_config(config: ml_collections.ConfigDict, architecture: str
   config = copy.deepcopy(config)
   config.model.name, config.model.va_activation = architecture, 'none'
   config.model.hidden_size = 0
+  config.data.classes = 'affectnet8'  # HSEmotion's 8, in fer_jax's order
   config.data.image_size = IMAGE_SIZE
   config.data.mean_rgb, config.data.std_rgb = IMAGENET_MEAN, IMAGENET_STD
   probe = copy.deepcopy(config)

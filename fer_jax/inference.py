@@ -1,6 +1,7 @@
 """A trained model at work: its config, a checkpoint restored for
 evaluation, and the predictions and metrics of a split."""
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -9,8 +10,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import (checkpoints, config_rules, distributed, losses, metrics,
-                     models, steps, workdir as workdir_lib)
+from fer_jax import (checkpoints, config_rules, distributed, labels, losses,
+                     metrics, models, steps, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 from fer_jax.data.index import Records
@@ -30,9 +31,32 @@ def trained_config(config: ml_collections.ConfigDict, workdir: Path
   path = Path(workdir) / 'config.json'
   if not path.exists():
     raise UsageError(f'{path}: not found; is {workdir} a training workdir?')
-  config = config_rules.merged(workdir_lib.read_json(path), config)
+  saved = workdir_lib.read_json(path)
+  config = config_rules.merged(saved, config)
+  if 'classes' not in saved.get('data', {}):  # from before data.classes
+    config.data.classes = 'affectnet8'
   config.data.synthetic.regenerate = False
   return config
+
+
+def data_classes(command_line: ml_collections.ConfigDict, workdir: Path
+                 ) -> tuple[str, ...] | None:
+  """The label space of the data that an evaluation of workdir's run
+  reads, where it is not the run's: data.classes given on the command
+  line, or the layout's own where the command line's layout has another
+  label space than the run's (a cross-dataset evaluation). None: the
+  run's."""
+  saved = workdir_lib.read_json(Path(workdir) / 'config.json')['data']
+  layout = command_line.data.layout
+  try:
+    if command_line.data.get('classes', '').strip():
+      return labels.parse_classes(command_line.data.classes, layout)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if labels.LAYOUT_PRESETS.get(layout) != labels.LAYOUT_PRESETS.get(
+      saved['layout']):
+    return labels.parse_classes('', layout)
+  return None
 
 
 def _require_checkpoints(workdir: Path) -> None:
@@ -58,7 +82,8 @@ def find_step(config: ml_collections.ConfigDict, workdir: Path,
 def state_shape(config: ml_collections.ConfigDict):
   """The model, the optimiser and the train state's shapes (no values)
   that a run of config trains and checkpoints."""
-  model = models.create_model(config.model, axis_name=steps.AXIS)
+  model = models.create_model(config.model, axis_name=steps.AXIS,
+                              num_classes=len(labels.run_classes(config)))
   tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
       config.train, 1))  # shaped as training's; its rates are not used
   # Shapes only: compiling the initialisers cost 30-50 s for EfficientNet.
@@ -121,7 +146,7 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
 def predict_records(p_eval: Callable, state: steps.TrainState,
                     records: Records, config: ml_collections.ConfigDict
                     ) -> dict:
-  """Probabilities [N, 8], valence/arousal [N, 2] and loss sums of a split.
+  """Probabilities [N, K], valence/arousal [N, 2] and loss sums of a split.
 
   Outputs stream to the host batch by batch, so no split's logits are held
   on the device. With several processes each evaluates its share and all
@@ -144,12 +169,27 @@ def predict_records(p_eval: Callable, state: steps.TrainState,
 
 
 def evaluate_records(p_eval: Callable, state: steps.TrainState,
-                     records: Records, config: ml_collections.ConfigDict
+                     records: Records, config: ml_collections.ConfigDict,
+                     classes: tuple[str, ...] | None = None
                      ) -> tuple[dict, dict]:
-  """All report metrics of a split (with its losses), and the predictions."""
-  out = predict_records(p_eval, state, records, config)
+  """All report metrics of a split (with its losses), and the predictions.
+
+  classes: the label space of records, if not the run's (a cross-dataset
+  evaluation): each must be one of the run's, matched by name. The model's
+  other classes are left out of the argmax, and the probabilities are
+  renormalised over classes; the losses stay the model's own.
+  """
+  model_classes = labels.run_classes(config)
+  classes = classes or model_classes
+  columns = np.array([model_classes.index(c) for c in classes])
+  out = predict_records(p_eval, state, dataclasses.replace(
+      records, labels=columns[records.labels].astype(np.int32)), config)
+  if classes != model_classes:
+    probs = out['probs'][:, columns]
+    out['probs'] = probs / probs.sum(1, keepdims=True)
   result = metrics.compute_metrics(records.labels, out['probs'].argmax(-1),
-                                   records.va, out['va'], records.va_mask)
+                                   records.va, out['va'], records.va_mask,
+                                   classes)
   loss = losses.normalise(out['sums'], config.train.va_loss_weight,
                           config.train.va_loss)
   result.update({k: float(v) for k, v in loss.items() if k != 'accuracy'})

@@ -29,11 +29,16 @@ from fer_jax import (annotate, config_rules, detect, files, inference, video,
 from fer_jax.config_rules import UsageError
 from fer_jax.data import images, pipeline
 from fer_jax.data.index import IMAGE_SUFFIXES, check_image
-from fer_jax.labels import EXPRESSIONS
+from fer_jax.labels import EXPRESSIONS, run_classes
 
-HEADER = ['path', 'frame', 'time_s', 'face', 'track', 'x', 'y', 'w', 'h',
+
+def header(classes: tuple[str, ...] = EXPRESSIONS) -> list[str]:
+  """predictions.csv's columns: one probability per class of the run."""
+  return ['path', 'frame', 'time_s', 'face', 'track', 'x', 'y', 'w', 'h',
           'score', 'expression_id', 'expression',
-          *(f'prob_{name}' for name in EXPRESSIONS), 'valence', 'arousal']
+          *(f'prob_{name}' for name in classes), 'valence', 'arousal']
+
+
 _EXIF_ORIENTATION = 0x0112  # 5-8: turned by 90 degrees
 
 
@@ -165,7 +170,7 @@ def _batches(items, batch_size: int):
 def classify(crops: Iterator[Crop], state, p_eval: Callable,
              batch_size: int) -> Iterator[tuple[Crop, np.ndarray,
                                                 np.ndarray]]:
-  """(crop, probabilities [8], valence/arousal [2]) of each crop, in
+  """(crop, probabilities [K], valence/arousal [2]) of each crop, in
   batches through the pmapped evaluation step."""
   num_devices = jax.local_device_count()
   for chunk in _batches(crops, batch_size):
@@ -189,10 +194,11 @@ def _all_crops(paths: list[Path], config, detector, tally: Tally):
     yield from crops(path, config, detector, tally)
 
 
-def _rows(results: list, smoothing: float) -> list[dict]:
-  """CSV rows (dicts keyed by HEADER); with smoothing, each video face's
-  outputs averaged along its track."""
-  probs = np.array([p for _, p, _ in results]).reshape(-1, len(EXPRESSIONS))
+def _rows(results: list, smoothing: float, classes: tuple[str, ...]
+          ) -> list[dict]:
+  """CSV rows (dicts keyed by header(classes)); with smoothing, each video
+  face's outputs averaged along its track."""
+  probs = np.array([p for _, p, _ in results]).reshape(-1, len(classes))
   va = np.array([v for _, _, v in results]).reshape(-1, 2)
   if smoothing:
     tracks = [(c.path, c.track) if c.track is not None else None
@@ -206,9 +212,9 @@ def _rows(results: list, smoothing: float) -> list[dict]:
     values = [crop.path, blank(crop.frame, '{}'), blank(crop.time, '{:.3f}'),
               crop.face, blank(crop.track, '{}'),
               *(f'{v:.1f}' for v in crop.box), blank(crop.score, '{:.4f}'),
-              label, EXPRESSIONS[label], *(f'{x:.6f}' for x in p),
+              label, classes[label], *(f'{x:.6f}' for x in p),
               f'{valence:.6f}', f'{arousal:.6f}']
-    rows.append(dict(zip(HEADER, values)))
+    rows.append(dict(zip(header(classes), values)))
   return rows
 
 
@@ -236,12 +242,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   results = list(classify(_all_crops(paths, config, detector, tally),
                           state, p_eval, batch_size))
   seconds = time.perf_counter() - start
-  rows = _rows(results, config.predict.smoothing)
+  classes = run_classes(config)
+  rows = _rows(results, config.predict.smoothing, classes)
   input_name = Path(input_path).resolve().name or 'input'
   folder = workdir_lib.output_dir(
       workdir, 'predict', inference.output_name(input_name, step, config))
   output = folder / 'predictions.csv'
-  files.write_csv(output, HEADER, rows)
+  files.write_csv(output, header(classes), rows)
   if tally.skipped:
     files.write_csv(folder / 'skipped.csv', ['path', 'reason'],
                     tally.skipped)

@@ -109,17 +109,18 @@ def write_split_report(folder: Path, split: str, result: dict,
 
   curves: metrics.jsonl's records, drawn as curves.png (training's report).
   """
-  folder = Path(folder)
-  names = {'confusion matrix': 'confusion_matrix.png',
-           'valence and arousal': 'va_scatter.png'}
+  folder, classes = Path(folder), result['classes']
+  names = {'confusion matrix': 'confusion_matrix.png'}
   figures.plot_confusion_matrix(
       folder / names['confusion matrix'], result['confusion_matrix'],
       f"{split}: accuracy {result['accuracy']:.3f}, macro F1 "
-      f"{result['macro_f1']:.3f}")
+      f"{result['macro_f1']:.3f}", classes)
   mask = records.va_mask
-  figures.plot_va_scatter(folder / names['valence and arousal'],
-                          records.va[mask], predictions['va'][mask],
-                          records.labels[mask], result)
+  if mask.any():  # data sets without valence/arousal have no such figure
+    names['valence and arousal'] = 'va_scatter.png'
+    figures.plot_va_scatter(folder / names['valence and arousal'],
+                            records.va[mask], predictions['va'][mask],
+                            records.labels[mask], result, classes)
   if curves:
     names['training curves'] = 'curves.png'
     figures.plot_curves(folder / 'curves.png', curves)
@@ -141,7 +142,7 @@ def format_summary(metrics: dict, split: str) -> str:
         f'{k.upper()} {metrics[f"{name}_{k}"]:.4f}'
         for k in ('rmse', 'mae', 'pcc', 'ccc', 'sagr')
         if metrics[f'{name}_{k}'] is not None)
-    lines.append(f'  {name:8s} {values}')
+    lines.append(f'  {name:8s} {values or "n/a (no valence/arousal labels)"}')
   lines.append('  per class    precision  recall     f1  support')
   for name, row in metrics['per_class'].items():
     lines.append(f"  {name:10s} {row['precision']:10.3f} {row['recall']:7.3f}"
@@ -149,11 +150,12 @@ def format_summary(metrics: dict, split: str) -> str:
   return '\n'.join(lines)
 
 
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-  """Markdown table lines; floats with 4 decimals, None as a dash."""
+def markdown_table(header: list[str], rows: list[list],
+                   missing: str = '-') -> list[str]:
+  """Markdown table lines; floats with 4 decimals, None as `missing`."""
   def cell(v):
     if v is None:
-      return '-'
+      return missing
     return f'{v:.4f}' if isinstance(v, float) else str(v)
   return (['| ' + ' | '.join(header) + ' |',
            '|' + '|'.join('---' if i == 0 else '---:'
@@ -192,6 +194,7 @@ def summary_markdown(split: str, metrics: dict, config: dict,
                      + (f", best epoch {metrics['best_epoch']}"
                         if metrics.get('best_epoch') else '')),
       ('test-time augmentation', config.get('eval', {}).get('tta', 'none')),
+      ('classes', ', '.join(metrics['classes'])),
   ]
   lines = [f'# {split}: {metrics["num_examples"]} images', '']
   lines += [f'- **{name}**: {value}' for name, value in essentials]
@@ -204,7 +207,7 @@ def summary_markdown(split: str, metrics: dict, config: dict,
       ['', 'RMSE', 'MAE', 'PCC', 'CCC', 'SAGR'],
       [[name] + [metrics[f'{name}_{k}'] for k in ('rmse', 'mae', 'pcc',
                                                   'ccc', 'sagr')]
-       for name in ('valence', 'arousal')])
+       for name in ('valence', 'arousal')], missing='n/a')
   lines += ['', '## Per class', ''] + markdown_table(
       ['class', 'precision', 'recall', 'F1', 'support'],
       [[name, row['precision'], row['recall'], row['f1'], row['support']]

@@ -18,8 +18,8 @@ import ml_collections
 from absl import logging
 
 from fer_jax import (checkpoints, config_rules, data, distributed, files,
-                     figures, inference, losses, models, reporting, steps,
-                     workdir as workdir_lib)
+                     figures, inference, labels, losses, models, reporting,
+                     steps, workdir as workdir_lib)
 from fer_jax.checkpoints import Progress
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
@@ -70,7 +70,8 @@ def _sample_figure(records, predictions: dict,
   images = [pipeline.load_image(records[i], config.data) for i in range(n)]
   return figures.sample_predictions_figure(
       list(records.paths[:n]), images, records.labels[:n],
-      predictions['probs'][:n], records.va[:n], predictions['va'][:n])
+      predictions['probs'][:n], records.va[:n], predictions['va'][:n],
+      labels.run_classes(config))
 
 
 def _epoch_record(progress: Progress, steps_per_epoch: int,
@@ -236,7 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Model, optimiser, the pmapped steps, and the latest complete
   # checkpoint (model.init_from is read only without one: a checkpoint
   # holds every weight).
-  model = models.create_model(config.model, axis_name=steps.AXIS)
+  model = models.create_model(config.model, axis_name=steps.AXIS,
+                              num_classes=len(labels.run_classes(config)))
   schedule = steps.learning_rate_fn(config.train, num_steps)
   tx = steps.create_optimizer(config.train, schedule, num_steps)
   new_state = functools.partial(

@@ -24,7 +24,8 @@ def with_value(config, field: str, value):
 
 
 @pytest.mark.parametrize('name', ['default', 'resnet18_affectnet',
-                                  'efficientnet_b0_affectnet'])
+                                  'efficientnet_b0_affectnet', 'affectnet7',
+                                  'rafdb', 'fer2013', 'ferplus'])
 def test_shipped_configs_pass(name, tmp_path):
   config = importlib.import_module(f'configs.{name}').get_config()
   config.data.root = config.data.root or str(tmp_path)
@@ -67,6 +68,16 @@ def test_shipped_configs_pass(name, tmp_path):
     ('train.keep_checkpoints', 0, 'train.keep_checkpoints: 0'),
     ('train.optimizer', 'lion', "train.optimizer: 'lion'"),
     ('data.layout', 'npy', 'data.root: empty'),
+    ('data.layout', 'affectnet', "data.layout: 'affectnet' is not one of "
+     "'synthetic', 'npy', 'csv', 'folders', 'rafdb', 'fer2013', 'ferplus'"),
+    ('data.classes', 'Neutral,Happy,Bored', "data.classes: 'Bored' is not an "
+     'expression'),
+    ('data.classes', 'Happy,happiness', "data.classes: 'Happy,happiness' "
+     'names a class twice'),
+    ('data.classes', 'Happy', 'fewer than 2 classes'),
+    ('data.classes', 7, 'data.classes: 7 is not a string'),
+    ('data.ferplus_labels', 'soft', "data.ferplus_labels: 'soft' is not one "
+     "of 'majority', 'probability'"),
 ])
 def test_bad_values_are_named_at_the_door(field, value, message):
   config = with_value(default.get_config(), field, value)

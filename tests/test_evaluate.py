@@ -8,10 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import data, evaluate, files, models, predict, steps
+from fer_jax import data, evaluate, files, inference, models, predict, steps
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
+from fer_jax.labels import EXPRESSIONS
 from tests.conftest import NUM_DEVICES, tree_digest
+from tests.test_label_spaces import RAFDB, write_rafdb
 
 
 def test_evaluate_reproduces_the_test_report_of_training(finished):
@@ -136,3 +138,33 @@ def test_summary_page_holds_the_report_and_links_existing_figures(trained):
                         'curves.png'}
   for link in links:
     assert (workdir / 'report' / link).stat().st_size > 10_000
+
+
+def test_cross_dataset_evaluation_maps_classes_by_name(finished, tmp_path):
+  """The 8-class run scored on RAF-DB (7 classes, its own order): Contempt
+  is left out of the argmax, the report is RAF-DB's 7 x 7, beside the
+  record."""
+  config, workdir, metrics = finished
+  root = write_rafdb(tmp_path / 'raf-basic', train_per_class=3)
+  cross = config.copy_and_resolve_references()
+  cross.data.layout, cross.data.root = 'rafdb', str(root)
+  result = evaluate.evaluate(cross, str(workdir), 'test')
+  assert result['classes'] == list(RAFDB)
+  assert result['model_classes'] == list(EXPRESSIONS)
+  assert result['left_out_of_argmax'] == ['Contempt']
+  assert result['class_mapping'] == {c: EXPRESSIONS.index(c) for c in RAFDB}
+  assert np.shape(result['confusion_matrix']) == (7, 7)
+  folder = (workdir / 'report' / 'eval' /
+            f"test-rafdb-7classes-step{metrics['checkpoint_step']}")
+  assert json.loads((folder / 'test_metrics.json').read_text())[
+      'class_mapping'] == result['class_mapping']
+  # Independently: the model's 8 probabilities, argmax over RAF-DB's
+  # classes only, in RAF-DB's positions.
+  data_config = inference.trained_config(cross, workdir)
+  data_config.data.classes = 'rafdb'
+  records = data.load_splits(data_config)[0]['test']
+  state, p_eval, _ = inference.restore(config, workdir, None)
+  probs = inference.predict_records(p_eval, state, records, config)['probs']
+  columns = [EXPRESSIONS.index(c) for c in RAFDB]
+  want = np.mean(probs[:, columns].argmax(1) == records.labels)
+  assert result['accuracy'] == pytest.approx(want)

@@ -38,7 +38,7 @@ def test_predictions_match_evaluation_and_broken_files_are_skipped(
   rows = list(csv.DictReader(open(output)))
   names = [r['path'].split('faces/')[1] for r in rows]
   assert names[6:] == ['nested/big.jpg', 'nested/gray.jpg'] and len(rows) == 8
-  assert list(rows[0].keys()) == predict.HEADER
+  assert list(rows[0].keys()) == predict.header()
   assert [(r['face'], r['score'], r['frame']) for r in rows] == [
       ('0', '', '')] * 8
   assert [float(rows[6][k]) for k in 'xywh'] == [0, 0, 50, 50]
@@ -182,6 +182,6 @@ def test_an_empty_folder_gives_an_empty_table_and_a_reason(
   config, workdir, _ = finished
   (tmp_path / 'empty').mkdir()
   output = predict.predict(config, str(workdir), str(tmp_path / 'empty'))
-  assert list(csv.reader(open(output))) == [predict.HEADER]
+  assert list(csv.reader(open(output))) == [predict.header()]
   (path, reason), = list(csv.reader(open(output.parent / 'skipped.csv')))[1:]
   assert path.endswith('empty') and 'no images' in reason

@@ -1,0 +1,34 @@
+"""FERPlus (8 expressions; FER2013's images relabelled by 10 annotators each).
+
+ROOT/fer2013new.csv (the votes) beside ROOT/fer2013.csv (the pixels), rows
+in the same order; FER2013's Training, PublicTest and PrivateTest splits.
+data.ferplus_labels: 'majority' (the standard protocol) or 'probability'
+(cross-entropy against the vote distribution); validation and test are
+always scored on the majority label.
+
+The recipe follows the FERPlus paper (Barsoum et al., 2016) and its
+repository (github.com/microsoft/FERPlus): 64 px, momentum SGD (0.9) at
+0.05, halved after 20 epochs and lowered again after 40, batch 32, 100
+epochs at most; their VGG13 becomes ResNet18 here. Published FERPlus
+accuracies (as reported): 88-92%.
+
+  python main.py --config=configs/ferplus.py --config.data.root=/path/to/ferplus \
+      --workdir=runs/ferplus
+"""
+
+from configs import fer2013
+
+
+def get_config():
+  config = fer2013.get_config()
+  config.data.layout = 'ferplus'
+  config.data.classes = 'ferplus'        # FERPlus's order: Neutral, ..., Contempt
+  config.data.ferplus_labels = 'majority'
+  config.data.image_size = 64
+  config.data.augment.erasing_prob = 0.0
+  config.train.learning_rate = 0.05
+  config.train.step_decay_epochs = (20, 40)
+  config.train.step_decay_factor = 0.5
+  config.train.num_epochs = 100
+  config.train.batch_size = 32
+  return config

@@ -1,0 +1,135 @@
+"""A run in another label space (RAF-DB's 7 classes) end to end, and
+cross-dataset evaluation between label spaces."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from fer_jax import evaluate, export, inference, labels, predict, train
+from fer_jax.config_rules import UsageError
+from tests.conftest import tiny_config
+
+RAFDB = labels.PRESETS['rafdb']
+
+
+def face(label: int, seed: int) -> bytes:
+  """A 40 px JPEG whose colour says its RAF-DB label (1-7)."""
+  rng = np.random.default_rng(seed)
+  colour = np.array([(label * 37) % 256, (label * 91) % 256, label * 30])
+  pixels = np.clip(colour + rng.normal(0, 12, (40, 40, 3)), 0, 255)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels.astype(np.uint8)).save(buffer, 'JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def write_rafdb(root: Path, train_per_class: int = 6,
+                test_per_class: int = 2) -> Path:
+  """A RAF-DB basic folder in the official layout: the label list and the
+  aligned faces."""
+  lines, seed = [], 0
+  for split, per_class in (('train', train_per_class),
+                           ('test', test_per_class)):
+    for label in range(1, 8):
+      for _ in range(per_class):
+        seed += 1
+        stem = f'{split}_{seed:05d}'
+        lines.append(f'{stem}.jpg {label}')
+        image = root / 'Image' / 'aligned' / f'{stem}_aligned.jpg'
+        image.parent.mkdir(parents=True, exist_ok=True)
+        image.write_bytes(face(label, seed))
+  (root / 'EmoLabel').mkdir(parents=True, exist_ok=True)
+  (root / 'EmoLabel' / 'list_patition_label.txt').write_text(
+      '\n'.join(lines) + '\n')
+  return root
+
+
+@pytest.fixture(scope='module')
+def rafdb_root(tmp_path_factory) -> Path:
+  return write_rafdb(tmp_path_factory.mktemp('raf-basic'))
+
+
+@pytest.fixture(scope='module')
+def rafdb_run(tmp_path_factory, rafdb_root):
+  """A finished two-epoch run on RAF-DB's layout: (config, workdir,
+  metrics)."""
+  config = tiny_config(tmp_path_factory.mktemp('cache'))
+  config.data.layout, config.data.root = 'rafdb', str(rafdb_root)
+  workdir = tmp_path_factory.mktemp('rafdb_run')
+  return config, workdir, train.train_and_evaluate(config, str(workdir))
+
+
+def expanded(cm) -> tuple[np.ndarray, np.ndarray]:
+  """(y_true, y_pred) pairs that a confusion matrix counts."""
+  cm = np.asarray(cm)
+  true, pred = np.nonzero(cm)
+  counts = cm[true, pred]
+  return np.repeat(true, counts), np.repeat(pred, counts)
+
+
+def test_a_rafdb_run_has_seven_classes_everywhere(rafdb_run):
+  config, workdir, metrics = rafdb_run
+  k = len(RAFDB)
+  assert json.loads((workdir / 'config.json').read_text())['data'][
+      'classes'] == ','.join(RAFDB)
+  report = json.loads((workdir / 'data_report.json').read_text())
+  assert report['classes'] == list(RAFDB)
+  assert report['test']['class_counts'] == [2] * k
+  assert report['train']['class_counts'] == [5] * k  # 6 - 20% held out
+  assert report['val']['class_counts'] == [1] * k
+  # The head, the report and its figures.
+  state, _, _ = inference.restore_state(config, workdir, None)
+  assert state.params['head']['expression']['kernel'].shape[-1] == k
+  assert metrics['classes'] == list(RAFDB)
+  assert list(metrics['per_class']) == list(RAFDB)
+  assert np.shape(metrics['confusion_matrix']) == (k, k)
+  y_true, y_pred = expanded(metrics['confusion_matrix'])
+  assert metrics['macro_f1'] == pytest.approx(skm.f1_score(
+      y_true, y_pred, labels=list(range(k)), average='macro',
+      zero_division=0))
+  # No valence/arousal in RAF-DB: not available, never 0.
+  assert metrics['num_va_examples'] == 0
+  assert metrics['valence_ccc'] is None and metrics['arousal_rmse'] is None
+  page = (workdir / 'report' / 'summary.md').read_text()
+  assert '| valence | n/a | n/a | n/a | n/a | n/a |' in page
+  assert not (workdir / 'report' / 'va_scatter.png').exists()
+  assert export.model_info(config, workdir, 1, {}, {}, None)['classes'] == \
+      list(RAFDB)
+
+
+def test_predict_writes_one_probability_column_per_class(rafdb_run,
+                                                         rafdb_root):
+  config, workdir, _ = rafdb_run
+  crops = rafdb_root / 'Image' / 'aligned'
+  config = config.copy_and_resolve_references()
+  config.predict.detector = 'none'
+  output = predict.predict(config, str(workdir), str(crops))
+  rows = list(__import__('csv').DictReader(open(output)))
+  assert list(rows[0]) == predict.header(RAFDB)
+  probs = np.array([[float(r[f'prob_{c}']) for c in RAFDB] for r in rows])
+  np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+  assert {r['expression'] for r in rows} <= set(RAFDB)
+
+
+def test_a_class_the_model_lacks_is_refused_then_left_out(rafdb_run,
+                                                          data_cache):
+  """The 7-class model on the synthetic AffectNet (8 classes): refused in
+  one line; with data.classes=affectnet7 it is scored on those 7."""
+  _, workdir, _ = rafdb_run
+  config = tiny_config(data_cache)
+  with pytest.raises(UsageError, match="the model has no class 'Contempt' "
+                     'of this data set'):
+    evaluate.evaluate(config, str(workdir), 'test')
+  config.data.classes = 'affectnet7'
+  result = evaluate.evaluate(config, str(workdir), 'test')
+  assert result['classes'] == list(labels.EXPRESSIONS[:7])
+  assert result['left_out_of_argmax'] == []
+  assert result['class_mapping'] == {c: RAFDB.index(c)
+                                     for c in labels.EXPRESSIONS[:7]}
+  report = json.loads(next((workdir / 'report' / 'eval').glob(
+      'test-synthetic-7classes-step*/data_report.json')).read_text())
+  assert report['test']['dropped_classes'] == {'Contempt': 4}

@@ -48,9 +48,10 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_libraries)
   from fer_jax import config_rules  # after flags, so that --help stays fast
+  from fer_jax.data.index import DataError
   try:
     run_mode()
-  except config_rules.UsageError as error:  # the user's to fix: no traceback
+  except (config_rules.UsageError, DataError) as error:  # the user's to fix
     sys.exit(f'fer_jax: {error}')
 
 

@@ -3,6 +3,7 @@ cross-dataset evaluation between label spaces."""
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,9 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from fer_jax import evaluate, export, inference, labels, predict, train
+from fer_jax import data, evaluate, export, inference, labels, predict, train
 from fer_jax.config_rules import UsageError
-from tests.conftest import tiny_config
+from tests.conftest import command_line, tiny_config
 
 RAFDB = labels.PRESETS['rafdb']
 
@@ -133,3 +134,27 @@ def test_a_class_the_model_lacks_is_refused_then_left_out(rafdb_run,
   report = json.loads(next((workdir / 'report' / 'eval').glob(
       'test-synthetic-7classes-step*/data_report.json')).read_text())
   assert report['test']['dropped_classes'] == {'Contempt': 4}
+
+
+def test_bad_rows_are_counted_by_reason_or_refused_in_one_line(tmp_path):
+  root = write_rafdb(tmp_path / 'raf-basic', train_per_class=3)
+  list_file = root / 'EmoLabel' / 'list_patition_label.txt'
+  with open(list_file, 'a') as f:
+    f.write('train_09998.jpg 5\ntrain_09999.jpg 2\ntest_09997.jpg 9\n'
+            'train_00001.jpg 3\n')
+  config = tiny_config(tmp_path / 'cache')
+  config.data.update(layout='rafdb', root=str(root), on_error='skip')
+  _, report = data.load_splits(config)
+  assert report['train']['skipped_by_reason'] == {
+      'image file missing': 2, '... listed again (line N)': 1}
+  assert report['test']['skipped_by_reason'] == {'label ... not in N..N': 1}
+  config.data.on_error = 'raise'
+  run = subprocess.run(command_line(config, tmp_path / 'run'),
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines()[-1] == (
+      f'fer_jax: {list_file}:36: {root}/Image/aligned/train_09998_aligned.jpg'
+      ': image file missing (data.on_error=skip drops such files and lists '
+      'them in data_report.json)')
+  assert 'Traceback' not in run.stderr
+  assert not (tmp_path / 'run').exists()

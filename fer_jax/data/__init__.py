@@ -12,6 +12,7 @@ the balanced test set;
 test, and the released val_set is the validation set.
 """
 
+import collections
 import hashlib
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from absl import logging
 
 from fer_jax import distributed, labels
 from fer_jax.data import affectnet, fer2013, folders, index, rafdb, synthetic
-from fer_jax.data.index import Records, SourceReport
+from fer_jax.data.index import DataError, Records, SourceReport
 
 SPLIT_NAMES = ('train', 'val', 'test')
 
@@ -112,11 +113,23 @@ def read_sources(config: ml_collections.ConfigDict, root: Path
           for which, one in built.items()}
 
 
+def _read_sources(config: ml_collections.ConfigDict, root: Path
+                  ) -> dict[str, tuple[Records, SourceReport]]:
+  """read_sources, its input errors (a missing or malformed label file)
+  as DataError: one line for the user, naming the file."""
+  try:
+    return read_sources(config, root)
+  except DataError:
+    raise
+  except (OSError, ValueError) as e:
+    raise DataError(str(e)) from e
+
+
 def load_splits(config: ml_collections.ConfigDict
                 ) -> tuple[dict[str, Records], dict]:
   """The train, val and test records and the data report (README, Data)."""
   root = dataset_root(config)
-  sources = read_sources(config, root)
+  sources = _read_sources(config, root)
   if 'val' in sources:  # the layout's own three splits
     splits = {name: records for name, (records, _) in sources.items()}
     reports = {name: report for name, (_, report) in sources.items()}
@@ -146,7 +159,7 @@ def _data_report(root: Path, splits: dict[str, Records],
   """data_report.json's content; raises if a split is empty."""
   for name, records in splits.items():
     if len(records) == 0:
-      raise ValueError(f'{root}: split {name!r} has no examples')
+      raise DataError(f'{root}: split {name!r} has no examples')
   classes = labels.run_classes(config)
   report = {'root': str(root), 'classes': list(classes)}
   report.update({name: split_report(splits[name], sources[name],
@@ -184,5 +197,8 @@ def split_report(records: Records, source: SourceReport | None,
                                   minlength=num_classes).tolist(),
       'dropped_classes': dict(source.dropped_classes) if source else {},
       'skipped': list(source.skipped) if source else [],
+      'skipped_by_reason': dict(collections.Counter(
+          index.reason_kind(s['reason']) for s in source.skipped))
+                           if source else {},
       'image_notes': dict(source.image_notes) if source else {},
   }

@@ -92,6 +92,23 @@ class Records:
     return dataclasses.replace(self, landmarks=None)
 
 
+class DataError(ValueError):
+  """Bad input data: the message names the file, row or value. main.py
+  reports it in one line."""
+
+
+def reason_kind(reason: str) -> str:
+  """A skipped file's reason without where and which: the locations that
+  lead it ('path:line: ') and quoted values removed, numbers as N, so that
+  reasons can be counted ('image file missing': 12)."""
+  parts = reason.split(': ')
+  while len(parts) > 1 and (os.sep in parts[0] or re.search(
+      r'\.\w+:\d+$', parts[0]) or re.search(r'\.\w+$', parts[0])):
+    parts = parts[1:]
+  kind = re.sub(r"'[^']*'|\"[^\"]*\"", '...', ': '.join(parts))
+  return re.sub(r'\d+(\.\d+)?', 'N', kind)
+
+
 @dataclasses.dataclass
 class SourceReport:
   """What reading one released set kept, dropped and skipped."""
@@ -245,7 +262,7 @@ def to_records(index: dict, on_error: str,
     raise ValueError(f"data.on_error: {on_error!r} is not 'raise' or 'skip'")
   bad = index['error'] != ''
   if bad.any() and on_error == 'raise':
-    raise ValueError(str(index['error'][np.flatnonzero(bad)[0]]) +
+    raise DataError(str(index['error'][np.flatnonzero(bad)[0]]) +
                      ' (data.on_error=skip drops such files and lists them '
                      'in data_report.json)')
   skipped = [{'path': str(p), 'reason': str(e)}

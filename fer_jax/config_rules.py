@@ -37,6 +37,10 @@ INFERENCE_FIELDS = HOW_FIELDS + (
     'data.images_dir', 'eval.tta')
 
 
+# Layouts without valence/arousal labels: every VA metric is None.
+NO_VA_LAYOUTS = ('folders', 'rafdb', 'fer2013', 'ferplus')
+
+
 class UsageError(ValueError):
   """A mistake in the command line, the config or the workdir: main.py
   reports it in one line, without a traceback."""
@@ -257,6 +261,11 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
   _number(config, 'train.class_weight_beta', 0, 1, open_high=True)
   _choice(config, 'train.va_loss', losses.VA_LOSSES)
   _choice(config, 'train.best_metric', sorted(best_metric_names()))
+  if data.layout in NO_VA_LAYOUTS and any(
+      k in train.best_metric for k in ('valence', 'arousal', 'va_')):
+    raise UsageError(f'train.best_metric: {train.best_metric!r} needs '
+                     f"valence/arousal labels, which data.layout "
+                     f"{data.layout!r} has not")
   _choice(config, 'train.best_mode', ('max', 'min'))
   for field in ('early_stopping_patience', 'checkpoint_every_steps',
                 'num_sample_images'):

@@ -76,6 +76,7 @@ def test_shipped_configs_pass(name, tmp_path):
      'names a class twice'),
     ('data.classes', 'Happy', 'fewer than 2 classes'),
     ('data.classes', 7, 'data.classes: 7 is not a string'),
+    ('data.layout', 'rafdb', 'data.root: empty'),
     ('data.ferplus_labels', 'soft', "data.ferplus_labels: 'soft' is not one "
      "of 'majority', 'probability'"),
 ])
@@ -94,6 +95,13 @@ def test_a_missing_data_folder_is_named():
 
 
 def test_rules_between_fields():
+  config = default.get_config()
+  config.data.layout, config.data.root = 'fer2013', '/'
+  config.train.best_metric = 'val_valence_ccc'
+  with pytest.raises(UsageError, match="train.best_metric: 'val_valence_ccc' "
+                     "needs valence/arousal labels, which data.layout "
+                     "'fer2013' has not"):
+    config_rules.check(config, NUM_DEVICES)
   config = default.get_config()
   config.train.schedule = 'step'
   config.train.step_decay_epochs = (1, 20)

@@ -84,8 +84,10 @@ def state_shape(config: ml_collections.ConfigDict):
   that a run of config trains and checkpoints."""
   model = models.create_model(config.model, axis_name=steps.AXIS,
                               num_classes=len(labels.run_classes(config)))
-  tx = steps.create_optimizer(config.train, steps.learning_rate_fn(
-      config.train, 1))  # shaped as training's; its rates are not used
+  # Shaped as training's: the state's structure does not depend on the
+  # schedule's values (a real schedule at one step per epoch could even
+  # refuse step boundaries that training's epochs allow).
+  tx = steps.create_optimizer(config.train, lambda count: 0.0)
   # Shapes only: compiling the initialisers cost 30-50 s for EfficientNet.
   template = jax.eval_shape(lambda: steps.create_train_state(
       model, tx, config.data.image_size, config.train.seed,

@@ -168,3 +168,20 @@ def test_cross_dataset_evaluation_maps_classes_by_name(finished, tmp_path):
   columns = [EXPRESSIONS.index(c) for c in RAFDB]
   want = np.mean(probs[:, columns].argmax(1) == records.labels)
   assert result['accuracy'] == pytest.approx(want)
+
+
+def test_a_step_schedule_that_trained_also_restores(config):
+  """The template of a run's state does not depend on the schedule: step
+  boundaries at epoch 1 after no warm-up (fine at 12 steps an epoch) are no
+  reason to refuse an evaluation."""
+  config.train.update(schedule='step', warmup_epochs=0.0,
+                      step_decay_epochs=(1, 2))
+  _, _, template = inference.state_shape(config)
+  model = models.create_model(config.model, axis_name=steps.AXIS)
+  tx = steps.create_optimizer(config.train,
+                              steps.learning_rate_fn(config.train, 12), 12)
+  trained = jax.eval_shape(lambda: steps.create_train_state(
+      model, tx, config.data.image_size, config.train.seed))
+  assert jax.tree.structure(template) == jax.tree.structure(trained)
+  assert jax.tree.map(lambda x: x.shape, template) == jax.tree.map(
+      lambda x: x.shape, trained)

@@ -112,7 +112,11 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray,
                  keypoints: np.ndarray) -> list[tuple]:
   """(box, score, keypoints) per face, best first: each group of
   detections overlapping the best remaining one by more than NMS_IOU
-  becomes their score-weighted mean, with the best one's score."""
+  becomes their score-weighted mean, with the best one's score. Boxes
+  without area (or not finite) are no face."""
+  real = (np.all(np.isfinite(boxes), axis=1) & (boxes[:, 2] > 0) &
+          (boxes[:, 3] > 0))
+  boxes, scores, keypoints = boxes[real], scores[real], keypoints[real]
   order = np.argsort(-scores, kind='stable')
   faces = []
   while order.size:

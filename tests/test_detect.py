@@ -83,6 +83,17 @@ def test_weighted_nms_merges_overlaps_by_score():
   np.testing.assert_allclose(faces[1][0], boxes[2])
 
 
+def test_weighted_nms_drops_boxes_without_area():
+  """A best detection of zero width or height has no IoU with itself: it
+  is no face (it had ended predict's whole run with an IndexError)."""
+  boxes = np.array([[5, 5, 0, 10], [0, 0, 10, 10], [3, 3, 10, -1],
+                    [50, 50, np.nan, 10]])
+  scores = np.array([0.95, 0.8, 0.9, 0.99])
+  faces = detect.weighted_nms(boxes, scores, np.zeros((4, 6, 2)))
+  assert len(faces) == 1 and faces[0][1] == 0.8
+  np.testing.assert_allclose(faces[0][0], boxes[1])
+
+
 def test_anchors_match_the_models_outputs():
   for name, (_, size, layout) in detect.MODELS.items():
     from ai_edge_litert.interpreter import Interpreter

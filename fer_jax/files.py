@@ -14,9 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
+
+
+def process_umask() -> int:
+  """The process's umask, read without changing it where Linux shows it
+  (/proc/self/status); elsewhere set to 0o022 and back at once. Setting
+  it to 0, even for a moment, would make files that other threads create
+  meanwhile writable by everyone."""
+  try:
+    for line in Path('/proc/self/status').read_text().splitlines():
+      if line.startswith('Umask:'):
+        return int(line.split()[1], 8)
+  except OSError:
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 # Files get the usual permissions (mkstemp's would be owner-only).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_UMASK = process_umask()
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -37,3 +37,18 @@ def test_jsonl_csv_and_npz_round_trip(tmp_path):
   files.write_npz(tmp_path / 's.npz', paths=np.array(['x/1.jpg']))
   with np.load(tmp_path / 's.npz') as saved:
     assert saved['paths'].tolist() == ['x/1.jpg']
+
+
+
+def test_the_umask_is_read_without_being_set(monkeypatch):
+  """Setting the umask to 0 to read it would let other threads create
+  world-writable files meanwhile."""
+  calls = []
+  previous = os.umask(0o027)
+  try:
+    monkeypatch.setattr(os, 'umask', lambda mask: calls.append(mask) or 0)
+    assert files.process_umask() == 0o027
+    assert calls == []  # read from /proc/self/status, never set (Linux)
+  finally:
+    monkeypatch.undo()
+    os.umask(previous)

@@ -8,6 +8,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnxruntime  # CI installs it (requirements-nodeps.txt): never skipped
 import pytest
 
 from fer_jax import data, export, inference, models, steps
@@ -85,7 +86,6 @@ def test_stablehlo_computes_evaluation_for_any_batch(exported):
 
 
 def test_onnx_computes_evaluation_for_any_batch(exported):
-  onnxruntime = pytest.importorskip('onnxruntime')
   session = onnxruntime.InferenceSession(
       export.onnx_bytes(exported['fn'], SIZE),
       providers=['CPUExecutionProvider'])
@@ -127,7 +127,6 @@ def test_evaluation_reads_the_ema_weights_when_kept():
 
 
 def test_export_of_a_trained_run(finished):
-  onnxruntime = pytest.importorskip('onnxruntime')
   config, workdir, metrics = finished
   folder = export.export(config, workdir, None)
   step = metrics['checkpoint_step']

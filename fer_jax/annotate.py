@@ -117,4 +117,6 @@ def _write_video(path: Path, target: Path, rows: list[dict],
       os.replace(temporary, target)
   finally:
     capture.release()
+    if out is not None:  # closed before its file goes, even on an error
+      out.release()
     temporary.unlink(missing_ok=True)

@@ -50,3 +50,30 @@ def test_smoothing_is_an_exponential_average_per_track():
   np.testing.assert_allclose(out[:, 0], [1, 10, first, 20,
                                          0.5 * first + 0.5 * 5])
   np.testing.assert_array_equal(video.smooth(values, tracks, 0.0), values)
+
+
+def test_an_error_while_annotating_a_video_closes_its_writer(tmp_path,
+                                                             monkeypatch):
+  from fer_jax import annotate
+  path = tmp_path / 'clip.mp4'
+  out = video.writer(path, 10.0, (64, 48))
+  for i in range(3):
+    out.write(np.full((48, 64, 3), 40 * i, np.uint8))
+  out.release()
+  opened = []
+
+  def writer(*args):
+    opened.append(video_writer(*args))
+    return opened[-1]
+
+  video_writer = video.writer
+  monkeypatch.setattr(video, 'writer', writer)
+  monkeypatch.setattr(annotate, 'draw', lambda *_: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    row = {'path': str(path), 'frame': '0', 'x': '1', 'y': '1', 'w': '9',
+           'h': '9', 'expression': 'Happy', 'prob_Happy': '0.9',
+           'valence': '0.5', 'arousal': '0.1'}
+    annotate.write_all([row], path,
+                       tmp_path / 'annotated', every=1)
+  assert len(opened) == 1 and not opened[0].isOpened()
+  assert list((tmp_path / 'annotated').iterdir()) == []

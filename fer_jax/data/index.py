@@ -37,6 +37,7 @@ from absl import logging
 from PIL import Image
 
 from fer_jax import labels as labels_lib
+from fer_jax.errors import DataError
 
 INDEX_VERSION = 1
 # Image file names, and the format (Pillow's name) each suffix promises.
@@ -90,11 +91,6 @@ class Records:
   def without_landmarks(self) -> 'Records':
     """The same records without landmarks (lighter to send to workers)."""
     return dataclasses.replace(self, landmarks=None)
-
-
-class DataError(ValueError):
-  """Bad input data: the message names the file, row or value. main.py
-  reports it in one line."""
 
 
 def reason_kind(reason: str) -> str:

@@ -102,13 +102,15 @@ def _write_video(path: Path, target: Path, rows: list[dict],
   for row in rows:
     by_frame.setdefault(int(row['frame']), []).append(_face(row))
   capture, fps, _ = video.open_video(str(path))
+  rate = video.processed_rate([(int(r['frame']), float(r['time_s']))
+                               for r in rows if r.get('time_s')], every, fps)
   target.parent.mkdir(parents=True, exist_ok=True)
   temporary = target.with_name(f'.{target.name}.tmp.mp4')
   out = None
   try:
     for index, _, frame in video.frames(capture, fps, every):
       if out is None:
-        out = video.writer(temporary, fps / every,
+        out = video.writer(temporary, rate,
                            (frame.shape[1], frame.shape[0]))
       image = draw(frame, by_frame.get(index, []))
       out.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))

@@ -1,6 +1,7 @@
 """Video for --mode=predict: frames read by OpenCV, faces followed from
 frame to frame, and their outputs smoothed along each track."""
 
+import math
 from pathlib import Path
 from typing import Iterator
 
@@ -14,6 +15,16 @@ SUFFIXES = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg',
 # A face in the next processed frame continues a track when their boxes
 # overlap by at least this much (intersection over union).
 TRACK_IOU = 0.3
+# Frame rates at or above this are a container's timebase (1000, 90000)
+# reported as the rate, not a camera's.
+MAX_FPS = 1000.0
+
+
+def frame_rate(reported: float) -> float:
+  """The frames per second a container reports, or 0 (unknown) for a rate
+  that is not one: NaN, 0 or less, or a timebase (MAX_FPS or more)."""
+  return reported if math.isfinite(reported) and 0 < reported < MAX_FPS \
+      else 0.0
 
 
 def open_video(path: str) -> tuple[cv2.VideoCapture, float, int]:
@@ -23,16 +34,18 @@ def open_video(path: str) -> tuple[cv2.VideoCapture, float, int]:
   if not capture.isOpened():
     capture.release()
     raise ValueError(f'{path}: cannot open video')
-  return (capture, max(capture.get(cv2.CAP_PROP_FPS), 0.0),
-          max(int(capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0))
+  count = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+  return (capture, frame_rate(capture.get(cv2.CAP_PROP_FPS)),
+          int(count) if math.isfinite(count) and count > 0 else 0)
 
 
 def frames(capture: cv2.VideoCapture, fps: float, every: int
            ) -> Iterator[tuple[int, float, np.ndarray]]:
   """(frame index, time in seconds, RGB frame) of every k-th frame.
 
-  Time is the index over the frame rate, else the container's timestamp.
-  Frames skipped are only grabbed, not decoded into images.
+  Time is the frame's own timestamp in the container (right for phone
+  videos, whose frame rate varies), else the index over the frame rate,
+  else None. Frames skipped are only grabbed, not decoded into images.
   """
   index = 0
   while True:
@@ -43,10 +56,30 @@ def frames(capture: cv2.VideoCapture, fps: float, every: int
       ok, frame = capture.read()
       if not ok:
         return
-      time = (index / fps if fps else
-              capture.get(cv2.CAP_PROP_POS_MSEC) / 1000)
-      yield index, time, cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+      yield index, frame_time(capture, index, fps), cv2.cvtColor(
+          frame, cv2.COLOR_BGR2RGB)
     index += 1
+
+
+def frame_time(capture: cv2.VideoCapture, index: int, fps: float
+               ) -> float | None:
+  """The time in seconds of the frame just read: its timestamp, else
+  index / fps, else None."""
+  msec = capture.get(cv2.CAP_PROP_POS_MSEC)
+  if math.isfinite(msec) and (msec > 0 or index == 0 and msec == 0):
+    return msec / 1000
+  return index / fps if fps else None
+
+
+def processed_rate(timed: list[tuple[int, float]], every: int,
+                   fps: float) -> float:
+  """The rate, per second, at which a video's processed frames (every
+  k-th) were taken, for writing them back: from the first and last timed
+  frames (index, seconds) in time order, else fps / every, else 25."""
+  if len(timed) > 1 and timed[-1][1] > timed[0][1]:
+    return (timed[-1][0] - timed[0][0]) / every / (timed[-1][1] -
+                                                   timed[0][1])
+  return fps / every if fps else 25.0
 
 
 class Tracker:
@@ -96,9 +129,10 @@ def smooth(values: np.ndarray, tracks: list[tuple], weight: float
 
 
 def writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
-  """An MP4 (MPEG-4 Part 2) writer; raises naming path if it cannot."""
-  out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'),
-                        fps or 25.0, size)
+  """An MP4 (MPEG-4 Part 2) writer at fps; raises naming path if it
+  cannot."""
+  out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*'mp4v'), fps,
+                        size)
   if not out.isOpened():
     raise ValueError(f'{path}: OpenCV cannot write an MP4 video here')
   return out

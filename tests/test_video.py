@@ -77,3 +77,47 @@ def test_an_error_while_annotating_a_video_closes_its_writer(tmp_path,
                        tmp_path / 'annotated', every=1)
   assert len(opened) == 1 and not opened[0].isOpened()
   assert list((tmp_path / 'annotated').iterdir()) == []
+
+
+def test_a_rate_that_is_not_one_is_unknown():
+  assert [video.frame_rate(r) for r in (29.97, float('nan'), 0.0, -5.0,
+                                        1000.0, 90000.0)] == [
+                                            29.97, 0, 0, 0, 0, 0]
+
+
+class FakeCapture:
+  """A phone video's capture: frames at irregular times (variable rate)."""
+
+  def __init__(self, msec: list[float]):
+    self.msec, self.position = msec, -1
+
+  def read(self):
+    ok = self.grab()
+    return ok, np.zeros((4, 4, 3), np.uint8) if ok else None
+
+  def grab(self) -> bool:
+    self.position += 1
+    return self.position < len(self.msec)
+
+  def get(self, prop):
+    assert prop == cv2.CAP_PROP_POS_MSEC
+    return self.msec[self.position]
+
+
+def test_times_are_the_frames_own_timestamps_then_index_over_rate():
+  variable = [0.0, 30.0, 70.0, 100.0, 160.0, 170.0]
+  got = [(i, t) for i, t, _ in video.frames(FakeCapture(variable), 30.0, 2)]
+  assert got == [(0, 0.0), (2, 0.07), (4, 0.16)]  # not 2/30, 4/30
+  untimed = [0.0] * 4  # a container without timestamps
+  assert [t for _, t, _ in video.frames(FakeCapture(untimed), 20.0, 1)] == \
+      [0.0, 0.05, 0.1, 0.15]
+  assert [t for _, t, _ in video.frames(FakeCapture(untimed), 0.0, 1)] == \
+      [0.0, None, None, None]
+
+
+def test_annotated_videos_play_at_the_rate_the_frames_were_taken():
+  # Every 3rd frame of a 30 fps video whose frames came 1/15 s apart.
+  assert video.processed_rate([(0, 0.0), (3, 0.2), (9, 0.6)], 3,
+                              30.0) == pytest.approx(5.0)
+  assert video.processed_rate([(0, 0.0)], 3, 30.0) == 10.0
+  assert video.processed_rate([], 2, 0.0) == 25.0

@@ -1,7 +1,9 @@
 """FERPlus (8 expressions; FER2013's images relabelled by 10 annotators each).
 
 ROOT/fer2013new.csv (the votes) beside ROOT/fer2013.csv (the pixels), rows
-in the same order; FER2013's Training, PublicTest and PrivateTest splits.
+in the same order, or the folders FERPlus's script generates from them
+(ROOT/FER2013Train/, FER2013Valid/, FER2013Test/ with their label.csv);
+FER2013's Training, PublicTest and PrivateTest splits.
 data.ferplus_labels: 'majority' (the standard protocol) or 'probability'
 (cross-entropy against the vote distribution); validation and test are
 always scored on the majority label.

@@ -1,5 +1,6 @@
-"""RAF-DB, FER2013 and FERPlus in their official formats: labels, splits,
-pixels, the FERPlus vote rules and bad input."""
+"""RAF-DB, FER2013 and FERPlus (its CSVs and its generated folders) in their
+official formats: labels, splits, pixels, the FERPlus vote rules and bad
+input."""
 
 import collections
 import csv
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from fer_jax import labels
 from fer_jax.data import fer2013, index, rafdb
@@ -374,6 +376,178 @@ def test_ferplus_files_that_do_not_line_up_raise(ferplus_root):
     fer2013.index_ferplus(ferplus_root, data_config(ferplus_root))
 
 
+# FERPlus's folders ----------------------------------------------------------
+
+FOLDER_OF = {'Training': 'FER2013Train', 'PublicTest': 'FER2013Valid',
+             'PrivateTest': 'FER2013Test'}
+BOX = '(0, 0, 48, 48)'
+# VOTE_ROWS in the folders differ only where the images do: b.png's is
+# missing, r.png's is whole (its pixels were short in fer2013.csv).
+FOLDER_LABELS = {'b.png': ('error', 'error'), 'r.png': ('Sad', 'Sad')}
+# (usage, name, the fields after the name, majority, probability): rows
+# only the folders have.
+FOLDER_EXTRA = [
+    ('PublicTest', 's.png', [BOX, '1', '2', '3'], 'error', 'error'),
+    # No face box, as older copies of FERPlus's script wrote label.csv.
+    ('Training', 'u.png', '0,9,0,0,0,0,0,0,1,0'.split(','), 'Happy', 'Happy'),
+    ('PrivateTest', 't.png', [BOX, *'0,0,0,0,7,2,1,0,0,0'.split(',')],
+     'error', 'error'),  # an unreadable image
+    ('Training', ' ', [BOX, *'0,9,0,0,0,0,0,0,1,0'.split(',')], 'error',
+     'error')]
+
+
+def png(face: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(face).save(buffer, 'PNG')
+  return buffer.getvalue()
+
+
+def folder_rows() -> list[tuple]:
+  """FOLDER_EXTRA after VOTE_ROWS as label.csv holds them (FERPlus's script
+  writes no line and no image for a row without a name)."""
+  return [(usage, name, [BOX, *votes.split(',')],
+           *FOLDER_LABELS.get(name, labelled))
+          for usage, name, votes, *labelled in VOTE_ROWS if name
+          ] + FOLDER_EXTRA
+
+
+def write_folders(root: Path, rows: list[tuple], images: dict[str, bytes]
+                  ) -> dict[str, tuple[Path, int]]:
+  """Each folder's label.csv (csv.writer's, as FERPlus's script writes it)
+  and images; {name: (label.csv, line)}."""
+  lines = {}
+  for usage, folder in FOLDER_OF.items():
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    mine = [r for r in rows if r[0] == usage]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([n, *fields] for _, n, fields, *_ in mine)
+    (root / folder / 'label.csv').write_text(buffer.getvalue())
+    for line, (_, name, *_) in enumerate(mine, 1):
+      lines[name] = (root / folder / 'label.csv', line)
+      if name in images:
+        (root / folder / name).write_bytes(images[name])
+  return lines
+
+
+@pytest.fixture
+def ferplus_folders(tmp_path) -> tuple[Path, dict]:
+  """VOTE_ROWS's faces and votes as FERPlus's folders, in tmp_path/ferplus."""
+  root = tmp_path / 'ferplus'
+  face = faces(len(VOTE_ROWS), seed=2)  # ferplus_root's
+  images = {name: png(f) for f, (_, name, *_) in zip(face, VOTE_ROWS)
+            if name and name != 'b.png'}
+  images['t.png'] = png(face[0])[:60]
+  images['u.png'] = png(face[0])
+  return root, write_folders(root, folder_rows(), images)
+
+
+def test_ferplus_folder_rows_keep_their_label_csv_format(ferplus_folders):
+  root, _ = ferplus_folders
+  lines = (root / 'FER2013Train' / 'label.csv').read_text().splitlines()
+  assert lines[0] == 'a.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0'
+
+
+@pytest.mark.parametrize('mode', ['majority', 'probability'])
+def test_ferplus_folders_vote_rules(ferplus_folders, mode):
+  root, lines = ferplus_folders
+  indexes = fer2013.index_ferplus(root, data_config(root,
+                                                    ferplus_labels=mode))
+  column = 3 if mode == 'majority' else 4
+  for split, folder in zip(('train', 'val', 'test'), FOLDER_OF.values()):
+    rows = [r for r in folder_rows() if lines[r[1]][0].parent.name == folder]
+    kept = [r for r in rows if r[column] in labels.EXPRESSIONS]
+    records, report = read(indexes, split)
+    assert records.paths.tolist() == [str(root / folder / r[1]) for r in kept]
+    assert [labels.EXPRESSIONS[i] for i in records.labels] == [
+        r[column] for r in kept]
+    assert report.dropped_classes == dict(collections.Counter(
+        r[column] for r in rows if r[column] != 'error'
+        and r[column] not in labels.EXPRESSIONS))
+    assert len(report.skipped) == sum(r[column] == 'error' for r in rows)
+    assert records.pixels is None
+    assert report.image_notes['most_common_sizes'] == (
+        {'48x48': len(kept)} if kept else {})
+    if mode == 'majority' or split != 'train':
+      assert records.soft is None and 'votes' not in indexes[split]
+    else:
+      votes = EXPECTED_VOTES | {'u.png': [0, 9, 0, 0, 0, 0, 0, 0]}
+      expected = np.array([votes[r[1]] for r in kept], float)
+      np.testing.assert_allclose(
+          records.soft, expected / expected.sum(1, keepdims=True))
+
+
+@pytest.mark.parametrize('mode', ['majority', 'probability'])
+def test_ferplus_folders_label_as_the_csvs_they_come_from(
+    ferplus_root, ferplus_folders, mode):
+  folders_root, _ = ferplus_folders
+  from_csv = fer2013.index_ferplus(ferplus_root, data_config(
+      ferplus_root, ferplus_labels=mode))
+  from_folders = fer2013.index_ferplus(folders_root, data_config(
+      folders_root, ferplus_labels=mode))
+  same = {r[1] for r in VOTE_ROWS if r[1]} - set(FOLDER_LABELS)
+  for split in ('train', 'val', 'test'):
+    csv_records, _ = read(from_csv, split)
+    records, _ = read(from_folders, split)
+    csv_names = [VOTE_ROWS[int(p.rsplit(':', 1)[1]) - 2][1]
+                 for p in csv_records.paths]
+    names = [Path(p).name for p in records.paths]
+    keep = [i for i, n in enumerate(names) if n in same]
+    assert keep, split
+    assert [names[i] for i in keep] == [n for n in csv_names if n in same]
+    csv_keep = [csv_names.index(names[i]) for i in keep]
+    np.testing.assert_array_equal(records.labels[keep],
+                                  csv_records.labels[csv_keep])
+    if records.soft is not None:
+      np.testing.assert_array_equal(records.soft[keep],
+                                    csv_records.soft[csv_keep])
+    for i, j in zip(keep, csv_keep):  # the same faces
+      np.testing.assert_array_equal(np.asarray(Image.open(records.paths[i])),
+                                    csv_records.pixels[j])
+
+
+def test_ferplus_folder_row_errors_name_label_csv_and_line(ferplus_folders):
+  root, lines = ferplus_folders
+  data = data_config(root)
+  indexes = fer2013.index_ferplus(root, data)
+  at = lambda name: '{}:{}'.format(*lines[name])
+  image = lambda name: str(lines[name][0].parent / name)
+  assert at('h.png').endswith('label.csv:7')  # f.png has no line
+  assert reasons(read(indexes, 'train')[1]) == {
+      image('b.png'): f'{at("b.png")}: {image("b.png")}: image file missing',
+      image('h.png'): f'{at("h.png")}: no votes',
+      image('i.png'): f"{at('i.png')}: anger: '-1' is not a vote count",
+      image('l.png'): f"{at('l.png')}: happiness: 'x' is not a number",
+      at(' '): f'{at(" ")}: no image name'}
+  assert reasons(read(indexes, 'val')[1]) == {
+      at('s.png'): f'{at("s.png")}: expected an image name, its face box '
+                   'and 10 vote counts, found 5 fields'}
+  test_reasons = reasons(read(indexes, 'test')[1])
+  assert list(test_reasons) == [image('t.png')]
+  assert test_reasons[image('t.png')].startswith(
+      f'{at("t.png")}: {image("t.png")}: not a readable image')
+  with pytest.raises(ValueError, match=(
+      r'FER2013Train/label\.csv:2: .*FER2013Train/b\.png: image file')):
+    read(indexes, 'train', 'raise')
+  # A new image is a new listing: b.png indexed again, now kept.
+  Path(image('b.png')).write_bytes(png(faces(1)[0]))
+  train, _ = read(fer2013.index_ferplus(root, data), 'train')
+  assert image('b.png') in train.paths.tolist()
+
+
+def test_ferplus_without_either_layout_names_both(ferplus_folders):
+  root, _ = ferplus_folders
+  (root / 'FER2013Test' / 'label.csv').unlink()
+  with pytest.raises(FileNotFoundError, match=(
+      r'FER2013Test/label\.csv: file not found \(FERPlus needs '
+      r'ROOT/fer2013new\.csv beside ROOT/fer2013\.csv, or the folders '
+      r'FERPlus generates: ROOT/FER2013Train/, FER2013Valid/, FER2013Test/')):
+    fer2013.index_ferplus(root, data_config(root))
+  (root / 'FER2013Train' / 'label.csv').unlink()
+  with pytest.raises(FileNotFoundError, match=(
+      r'fer2013new\.csv: file not found \(FERPlus needs .* or the folders')):
+    fer2013.index_ferplus(root, data_config(root))
+
+
 # Odd files ------------------------------------------------------------------
 
 def mutate(content: bytes, rng: np.random.Generator) -> bytes:
@@ -486,6 +660,19 @@ def test_odd_ferplus_files_never_raise_anything_else(tmp_path):
         fer2013.index_ferplus(root, data_config(root, ferplus_labels=mode))),
         ['fer2013new.csv', 'fer2013.csv'])
     assert outcomes['ok'] > 5 and outcomes['ValueError'] > 3, outcomes
+
+
+def test_odd_ferplus_label_csvs_never_raise_anything_else(tmp_path):
+  rows = [('Training', 'a.png', [BOX, *'6,2,1,1,0,0,0,0,0,0'.split(',')]),
+          ('PublicTest', 'b.png', [BOX, *'0,0,0,0,0,0,0,0,0,10'.split(',')]),
+          ('PrivateTest', 'c.png', [BOX, *'0,0,0,0,7,2,1,0,0,0'.split(',')])]
+  images = {name: png(f) for (_, name, _), f in zip(rows, faces(3))}
+  files = [f'{folder}/label.csv' for folder in FOLDER_OF.values()]
+  for mode in ('majority', 'probability'):
+    outcomes = fuzz(tmp_path / mode, lambda root: write_folders(
+        root, rows, images), lambda root: fer2013.index_ferplus(
+            root, data_config(root, ferplus_labels=mode)), files)
+    assert outcomes['ok'] > 20, outcomes
 
 
 # Through the pipeline --------------------------------------------------------

@@ -214,7 +214,7 @@ def test_holdout_split_is_stratified_and_disjoint(loaded):
   for name in ('train', 'val', 'test'):
     assert set(report[name]) == {'num_examples', 'num_va_examples',
                                  'class_counts', 'dropped_classes', 'skipped',
-                                 'image_notes'}
+                                 'skipped_by_reason', 'image_notes'}
 
 
 def test_released_protocol_uses_val_set_for_validation(loaded):

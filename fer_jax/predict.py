@@ -64,14 +64,14 @@ class Tally:
 
 
 def list_inputs(input_path: str) -> list[Path]:
-  """The file at input_path, or every image and video below a folder."""
+  """The file at input_path, or every file below a folder but hidden ones
+  (.DS_Store, ...): each gives its faces or is named with a reason."""
   path = Path(input_path)
   if path.is_file():
     return [path]
   if path.is_dir():
-    suffixes = IMAGE_SUFFIXES + video.SUFFIXES
-    return sorted(p for p in path.rglob('*')
-                  if p.is_file() and p.suffix.lower() in suffixes)
+    return sorted(p for p in path.rglob('*') if p.is_file() and not any(
+        part.startswith('.') for part in p.relative_to(path).parts))
   raise UsageError(f'--input: {input_path} is not a file or folder')
 
 
@@ -189,9 +189,15 @@ def classify(crops: Iterator[Crop], state, p_eval: Callable,
 
 def _all_crops(paths: list[Path], config, detector, tally: Tally):
   for path in tqdm(paths, unit='file', desc='predict', leave=False):
-    crops = (video_crops if path.suffix.lower() in video.SUFFIXES
-             else image_crops)
-    yield from crops(path, config, detector, tally)
+    suffix = path.suffix.lower()
+    if suffix in video.SUFFIXES:
+      yield from video_crops(path, config, detector, tally)
+    elif suffix in IMAGE_SUFFIXES:
+      yield from image_crops(path, config, detector, tally)
+    else:
+      _skip(tally, path, f'{path}: {suffix or "no suffix"} is neither an '
+            f'image ({" ".join(IMAGE_SUFFIXES)}) nor a video '
+            f'({" ".join(video.SUFFIXES)})')
 
 
 def _rows(results: list, smoothing: float, classes: tuple[str, ...]
@@ -234,7 +240,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   if not paths:
     _skip(tally, Path(input_path), f'{input_path}: no images '
           f'({", ".join(IMAGE_SUFFIXES)}) or videos '
-          f'({", ".join(video.SUFFIXES)})')
+          f'({", ".join(video.SUFFIXES)}): no files at all')
   size, batch_size = config.data.image_size, config.train.eval_batch_size
   blank = Crop('', np.zeros(4), np.zeros((size, size, 3), np.uint8))
   list(classify(iter([blank]), state, p_eval, batch_size))  # compiles

@@ -33,7 +33,11 @@ def test_predictions_match_evaluation_and_broken_files_are_skipped(
   (folder / 'broken.jpg').write_bytes(b'not an image')
   whole = open(test.paths[8], 'rb').read()  # OpenCV would decode half of it
   (folder / 'cut.jpg').write_bytes(whole[:len(whole) // 2])
-  (folder / 'notes.txt').write_text('ignored')
+  # Named with a reason, not ignored: other suffixes (an animated GIF, a
+  # HEIC photo, a 3GP video, no suffix); hidden files are left alone.
+  for name in ('notes.txt', 'anim.gif', 'photo.heic', 'clip.3gp', 'README',
+               '.DS_Store'):
+    (folder / name).write_bytes(b'\0' * 64)
   output = predict.predict(config, str(workdir), str(folder))
   rows = list(csv.DictReader(open(output)))
   names = [r['path'].split('faces/')[1] for r in rows]
@@ -59,11 +63,14 @@ def test_predictions_match_evaluation_and_broken_files_are_skipped(
   np.testing.assert_allclose(probs[:6], evaluated['probs'][order], atol=1e-6)
   np.testing.assert_allclose(va[:6], evaluated['va'][order], atol=1e-6)
   out = capsys.readouterr().out
-  assert 'Skipped 2 inputs' in out
+  assert 'Skipped 7 inputs' in out
   assert 'broken.jpg' in out and 'cut.jpg' in out
-  skipped = list(csv.DictReader(open(output.parent / 'skipped.csv')))
-  assert sorted(r['path'].split('faces/')[1] for r in skipped) == [
-      'broken.jpg', 'cut.jpg']
+  skipped = {r['path'].split('faces/')[1]: r['reason'] for r in
+             csv.DictReader(open(output.parent / 'skipped.csv'))}
+  assert sorted(skipped) == ['README', 'anim.gif', 'broken.jpg', 'clip.3gp',
+                             'cut.jpg', 'notes.txt', 'photo.heic']
+  assert '.gif is neither an image (.jpg' in skipped['anim.gif']
+  assert 'no suffix is neither' in skipped['README']
 
 
 def test_predict_single_file_and_missing_input(finished, tmp_path):

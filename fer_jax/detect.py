@@ -75,17 +75,23 @@ def anchor_centres(size: int, layout: tuple) -> np.ndarray:
 
 def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, float,
                                                      np.ndarray]:
-  """image padded to a centred square, resized to size, scaled to [-1, 1];
-  with the square's side and its origin in the image's pixels."""
+  """image in a centred square, size x size, scaled to [-1, 1]; with the
+  square's side and its origin in the image's pixels. The image is
+  shrunk first, then padded: a 50-megapixel photo is never padded at
+  full resolution."""
   h, w = image.shape[:2]
   side = max(h, w)
-  offset = np.array([(side - w) // 2, (side - h) // 2])
-  square = cv2.copyMakeBorder(image, offset[1], side - h - offset[1],
-                              offset[0], side - w - offset[0],
+  scale = size / side
+  small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(
+      h * scale))), interpolation=(cv2.INTER_AREA if side > size
+                                   else cv2.INTER_LINEAR))
+  sh, sw = small.shape[:2]
+  offset = np.array([(size - sw) // 2, (size - sh) // 2])
+  square = cv2.copyMakeBorder(small, offset[1], size - sh - offset[1],
+                              offset[0], size - sw - offset[0],
                               cv2.BORDER_CONSTANT, value=(0, 0, 0))
-  square = cv2.resize(square, (size, size), interpolation=(
-      cv2.INTER_AREA if side > size else cv2.INTER_LINEAR))
-  return square.astype(np.float32) / 127.5 - 1, float(side), -offset
+  return (square.astype(np.float32) / 127.5 - 1, float(side),
+          -offset / scale)
 
 
 def decode(raw: np.ndarray, logits: np.ndarray, anchors: np.ndarray,

@@ -64,6 +64,27 @@ def test_boxes_are_in_the_pixels_of_the_image(detector, photos):
                              rtol=0.01)
 
 
+def test_letterbox_shrinks_before_it_pads(monkeypatch):
+  """A wide photo's padding is added at the detector's size, not at the
+  photo's (225 MB more for a 50-megapixel photo); its content maps back
+  to the image's pixels within a pixel of the small square."""
+  padded = []
+  pad = cv2.copyMakeBorder
+  monkeypatch.setattr(cv2, 'copyMakeBorder',
+                      lambda image, *a, **k: padded.append(image.shape) or
+                      pad(image, *a, **k))
+  image = np.zeros((300, 600, 3), np.uint8)
+  image[100:200, 400:500] = 255
+  pixels, side, origin = detect.letterbox(image, 128)
+  assert padded == [(64, 128, 3)] and pixels.shape == (128, 128, 3)
+  assert side == 600
+  assert (pixels[:32] == -1).all() and (pixels[96:] == -1).all()
+  ys, xs = np.nonzero(pixels[..., 0] > 0)
+  box = (np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) *
+         side / 128 + np.r_[origin, origin])
+  np.testing.assert_allclose(box, [400, 100, 500, 200], atol=side / 128)
+
+
 def test_min_face_size_and_score_filter(detector, photos):
   name, _ = detector
   image = _rgb(photos['astronaut'])

@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,6 +50,12 @@ NUM_LANDMARKS = 68
 _GREY_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'F')
 # Pillow's names of the formats OpenCV decodes (MPO: multi-picture JPEG).
 DECODED_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'WEBP', 'TIFF')
+# Pillow refuses images past twice its limit (about 179 megapixels by
+# default) as possible decompression bombs; OpenCV, which decodes them,
+# past 2**30 pixels (CV_IO_MAX_IMAGE_PIXELS). The same limit for both: an
+# image is readable or not, whoever reads it.
+Image.MAX_IMAGE_PIXELS = 2 ** 29
+warnings.simplefilter('ignore', Image.DecompressionBombWarning)
 # Indexing in worker processes pays off only past their start-up time.
 _MIN_PARALLEL_JOBS = 2000
 

@@ -311,3 +311,14 @@ def test_load_refuses_a_face_box_outside_the_image(tmp_path):
   with pytest.raises(ValueError, match=r'small\.png: face box \[500\.0, '
                      r'500\.0, 50\.0, 50\.0\] lies outside the 64x64 image'):
     images.load(str(path), 16, box=np.array([500.0, 500, 50, 50]))
+
+
+def test_an_image_past_pillows_default_limit_is_read_as_opencv_reads_it(
+    tmp_path):
+  """180 megapixels: past Pillow's default decompression-bomb limit (179),
+  within OpenCV's (2**30), which is now Pillow's too."""
+  from fer_jax.data import index
+  path = tmp_path / 'panorama.png'
+  Image.new('L', (13500, 13300), 90).save(path, compress_level=1)
+  assert index.check_image(str(path))[:3] == (13500, 13300, 'L')
+  assert Image.MAX_IMAGE_PIXELS * 2 == 2 ** 30  # OpenCV's limit

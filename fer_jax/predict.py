@@ -39,7 +39,6 @@ def header(classes: tuple[str, ...] = EXPRESSIONS) -> list[str]:
           *(f'prob_{name}' for name in classes), 'valence', 'arousal']
 
 
-_EXIF_ORIENTATION = 0x0112  # 5-8: turned by 90 degrees
 
 
 @dataclasses.dataclass
@@ -78,7 +77,7 @@ def list_inputs(input_path: str) -> list[Path]:
 def _shown_size(path: Path, width: int, height: int) -> tuple[int, int]:
   """(width, height) as shown, after the EXIF orientation."""
   with Image.open(path) as image:
-    turned = image.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    turned = images.orientation(image) in (5, 6, 7, 8)
   return (height, width) if turned else (width, height)
 
 
@@ -94,17 +93,21 @@ def image_crops(path: Path, config: ml_collections.ConfigDict,
       tally.frames += 1
       yield Crop(str(path), box, crop)
       return
-    image = images.decode(path.read_bytes(), str(path), orient=True)
+    data = path.read_bytes()
+    faces = detector(images.decode(data, str(path), orient=True))
+    # Each face cut as training cuts a face box of the file (a JPEG at
+    # the same reduced scale), from the image as shown.
+    crops = [images.crop_encoded(data, str(path), size, face.box,
+                                 config.data.face_margin, orient=True)
+             for face in faces]
   except (ValueError, OSError) as e:
     _skip(tally, path, str(e))
     return
   tally.frames += 1
-  faces = detector(image)
   if not faces:
     _skip(tally, path, f'{path}: no face found ({_detector_text(config)})')
-  for rank, face in enumerate(faces):
-    yield Crop(str(path), face.box, images.face_crop(
-        image, face.box, config.data.face_margin, size), rank, face.score)
+  for rank, (face, crop) in enumerate(zip(faces, crops)):
+    yield Crop(str(path), face.box, crop, rank, face.score)
 
 
 def video_crops(path: Path, config: ml_collections.ConfigDict,

@@ -171,17 +171,35 @@ def test_faces_in_photos_and_video_one_row_each_bad_inputs_named(
   assert not (annotated / 'cat.png.jpg').exists()
 
 
-def test_crops_are_cut_as_training_cuts_face_boxes(trained, photos):
+@pytest.mark.parametrize('name', ['astronaut', 'hopper'])  # PNG, JPEG
+def test_crops_are_cut_as_training_cuts_face_boxes(trained, photos, name):
   """A detected face is cropped as images.load crops a face box of the
-  'csv' layout (the square, the margin, the resize), pixel for pixel."""
+  'csv' layout (the square, the margin, the resize; a JPEG decoded at the
+  same reduced scale), pixel for pixel."""
   config = trained[0].copy_and_resolve_references()
   config.data.face_margin = 0.25
   detector = detect.create_detector('blazeface_full', 0.6, 20)
-  crop, = predict.image_crops(photos['astronaut'], config, detector,
+  crop, = predict.image_crops(photos[name], config, detector,
                               predict.Tally())
-  loaded = images.load(str(photos['astronaut']), config.data.image_size,
+  loaded = images.load(str(photos[name]), config.data.image_size,
                        crop.box, 0.25)
   np.testing.assert_array_equal(crop.image, loaded)
+
+
+def test_detector_none_reports_and_crops_the_image_as_shown(trained,
+                                                             tmp_path):
+  """A PNG whose EXIF (which OpenCV does not read in PNGs) turns it a
+  quarter: its box is the turned size, its crop the turned image."""
+  config = trained[0].copy_and_resolve_references()
+  pixels = np.random.default_rng(1).integers(0, 256, (20, 30, 3), np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  Image.fromarray(pixels).save(tmp_path / 'turned.png', exif=exif)
+  crop, = predict.image_crops(tmp_path / 'turned.png', config, None,
+                              predict.Tally())
+  assert crop.box.tolist() == [0, 0, 20, 30]
+  np.testing.assert_array_equal(crop.image, images.resize(
+      images.turned(pixels, 6), config.data.image_size))
 
 
 def test_an_empty_folder_gives_an_empty_table_and_a_reason(

@@ -26,10 +26,13 @@ from PIL import Image
 # Grain's threads and worker processes parallelise; OpenCV's own thread
 # pool would only contend with them.
 cv2.setNumThreads(1)
-# Pixels as stored: EXIF rotation ignored, as Pillow does, so face boxes
-# and image sizes from indexing refer to the same pixels.
+# Pixels as stored: OpenCV's EXIF rotation off, so face boxes and image
+# sizes from indexing refer to the same pixels. Where an image is shown
+# upright (predict), the orientation is Pillow's reading of the EXIF,
+# applied here (OpenCV misses it in TIFFs and PNGs).
 _FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
           4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+_EXIF_ORIENTATION = 0x0112
 # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
 _LUMA = np.array([0.299, 0.587, 0.114])
 _IDENTITY = np.eye(2, 3)
@@ -56,6 +59,29 @@ def _reduction(region_size: float, size: int, is_jpeg: bool) -> int:
   return 1
 
 
+def orientation(header: Image.Image) -> int:
+  """The EXIF orientation (1-8) of an opened image; 1 without one, or when
+  the EXIF block cannot be parsed."""
+  try:
+    value = header.getexif().get(_EXIF_ORIENTATION, 1)
+  except Exception:  # noqa: BLE001  (malformed EXIF: Pillow raises anything)
+    return 1
+  return value if value in range(1, 9) else 1
+
+
+def turned(image: np.ndarray, value: int) -> np.ndarray:
+  """image as EXIF orientation `value` says it is shown (as Pillow's
+  ImageOps.exif_transpose turns it)."""
+  if value in (5, 6, 7, 8):  # a quarter turn (and a mirror for 5 and 7)
+    image = np.rot90(image, 1 if value in (5, 8) else -1)
+    value = {5: 4, 6: 1, 7: 4, 8: 1}[value]
+  if value in (2, 3):
+    image = image[:, ::-1]
+  if value in (3, 4):
+    image = image[::-1]
+  return np.ascontiguousarray(image)
+
+
 def decode(data: bytes, path: str, reduce: int = 1,
            orient: bool = False) -> np.ndarray:
   """Encoded bytes as uint8 RGB [H, W, 3], optionally at 1/reduce scale.
@@ -63,11 +89,19 @@ def decode(data: bytes, path: str, reduce: int = 1,
   orient: turned as the EXIF orientation says (as a phone photo is shown);
   else the pixels as stored.
   """
-  flags = _FLAGS[reduce] | (0 if orient else cv2.IMREAD_IGNORE_ORIENTATION)
+  flags = _FLAGS[reduce] | cv2.IMREAD_IGNORE_ORIENTATION
   image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
   if image is None:
     raise ValueError(f'{path}: cannot decode image')
-  return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  try:
+    with Image.open(io.BytesIO(data)) as header:
+      value, tiff = orientation(header), header.format == 'TIFF'
+  except OSError:  # OpenCV decoded what Pillow cannot open: as stored
+    return image
+  if tiff:  # libtiff turns TIFFs itself, in OpenCV and Pillow alike
+    return image
+  return turned(image, value) if orient else image
 
 
 def _crop_square(image: np.ndarray, x0: float, y0: float,
@@ -110,19 +144,32 @@ def from_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
 
 def load(path: str, size: int, box: np.ndarray | None = None,
          margin: float = 0.0, orient: bool = False) -> np.ndarray:
-  """The base image: the face region of the file at path, S x S RGB uint8.
-
-  box: (x, y, w, h) in the stored image's pixels, or None (or NaN) for the
-  whole image, which is resized to a square. JPEGs are decoded at the
-  smallest DCT scale that still holds `size` pixels across the region.
-  orient (whole image only): turned as its EXIF orientation says.
-  """
+  """The base image: the face region of the file at path, S x S RGB uint8
+  (crop_encoded of its bytes)."""
   try:
     with open(path, 'rb') as f:
       data = f.read()
+  except OSError as e:
+    raise ValueError(f'{path}: cannot decode image: {e}') from e
+  return crop_encoded(data, path, size, box, margin, orient)
+
+
+def crop_encoded(data: bytes, path: str, size: int,
+                 box: np.ndarray | None = None, margin: float = 0.0,
+                 orient: bool = False) -> np.ndarray:
+  """The face region of an encoded image, S x S RGB uint8.
+
+  box: (x, y, w, h) in the image's pixels, or None (or NaN) for the whole
+  image, which is resized to a square. JPEGs are decoded at the smallest
+  DCT scale that still holds `size` pixels across the region. orient: the
+  image (and box) as its EXIF orientation shows it; else as stored.
+  """
+  try:
     with Image.open(io.BytesIO(data)) as header:
       width, height = header.size
       is_jpeg = header.format == 'JPEG'
+      if orient and orientation(header) in (5, 6, 7, 8):
+        width, height = height, width
   except OSError as e:
     raise ValueError(f'{path}: cannot decode image: {e}') from e
   whole = box is None or not np.all(np.isfinite(box))
@@ -133,7 +180,7 @@ def load(path: str, size: int, box: np.ndarray | None = None,
     raise ValueError(f'{path}: face box {np.asarray(box).tolist()} lies '
                      f'outside the {width}x{height} image')
   reduce = _reduction(min(region[2], width, height), size, is_jpeg)
-  image = decode(data, path, reduce, orient and whole)
+  image = decode(data, path, reduce, orient)
   if whole:
     return resize(image, size)
   # Each decoded pixel covers `reduce` stored ones (libjpeg rounds the

@@ -1,13 +1,14 @@
 """Decoding, the face crop and the augmentations match torchvision and NumPy."""
 
 import copy
+import io
 
 import cv2
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
 from configs import default
@@ -322,3 +323,41 @@ def test_an_image_past_pillows_default_limit_is_read_as_opencv_reads_it(
   Image.new('L', (13500, 13300), 90).save(path, compress_level=1)
   assert index.check_image(str(path))[:3] == (13500, 13300, 'L')
   assert Image.MAX_IMAGE_PIXELS * 2 == 2 ** 30  # OpenCV's limit
+
+
+def _with_orientation(pixels: np.ndarray, fmt: str, value: int) -> bytes:
+  exif = Image.Exif()
+  exif[0x0112] = value
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, fmt, exif=exif, **(
+      {'quality': 100} if fmt == 'JPEG' else {'lossless': True}
+      if fmt == 'WEBP' else {}))
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize('fmt', ['JPEG', 'PNG', 'WEBP', 'TIFF'])
+def test_every_exif_orientation_is_turned_as_pillow_turns_it(fmt):
+  """One reading of the EXIF (Pillow's) for every format: OpenCV misses it
+  in PNGs (and turns TIFFs itself, as Pillow's libtiff does)."""
+  pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), np.uint8)
+  for value in range(1, 9):
+    data = _with_orientation(pixels, fmt, value)
+    with Image.open(io.BytesIO(data)) as image:
+      assert images.orientation(image) == value
+      stored = np.asarray(image.convert('RGB'))
+      shown = (stored if fmt == 'TIFF' else
+               np.asarray(ImageOps.exif_transpose(image).convert('RGB')))
+    assert shown.shape[:2] == ((5, 7) if value < 5 else (7, 5))
+    np.testing.assert_array_equal(images.decode(data, 'x', orient=True),
+                                  shown, err_msg=f'{fmt} {value}')
+    np.testing.assert_array_equal(images.decode(data, 'x'), stored)
+
+
+def test_malformed_exif_is_no_orientation():
+  buffer = io.BytesIO()
+  Image.new('RGB', (6, 4), (10, 20, 30)).save(
+      buffer, 'JPEG', exif=b'Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff')
+  with Image.open(io.BytesIO(buffer.getvalue())) as image:
+    assert images.orientation(image) == 1
+  assert images.decode(buffer.getvalue(), 'x', orient=True).shape == (
+      4, 6, 3)

@@ -46,6 +46,7 @@ class Writer:
   def __init__(self, workdir: Path, active: bool):
     self.workdir, self.active = Path(workdir), active
     self._tensorboard = None  # opened by the first record
+    self._purge_step = None   # TensorBoard hides its events from this step
 
   def write(self, write_files: Callable, *args, **kwargs) -> None:
     """write_files(*args, **kwargs) in process 0 only."""
@@ -68,12 +69,13 @@ class Writer:
                 dynamic_ncols=True, mininterval=1.0, disable=not self.active)
 
   def keep_records_until(self, step: int) -> None:
-    """Drops metrics.jsonl lines past step: work lost to a crash, to be
-    done (and written) again."""
+    """Drops metrics.jsonl lines past step, and hides TensorBoard's events
+    past it: work lost to a crash, to be done (and written) again, once."""
     path = self.workdir / 'metrics.jsonl'
     records = files.read_jsonl(path) if self.active else []
     if any(r['step'] > step for r in records):
       files.write_jsonl(path, [r for r in records if r['step'] <= step])
+    self._purge_step = step + 1
 
   def record(self, record: dict, samples=None) -> None:
     """One line of metrics.jsonl and its scalars in TensorBoard.
@@ -85,7 +87,8 @@ class Writer:
       return
     files.append_jsonl(self.workdir / 'metrics.jsonl', record)
     if self._tensorboard is None:
-      self._tensorboard = summary_writer()(str(self.workdir / 'tb'))
+      self._tensorboard = summary_writer()(str(self.workdir / 'tb'),
+                                           purge_step=self._purge_step)
     step = record['step']
     for key, value in record.items():
       if key not in ('epoch', 'step') and value is not None:

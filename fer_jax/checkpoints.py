@@ -14,7 +14,9 @@ the best step recorded and the checkpoint kept are the same one.
 
 import copy
 import dataclasses
+import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -128,30 +130,100 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
       meta=ocp.args.JsonRestore())).meta
 
 
+# A read that fails without showing the checkpoint damaged (a MemoryError,
+# an I/O error of network storage) is tried READ_TRIES times in all, waiting
+# READ_BACKOFF_SECONDS, then twice that, ... in between.
+READ_TRIES = 3
+READ_BACKOFF_SECONDS = 2.0
+
+# What reading a checkpoint with a file missing, truncated or corrupted
+# raises (each file of a saved one tried): JSONDecodeError, UnicodeDecodeError
+# and FileNotFoundError for the JSON files, Orbax's KeyError for an item's
+# folder, and TensorStore's ValueErrors, which start with their status code:
+# these three, or no code (INVALID_ARGUMENT) or FAILED_PRECONDITION with a
+# decoding failure. TensorStore gives EIO, ESTALE and ETIMEDOUT as
+# FAILED_PRECONDITION and ENOMEM as RESOURCE_EXHAUSTED: not damage.
+_DAMAGED_CODES = ('NOT_FOUND:', 'DATA_LOSS:', 'OUT_OF_RANGE:')
+_UNDECODABLE = ('Error decoding', 'ZSTD_decompressStream() failed')
+
+
+def is_damaged(error: BaseException) -> bool:
+  """Whether error (or what it was raised from) shows the checkpoint's files
+  missing, truncated or unparsable, not a failure to read them."""
+  while error is not None:
+    if isinstance(error, (FileNotFoundError, json.JSONDecodeError,
+                          UnicodeDecodeError)):
+      return True
+    if isinstance(error, KeyError) and 'not found in the checkpoint' in str(
+        error):
+      return True
+    if type(error) is ValueError and (  # TensorStore's, not a subclass
+        str(error).startswith(_DAMAGED_CODES) or
+        any(failure in str(error) for failure in _UNDECODABLE)):
+      return True
+    error = error.__cause__
+  return False
+
+
+def _describe(error: BaseException) -> str:
+  """The error's type and the start of its message, for a log line."""
+  return f'{type(error).__name__}: {str(error)[:300]}'
+
+
+def _read_retrying(read: Callable[[int], Any], step: int, where: str
+                   ) -> tuple[Any, Exception | None]:
+  """(read(step), None), or (None, the error) once it shows the checkpoint
+  damaged or READ_TRIES tries failed. A UsageError is raised at once."""
+  for attempt in range(READ_TRIES):
+    try:
+      return read(step), None
+    except UsageError:  # read refuses it: no checkpoint of the run would do
+      raise
+    except Exception as e:  # noqa: BLE001  judged by the caller
+      if is_damaged(e) or attempt + 1 == READ_TRIES:
+        return None, e
+      wait = READ_BACKOFF_SECONDS * 2**attempt
+      logging.warning('%s: %s; trying again in %g s', where, _describe(e),
+                      wait)
+      time.sleep(wait)
+
+
+def _stop(where: str, error: Exception | None) -> None:
+  """Raises error (None: it came in another process), saying that no
+  checkpoint moves."""
+  if error is None:
+    raise RuntimeError(f'{where} could not be read in another process; no '
+                       'checkpoint was moved')
+  error.add_note(f'{where} could not be read ({READ_TRIES} tries) and the '
+                 'error does not show it damaged; no checkpoint was moved. '
+                 'Run again once the memory or the storage is back.')
+  raise error
+
+
 def latest_complete(manager: ocp.CheckpointManager,
                     read: Callable[[int], Any]) -> tuple[int, Any, list]:
   """(step, read(step)) of the latest checkpoint that reads in every
-  process, and the later steps that did not, each with a warning. A
-  UsageError from read (the same in every process) is raised at once.
+  process, and the later steps that did not as they are damaged, each with
+  a warning. A UsageError from read (the same in every process) is raised
+  at once; any other error that persists (see _read_retrying) and does not
+  show the checkpoint damaged stops every process, with none set aside.
 
   (None, None, []) without checkpoints; UsageError naming the folder when
   none reads.
   """
   broken = []
   for step in sorted(manager.all_steps(), reverse=True):
-    try:
-      value, error = read(step), None
-    except UsageError:  # read refuses it: no checkpoint of the run would do
-      raise
-    except Exception as e:  # noqa: BLE001  any unreadable checkpoint
-      value, error = None, e
+    where = f'{manager.directory}/{step}'
+    value, error = _read_retrying(read, step, where)
+    failed = error is not None and not is_damaged(error)
     # Every process resumes from the same step, or the steps' collectives
     # would pair different work.
+    if not distributed.everyone(not failed):
+      _stop(where, error if failed else None)
     if distributed.everyone(error is None):
       return step, value, broken
-    logging.warning('%s/%d is unreadable (%s)', manager.directory, step,
-                    f'{type(error).__name__}: {str(error)[:300]}' if error
-                    else 'in another process')
+    logging.warning('%s is unreadable (%s)', where,
+                    _describe(error) if error else 'in another process')
     broken.append(step)
   if broken:
     raise UsageError(f'{manager.directory}: no checkpoint is complete '
@@ -161,11 +233,15 @@ def latest_complete(manager: ocp.CheckpointManager,
 
 def set_aside(workdir: Path, steps: list[int]) -> None:
   """Moves unreadable checkpoints out of Orbax's way, to
-  workdir/checkpoints_unreadable/, where they stay for a look."""
+  workdir/checkpoints_unreadable/<step>, where they stay for a look; if
+  that is taken (set aside before), to <step>.2, <step>.3, ..."""
+  folder = Path(workdir) / 'checkpoints_unreadable'
   for step in steps:
-    target = Path(workdir) / 'checkpoints_unreadable' / str(step)
-    target.parent.mkdir(exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
+    folder.mkdir(exist_ok=True)
+    target, copies = folder / str(step), 1
+    while target.exists():
+      copies += 1
+      target = folder / f'{step}.{copies}'
     shutil.move(Path(workdir) / 'checkpoints' / str(step), target)
 
 

@@ -54,6 +54,15 @@ def write_bytes(path: Path, data: bytes) -> None:
     raise
 
 
+def remove_leftovers(folder: Path) -> list[Path]:
+  """Removes the temporary files that writes killed midway left in folder
+  (.<name>.<random>.tmp, not below it); returns them."""
+  found = sorted(p for p in Path(folder).glob('.*.tmp') if p.is_file())
+  for path in found:
+    path.unlink(missing_ok=True)
+  return found
+
+
 def write_text(path: Path, text: str) -> None:
   write_bytes(path, text.encode())
 

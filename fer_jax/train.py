@@ -262,6 +262,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       writer.write(workdir_lib.write_record, workdir, config, splits,
                    data_report, models.parameter_summary(variables))
     writer.write(workdir_lib.log_changes, workdir, changed)
+    for folder in (workdir, workdir / 'report'):  # only training writes here
+      writer.write(files.remove_leftovers, folder)
     if broken:
       writer.say(f'Checkpoints {broken} are unreadable; they move to '
                  'checkpoints_unreadable/')

@@ -119,6 +119,9 @@ def test_resume_mid_epoch_matches_uninterrupted(trained, tmp_path, capsys,
   epoch's metrics.jsonl line is there before its checkpoint is saved."""
   config, workdir, _ = trained
   resumed = killed_copy(trained, tmp_path)
+  # What a write killed midway leaves: removed at the next start.
+  leftover = resumed / '.metrics.jsonl.x1y2z3.tmp'
+  leftover.write_text('{"step": 9')
   config = config.copy_and_resolve_references()
   config.data.num_workers = num_workers
   save, lines_at_epoch_ends = checkpoints.save, []
@@ -135,6 +138,7 @@ def test_resume_mid_epoch_matches_uninterrupted(trained, tmp_path, capsys,
   assert ('Resuming from the checkpoint of step 16 (step 7 of 9 in epoch 2)'
           in capsys.readouterr().out)
   assert_same_records(workdir, resumed)
+  assert not leftover.exists()
   assert assert_same_params(config, workdir, resumed)['step'] == 18
   changes = files.read_jsonl(resumed / 'config_changes.jsonl')
   assert [c['changes'] for c in changes] == (

@@ -9,8 +9,21 @@ from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                'Experiment config file.', lock_config=True)
+
+
+def _config_error(error: Exception) -> str:
+  """One line for a --config file that does not load or an override of no
+  field (ml_collections reads them as the flag is defined)."""
+  if isinstance(error, (AttributeError, KeyError)):
+    return f'a --config override names no field of the config: {error}'
+  return f"--config: {' '.join(str(error).split())}"
+
+
+try:
+  config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                  'Experiment config file.', lock_config=True)
+except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
+  sys.exit(f'fer_jax: {_config_error(e)}')
 flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes; '
                     'ablate: runs/ablations/<config file name> by default.')
 flags.DEFINE_enum('mode', 'train',
@@ -44,13 +57,31 @@ def _quiet_libraries(record) -> bool:
   return record.levelno >= python_logging.WARNING or ours
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, its mistakes in one line: a --config override of
+  no field or of the wrong type, a config file that does not load."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as error:
+    sys.exit(f'fer_jax: {error} (python main.py --helpshort lists the '
+             'flags)')
+  except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
+    sys.exit(f'fer_jax: {_config_error(e)}')
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_libraries)
+  try:
+    'model' in FLAGS.config  # a config file that did not load raises here
+  except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
+    sys.exit(f'fer_jax: {_config_error(e)}')
   from fer_jax.errors import DataError, UsageError  # after flags: fast --help
   try:
     run_mode()
   except (UsageError, DataError) as error:  # the user's to fix: one line
+    if FLAGS.verbosity >= 1:  # -v 1: with its traceback
+      raise
     sys.exit(f'fer_jax: {error}')
 
 
@@ -121,4 +152,4 @@ def run_ablation() -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

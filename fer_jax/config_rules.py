@@ -242,6 +242,12 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
   _number(config, 'train.weight_decay', 0)
   _number(config, 'train.warmup_epochs', 0)
   _choice(config, 'train.schedule', ('cosine', 'step', 'constant'))
+  epochs = train.step_decay_epochs
+  if not (isinstance(epochs, (tuple, list)) and all(
+      isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0
+      for e in epochs)):
+    raise UsageError(f'train.step_decay_epochs: {epochs!r} is not a tuple '
+                     'of epochs (numbers > 0)')
   if train.schedule == 'step' and any(
       e <= train.warmup_epochs for e in train.step_decay_epochs):
     raise UsageError(f'train.step_decay_epochs: {train.step_decay_epochs} '

@@ -117,17 +117,42 @@ def test_rules_between_fields():
     config_rules.check(config, NUM_DEVICES)
 
 
-def test_main_says_a_bad_value_in_one_line_and_writes_nothing(tmp_path):
-  workdir = tmp_path / 'run'
-  result = subprocess.run(
-      [sys.executable, 'main.py', f'--workdir={workdir}',
-       '--config.train.batch_size=0'], cwd=ROOT, capture_output=True,
-      text=True, timeout=300)
-  assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      'fer_jax: train.batch_size: 0 is not an integer in [1, inf)')
-  assert 'Traceback' not in result.stderr
-  assert not workdir.exists()
+# Command lines a user may type wrong, each with what its one line names.
+BAD_COMMAND_LINES = [
+    (['--config.train.batch_size=0'],
+     'fer_jax: train.batch_size: 0 is not an integer in [1, inf)'),
+    (['--config.train.num_epochs=abc'], 'flag --config.train.num_epochs=abc'),
+    (['--config.data.image_size=1e9'], 'flag --config.data.image_size=1e9'),
+    (['--config.nonexistent=1'], 'names no field of the config'),
+    (['--config=configs/missing.py'], "'configs/missing.py'"),
+    (['--config=README.md'], '--config: '),
+    (['--config.train.step_decay_epochs=(1,x)'], 'train.step_decay_epochs'),
+    (['--config.data.classes=Happy,Happy'], 'data.classes'),
+    (['--config.data.layout=rafdb'], 'data.root: empty'),
+    (['--config.data.augment.crop_scale=(0.9,0.1)'],
+     'data.augment.crop_scale'),
+    (['--config.model.name=vgg'], "model.name: 'vgg'"),
+    (['--mode=bogus'], 'flag --mode=bogus'),
+]
+
+
+def test_bad_command_lines_are_refused_in_one_line_writing_nothing(
+    tmp_path):
+  """Each in a process of its own (all at once): exit status 1, one line
+  on stderr naming the flag or field, no traceback, no workdir."""
+  runs = [subprocess.Popen(
+      [sys.executable, 'main.py', f'--workdir={tmp_path / str(i)}', *args],
+      cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+          for i, (args, _) in enumerate(BAD_COMMAND_LINES)]
+  for i, (run, (args, named)) in enumerate(zip(runs, BAD_COMMAND_LINES)):
+    _, stderr = run.communicate(timeout=300)
+    lines = [l for l in stderr.splitlines() if l.strip() and
+             not l.startswith(('I1', 'W1'))]  # absl's log lines
+    assert run.returncode == 1, (args, stderr)
+    assert len(lines) == 1 and lines[0].startswith('fer_jax: '), (args,
+                                                                  stderr)
+    assert named in lines[0], (args, lines[0])
+    assert not (tmp_path / str(i)).exists()
 
 
 def test_meaning_changes_leave_out_how_fields_and_other_versions():

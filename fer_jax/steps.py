@@ -1,7 +1,7 @@
 """The train state, optimiser and the pmapped train and eval steps."""
 
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -19,7 +19,8 @@ AXIS = 'batch'  # the pmap axis: BatchNorm statistics and gradients span it
 # the rules it started with. 2: a frozen backbone's optimiser state kept
 # as initialised, class weights of mean 1 per example, EMA with a warm-up
 # and averaged BatchNorm statistics, the head in float32 under bfloat16.
-TRAINING_RULES = 2
+# 3: while the backbone is frozen, SAM perturbs the head alone.
+TRAINING_RULES = 3
 
 
 def rules_of(record: dict) -> int:
@@ -85,9 +86,17 @@ def _optimizer(config: ml_collections.ConfigDict,
                    "or 'sgd'")
 
 
+class Optimizer(NamedTuple):
+  """An optax transformation, and for how many steps it keeps the backbone
+  frozen (0: never)."""
+  init: Callable[[Any], Any]
+  update: Callable[..., tuple[Any, Any]]
+  frozen_steps: int = 0
+
+
 def create_optimizer(config: ml_collections.ConfigDict,
                      schedule: optax.Schedule,
-                     steps_per_epoch: int = 1) -> optax.GradientTransformation:
+                     steps_per_epoch: int = 1) -> Optimizer:
   """AdamW or SGD; weight decay skips biases and BatchNorm (1-D) parameters.
 
   train.grad_clip_norm > 0 first clips the gradients' global norm.
@@ -95,12 +104,14 @@ def create_optimizer(config: ml_collections.ConfigDict,
   steps_per_epoch steps) the backbone's updates are zero and its optimiser
   state (moments, step count) stays as initialised, so at the thaw it
   takes a fresh optimiser's first step, at the schedule's rate of that
-  step; while frozen, its gradients do not count in the clip norm.
+  step; while frozen, its gradients do not count in the clip norm (nor in
+  SAM's perturbation, train_step).
   """
   clip = config.get('grad_clip_norm', 0.0)
   if not config.get('freeze_backbone_epochs', 0.0):
     tx = _optimizer(config, schedule)
-    return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+    tx = optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
+    return Optimizer(tx.init, tx.update)
   frozen_steps = int(config.freeze_backbone_epochs * steps_per_epoch)
   # The backbone's own counter counts from the thaw; its rate follows the
   # run's step.
@@ -111,16 +122,26 @@ def create_optimizer(config: ml_collections.ConfigDict,
   tx = optax.multi_transform(
       {'backbone': backbone, 'head': _optimizer(config, schedule)},
       models.param_labels)
-  if not clip:
-    return tx
-  silenced = optax.multi_transform(
-      {'backbone': optax.transforms.conditionally_mask(optax.identity(),
-                                                       thawed),
-       'head': optax.identity()}, models.param_labels)
-  return optax.chain(silenced, optax.clip_by_global_norm(clip), tx)
+  if clip:
+    silenced = optax.multi_transform(
+        {'backbone': optax.transforms.conditionally_mask(optax.identity(),
+                                                         thawed),
+         'head': optax.identity()}, models.param_labels)
+    tx = optax.chain(silenced, optax.clip_by_global_norm(clip), tx)
+  return Optimizer(tx.init, tx.update, frozen_steps)
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
+def learning_gradients(grads: Any, step: jax.Array, frozen_steps: int) -> Any:
+  """grads with the backbone's zeroed while it is frozen (step <
+  frozen_steps): those of the parameters that learn at this step."""
+  if not frozen_steps:
+    return grads
+  frozen = step < frozen_steps
+  return {**grads, 'backbone': jax.tree.map(
+      lambda g: jnp.where(frozen, jnp.zeros_like(g), g), grads['backbone'])}
+
+
+def create_train_state(model: nn.Module, tx: Optimizer,
                        image_size: int, seed: int, init_from: str = '',
                        ema: bool = False) -> TrainState:
   """Initial parameters, BatchNorm statistics and optimiser state (one copy).
@@ -176,8 +197,7 @@ def normalise_images(images: jax.Array, mean_rgb, std_rgb) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation,
-               config: ml_collections.ConfigDict,
+               tx: Optimizer, config: ml_collections.ConfigDict,
                weights: np.ndarray | None) -> tuple[TrainState, dict]:
   """One step on this device's shard; run under pmap with axis AXIS.
 
@@ -216,10 +236,12 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
   rho = config.train.get('sam_rho', 0.0)
   if rho:
     # Sharpness-aware minimisation (Foret et al., 2021): the gradient at
-    # the steepest point within rho of the parameters. Metrics and
+    # the steepest point within rho of the parameters that learn (a frozen
+    # backbone stays put, as the clip norm leaves it out). Metrics and
     # BatchNorm statistics stay those of the parameters themselves.
-    scale = rho / (optax.tree.norm(grads) + 1e-12)
-    perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, grads)
+    ascent = learning_gradients(grads, state.step, tx.frozen_steps)
+    scale = rho / (optax.tree.norm(ascent) + 1e-12)
+    perturbed = jax.tree.map(lambda p, g: p + scale * g, state.params, ascent)
     grads = jax.lax.psum(jax.grad(loss_fn, has_aux=True)(perturbed)[0], AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   state = state.replace(params=optax.apply_updates(state.params, updates),
@@ -273,7 +295,7 @@ def flip_average(outputs: dict, mirrored: dict) -> dict:
   return {'logits': log_probs, 'va': (outputs['va'] + mirrored['va']) / 2}
 
 
-def pmap_steps(model: nn.Module, tx: optax.GradientTransformation,
+def pmap_steps(model: nn.Module, tx: Optimizer,
                config: ml_collections.ConfigDict,
                weights: np.ndarray | None = None, devices=None):
   """The train step (state donated) and eval step, pmapped over devices.

@@ -115,6 +115,14 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
   return inter / (box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter)
 
 
+def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
+  """The part of box (x, y, w, h) inside a width x height image: a face
+  at the edge is the part of it that shows."""
+  low = np.clip(box[:2], 0, (width, height))
+  high = np.clip(box[:2] + box[2:], 0, (width, height))
+  return np.concatenate([low, high - low])
+
+
 def weighted_nms(boxes: np.ndarray, scores: np.ndarray,
                  keypoints: np.ndarray) -> list[tuple]:
   """(box, score, keypoints) per face, best first: each group of
@@ -158,8 +166,9 @@ def create_detector(name: str, min_score: float, min_face_size: float
     raw, logits = (interpreter.get_tensor(d['index'])[0] for d in outputs)
     found = weighted_nms(*decode(raw, logits[:, 0], anchors, size,
                                  min_score))
-    faces = [Face(box * side + np.r_[origin, 0, 0], float(score),
-                  keypoints * side + origin)
+    shape = image.shape[1::-1]
+    faces = [Face(clip_box(box * side + np.r_[origin, 0, 0], *shape),
+                  float(score), keypoints * side + origin)
              for box, score, keypoints in found]
     return [f for f in faces if max(f.box[2:]) >= min_face_size]
 

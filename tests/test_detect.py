@@ -64,6 +64,13 @@ def test_boxes_are_in_the_pixels_of_the_image(detector, photos):
                              rtol=0.01)
 
 
+def test_boxes_are_clipped_to_the_image():
+  np.testing.assert_allclose(detect.clip_box(
+      np.array([-10.0, 5, 40, 200]), 100, 120), [0, 5, 30, 115])
+  np.testing.assert_allclose(detect.clip_box(
+      np.array([20.0, 30, 10, 10]), 100, 120), [20, 30, 10, 10])
+
+
 def test_letterbox_shrinks_before_it_pads(monkeypatch):
   """A wide photo's padding is added at the detector's size, not at the
   photo's (225 MB more for a 50-megapixel photo); its content maps back

@@ -144,7 +144,10 @@ def test_faces_in_photos_and_video_one_row_each_bad_inputs_named(
   straight, = rows['phone_upright.png']
   np.testing.assert_allclose(box(turned), box(straight), atol=0.06)
   probs = lambda row: np.array([float(row[f'prob_{n}']) for n in EXPRESSIONS])
-  np.testing.assert_allclose(probs(turned), probs(straight), atol=1e-6)
+  # Not to the bit: the JPEG's face is decoded at training's reduced DCT
+  # scale, the PNG's at full size (a few hundredths apart here).
+  assert turned['expression'] == straight['expression']
+  np.testing.assert_allclose(probs(turned), probs(straight), atol=0.05)
   # The video: a row per frame, times from the frame rate, two tracks.
   walk = rows['walk.mp4']
   assert [int(r['frame']) for r in walk] == list(range(12))

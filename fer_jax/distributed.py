@@ -116,13 +116,13 @@ def gather_json(value) -> list:
   return [json.loads(row[:n].tobytes()) for row, n in zip(everyone, sizes)]
 
 
-def primary_first(fn, *args, **kwargs):
-  """fn(...) in process 0, then in the others: what process 0 writes on the
-  way (the generated data set, the index cache) the others then read. If
-  it fails in process 0, every process raises, rather than waiting."""
+def on_primary(fn, *args, **kwargs):
+  """fn(...) in process 0 alone (None elsewhere). If it fails there (a
+  full disk), every process raises at once, rather than waiting for
+  process 0 in its next collective until the heartbeat timeout."""
   if jax.process_count() == 1:
     return fn(*args, **kwargs)
-  error = None
+  result, error = None, None
   if is_primary():
     try:
       result = fn(*args, **kwargs)
@@ -134,6 +134,12 @@ def primary_first(fn, *args, **kwargs):
   if failed:
     raise RuntimeError(f'{fn.__name__} failed in process 0 (its log says '
                        'why)')
-  if not is_primary():
-    result = fn(*args, **kwargs)
   return result
+
+
+def primary_first(fn, *args, **kwargs):
+  """fn(...) in process 0, then in the others: what process 0 writes on the
+  way (the generated data set, the index cache) the others then read. If
+  it fails in process 0, every process raises, rather than waiting."""
+  result = on_primary(fn, *args, **kwargs)
+  return fn(*args, **kwargs) if not is_primary() else result

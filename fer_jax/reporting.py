@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import jax
 import ml_collections
 from tqdm import tqdm
 
-from fer_jax import config_rules, figures, files
+from fer_jax import config_rules, distributed, figures, files
 from fer_jax.data.index import Records
 
 
@@ -49,8 +50,11 @@ class Writer:
     self._purge_step = None   # TensorBoard hides its events from this step
 
   def write(self, write_files: Callable, *args, **kwargs) -> None:
-    """write_files(*args, **kwargs) in process 0 only."""
-    if self.active:
+    """write_files(*args, **kwargs) in process 0 only. Every process calls
+    it: with several, a failure in process 0 stops them all at once."""
+    if jax.process_count() > 1:
+      distributed.on_primary(write_files, *args, **kwargs)
+    elif self.active:
       write_files(*args, **kwargs)
 
   def __enter__(self) -> 'Writer':
@@ -78,13 +82,15 @@ class Writer:
     self._purge_step = step + 1
 
   def record(self, record: dict, samples=None) -> None:
-    """One line of metrics.jsonl and its scalars in TensorBoard.
+    """One line of metrics.jsonl and its scalars in TensorBoard (every
+    process calls it; process 0 writes).
 
     samples: a function that draws a figure for TensorBoard (called by
     process 0 only).
     """
-    if not self.active:
-      return
+    self.write(self._record, record, samples)
+
+  def _record(self, record: dict, samples) -> None:
     files.append_jsonl(self.workdir / 'metrics.jsonl', record)
     if self._tensorboard is None:
       self._tensorboard = summary_writer()(str(self.workdir / 'tb'),

@@ -7,11 +7,14 @@ Trains the tiny config (2 epochs of 9 steps, a checkpoint every 4 steps)
 on the CPU devices XLA_FLAGS gives it, with NUM_WORKERS Grain worker
 processes (default 0), meeting the other processes at localhost:PORT, and
 writes every step's loss, as this process saw it, to
-WORKDIR/../losses_PROCESS_ID.json. The backbone stays frozen (only the
+WORKDIR/../losses_PROCESS_ID.json. With FAIL_WRITING=NAME in its
+environment, process 0 fails to write any JSON file called NAME. The backbone stays frozen (only the
 heads learn): test_distributed.py says why.
 """
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -40,10 +43,23 @@ def tiny_run_config(cache_dir: Path):
   return config
 
 
+def fail_writing(files, name: str) -> None:
+  """Makes files.write_json fail on a file called name, as a full disk."""
+  write_json = files.write_json
+
+  def failing(path, value):
+    if Path(path).name == name:
+      raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+    write_json(path, value)
+  files.write_json = failing
+
+
 def main(workdir, cache_dir, process_id, num_processes, port, num_workers=0):
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from fer_jax import distributed, steps, train
+  from fer_jax import distributed, files, steps, train
+  if os.environ.get('FAIL_WRITING') and process_id == '0':
+    fail_writing(files, os.environ['FAIL_WRITING'])
   if int(num_processes) > 1:
     distributed.initialize(f'localhost:{port}', int(num_processes),
                            int(process_id))

@@ -40,7 +40,10 @@ def random_variables(model, seed: int) -> dict:
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-@pytest.fixture(scope='module', params=['resnet18', 'efficientnet_b0'])
+# tf_efficientnet_b0: the HSEmotion import's (TensorFlow's SAME padding),
+# which its README example exports.
+@pytest.fixture(scope='module', params=['resnet18', 'efficientnet_b0',
+                                         'tf_efficientnet_b0'])
 def exported(request, tmp_path_factory):
   """A model with random variables: the uint8 images, evaluation's
   outputs on them, and the exported function and StableHLO artifact."""

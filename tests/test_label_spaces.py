@@ -158,3 +158,55 @@ def test_bad_rows_are_counted_by_reason_or_refused_in_one_line(tmp_path):
       'them in data_report.json)')
   assert 'Traceback' not in run.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def write_fer(root: Path, ferplus: bool) -> Path:
+  """fer2013.csv (and FERPlus's fer2013new.csv beside it): per class 3
+  Training, 1 PublicTest and 1 PrivateTest row, each face a grey level
+  that says its class."""
+  from tests.data.test_benchmark_sets import csv_text, pixel_text
+  from fer_jax.data import fer2013
+  k = 8 if ferplus else 7
+  usages = ['Training'] * 3 + ['PublicTest', 'PrivateTest']
+  rows = [(c, u) for c in range(k) for u in usages]
+  face = lambda c: np.full((48, 48), 20 + 28 * c, np.uint8)
+  root.mkdir(parents=True)
+  (root / 'fer2013.csv').write_text(csv_text(
+      ['emotion', 'pixels', 'Usage'],
+      [[str(c % 7), pixel_text(face(c)), u] for c, u in rows]))
+  if ferplus:  # votes: 7 for the class, 2 for the next, 1 unknown
+    votes = lambda c: [7 if i == c else 2 if i == (c + 1) % 8 else 0
+                       for i in range(8)] + [1, 0]
+    (root / 'fer2013new.csv').write_text(csv_text(
+        list(fer2013.FERPLUS_COLUMNS),
+        [[u, f'fer{i:07d}.png', *map(str, votes(c))]
+         for i, (c, u) in enumerate(rows)]))
+  return root
+
+
+@pytest.mark.parametrize('layout', ['fer2013', 'ferplus'])
+def test_fer2013_and_ferplus_runs_have_their_classes_everywhere(
+    layout, tmp_path):
+  """FER2013 (7 classes, pixels from the CSV) and FERPlus (8, trained on
+  the vote distributions): the head, the counts and the report in the
+  layout's own label space."""
+  config = tiny_config(tmp_path / 'cache')
+  config.data.update(layout=layout, root=str(write_fer(
+      tmp_path / layout, layout == 'ferplus')), ferplus_labels='probability')
+  config.train.num_epochs = 1
+  workdir = tmp_path / 'run'
+  metrics = train.train_and_evaluate(config, str(workdir))
+  classes = labels.PRESETS[layout]
+  report = json.loads((workdir / 'data_report.json').read_text())
+  assert report['classes'] == list(classes)
+  assert [report[s]['class_counts'] for s in ('train', 'val', 'test')] == [
+      [3] * len(classes), [1] * len(classes), [1] * len(classes)]
+  state, _, _ = inference.restore_state(config, workdir, None)
+  assert state.params['head']['expression']['kernel'].shape[-1] == len(
+      classes)
+  assert list(metrics['per_class']) == list(classes)
+  y_true, y_pred = expanded(metrics['confusion_matrix'])
+  assert metrics['macro_f1'] == pytest.approx(skm.f1_score(
+      y_true, y_pred, labels=list(range(len(classes))), average='macro',
+      zero_division=0))
+  assert metrics['valence_ccc'] is None

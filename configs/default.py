@@ -1,8 +1,8 @@
 """ResNet18 with the multitask head on the generated synthetic AffectNet set.
 
 Sized for a 2-core CPU: data generation, compilation, training and the test
-evaluation take about 5 minutes with AVX-512 (312 s), about 10 on a slower
-CPU with AVX2 only (BENCHMARKS.md).
+evaluation take 5-7 minutes with AVX-512 (312-392 s on two machines),
+about 10 on a slower CPU with AVX2 only (BENCHMARKS.md).
 
   python main.py                                   # this config, runs/default
   python main.py --config.train.num_epochs=10      # any field can be set

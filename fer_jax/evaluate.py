@@ -36,8 +36,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str,
   data_config.data.classes = ','.join(classes)
   splits, data_report = data.load_splits_all_processes(data_config)
   # The loss as the run trained it: class weights from its own record.
-  counts = (data_report if classes == model_classes else workdir_lib.read_json(
-      workdir / 'data_report.json'))['train']['class_counts']
+  record = (data_report if classes == model_classes else
+            workdir_lib.read_json(workdir / 'data_report.json'))
+  counts = record['train']['class_counts']
   weights = losses.configured_class_weights(config.train, counts)
   state, p_eval, step = inference.restore(config, workdir, checkpoint_step,
                                           weights)

@@ -39,8 +39,6 @@ def header(classes: tuple[str, ...] = EXPRESSIONS) -> list[str]:
           *(f'prob_{name}' for name in classes), 'valence', 'arousal']
 
 
-
-
 @dataclasses.dataclass
 class Crop:
   """One face to classify, and where it came from."""
@@ -74,11 +72,10 @@ def list_inputs(input_path: str) -> list[Path]:
   raise UsageError(f'--input: {input_path} is not a file or folder')
 
 
-def _shown_size(path: Path, width: int, height: int) -> tuple[int, int]:
+def _shown_size(path: Path) -> tuple[int, int]:
   """(width, height) as shown, after the EXIF orientation."""
   with Image.open(path) as image:
-    turned = images.orientation(image) in (5, 6, 7, 8)
-  return (height, width) if turned else (width, height)
+    return images.shown_size(image)
 
 
 def image_crops(path: Path, config: ml_collections.ConfigDict,
@@ -86,9 +83,9 @@ def image_crops(path: Path, config: ml_collections.ConfigDict,
   """The faces of one image file; the reason in tally if none."""
   size = config.data.image_size
   try:
-    width, height, _, _ = check_image(str(path))  # OpenCV decodes part of
-    if detector is None:                          # a truncated JPEG
-      box = np.array([0, 0, *_shown_size(path, width, height)], float)
+    check_image(str(path))  # OpenCV decodes part of a truncated JPEG
+    if detector is None:
+      box = np.array([0, 0, *_shown_size(path)], float)
       crop = images.load(str(path), size, orient=True)
       tally.frames += 1
       yield Crop(str(path), box, crop)
@@ -215,7 +212,7 @@ def _rows(results: list, smoothing: float, classes: tuple[str, ...]
     probs = video.smooth(probs, tracks, smoothing)
     va = video.smooth(va, tracks, smoothing)
   blank = lambda x, form: '' if x is None else form.format(x)
-  rows = []
+  columns, rows = header(classes), []
   for (crop, _, _), p, (valence, arousal) in zip(results, probs, va):
     label = int(p.argmax())
     values = [crop.path, blank(crop.frame, '{}'), blank(crop.time, '{:.3f}'),
@@ -223,7 +220,7 @@ def _rows(results: list, smoothing: float, classes: tuple[str, ...]
               *(f'{v:.1f}' for v in crop.box), blank(crop.score, '{:.4f}'),
               label, classes[label], *(f'{x:.6f}' for x in p),
               f'{valence:.6f}', f'{arousal:.6f}']
-    rows.append(dict(zip(header(classes), values)))
+    rows.append(dict(zip(columns, values)))
   return rows
 
 

@@ -4,8 +4,8 @@ Most layouts ('npy', 'csv', 'folders', 'rafdb'; 'synthetic' is generated
 in Layout A) have two released sets, read through the cached index
 (fer_jax.data.index): the one split into train and val (or test), and the
 released evaluation set. FER2013 and FERPlus release all three splits
-(Training, PublicTest, PrivateTest), taken as they are. `data.validation` selects the reference study's
-two protocols: 'holdout' (ResNet18): a seeded stratified split of
+(Training, PublicTest, PrivateTest), taken as they are. `data.validation`
+selects the reference study's two protocols: 'holdout' (ResNet18): a seeded stratified split of
 train_set into train and val (`data.val_fraction`), the released val_set as
 the balanced test set;
 'released' (EfficientNet-B0): the same split of train_set gives train and

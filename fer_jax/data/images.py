@@ -69,6 +69,13 @@ def orientation(header: Image.Image) -> int:
   return value if value in range(1, 9) else 1
 
 
+def shown_size(header: Image.Image) -> tuple[int, int]:
+  """(width, height) of an opened image as its EXIF orientation shows it."""
+  width, height = header.size
+  return (height, width) if orientation(header) in (5, 6, 7, 8) else (
+      width, height)
+
+
 def turned(image: np.ndarray, value: int) -> np.ndarray:
   """image as EXIF orientation `value` says it is shown (as Pillow's
   ImageOps.exif_transpose turns it)."""
@@ -94,14 +101,15 @@ def decode(data: bytes, path: str, reduce: int = 1,
   if image is None:
     raise ValueError(f'{path}: cannot decode image')
   image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  if not orient:  # as stored: no need to read the EXIF (training's path)
+    return image
   try:
     with Image.open(io.BytesIO(data)) as header:
       value, tiff = orientation(header), header.format == 'TIFF'
   except OSError:  # OpenCV decoded what Pillow cannot open: as stored
     return image
-  if tiff:  # libtiff turns TIFFs itself, in OpenCV and Pillow alike
-    return image
-  return turned(image, value) if orient else image
+  # libtiff turns TIFFs itself, in OpenCV and Pillow alike.
+  return image if tiff else turned(image, value)
 
 
 def _crop_square(image: np.ndarray, x0: float, y0: float,
@@ -166,10 +174,8 @@ def crop_encoded(data: bytes, path: str, size: int,
   """
   try:
     with Image.open(io.BytesIO(data)) as header:
-      width, height = header.size
+      width, height = shown_size(header) if orient else header.size
       is_jpeg = header.format == 'JPEG'
-      if orient and orientation(header) in (5, 6, 7, 8):
-        width, height = height, width
   except OSError as e:
     raise ValueError(f'{path}: cannot decode image: {e}') from e
   whole = box is None or not np.all(np.isfinite(box))

@@ -84,10 +84,10 @@ class Records:
     record = {'path': self.paths[i], 'label': self.labels[i],
               'va': self.va[i], 'va_mask': self.va_mask[i],
               'box': self.boxes[i]}
-    for field in ('images', 'pixels', 'soft'):
-      if getattr(self, field) is not None:
-        record[field[:-1] if field == 'images' else field] = getattr(
-            self, field)[i]
+    for key, values in (('image', self.images), ('pixels', self.pixels),
+                        ('soft', self.soft)):
+      if values is not None:
+        record[key] = values[i]
     return record
 
   def subset(self, index: np.ndarray) -> 'Records':
@@ -266,16 +266,16 @@ def to_records(index: dict, on_error: str,
   bad = index['error'] != ''
   if bad.any() and on_error == 'raise':
     raise DataError(str(index['error'][np.flatnonzero(bad)[0]]) +
-                     ' (data.on_error=skip drops such files and lists them '
-                     'in data_report.json)')
+                    ' (data.on_error=skip drops such files and lists them '
+                    'in data_report.json)')
   skipped = [{'path': str(p), 'reason': str(e)}
              for p, e in zip(index['path'][bad], index['error'][bad])]
   codes = index['code'].astype(np.int64)
   position = np.full(max(labels_lib.EXTRA_CODES) + 1, -1)
   position[[labels_lib.EXPRESSIONS.index(c) for c in classes]] = np.arange(
       len(classes))
-  labels = np.where(codes >= 0, position[np.clip(codes, 0, len(position) - 1)],
-                    -1)
+  labels = np.where(codes >= 0,
+                    position[np.clip(codes, 0, len(position) - 1)], -1)
   outside = ~bad & (labels < 0)
   names, counts = np.unique(codes[outside], return_counts=True)
   dropped = {labels_lib.code_name(int(c)): int(n)

@@ -383,13 +383,13 @@ def write_tables(workdir: Path, config: ml_collections.ConfigDict,
                               _class_shares(rows))
   files.write_text(workdir / 'ablation.md', markdown)
   names = [name for name, _ in config.ablate.variants]
+  classes = recall_classes(rows)
   finished = [r for r in rows if r['status'] == 'finished']
   values = {key: {n: [r[key] for r in finished if r['variant'] == n
                       and r.get(key) is not None] for n in names}
             for key in [*config.ablate.metrics,
-                        *(f'recall_{c}' for c in recall_classes(rows))]}
+                        *(f'recall_{c}' for c in classes)]}
   figures.plot_ablation(workdir / 'ablation.png', names,
-                        list(config.ablate.metrics), values,
-                        recall_classes(rows))
+                        list(config.ablate.metrics), values, classes)
   print(f'\n{markdown}\nTables in {workdir}: ablation.md, ablation.csv, '
         'ablation.png')

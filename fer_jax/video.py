@@ -40,7 +40,7 @@ def open_video(path: str) -> tuple[cv2.VideoCapture, float, int]:
 
 
 def frames(capture: cv2.VideoCapture, fps: float, every: int
-           ) -> Iterator[tuple[int, float, np.ndarray]]:
+           ) -> Iterator[tuple[int, float | None, np.ndarray]]:
   """(frame index, time in seconds, RGB frame) of every k-th frame.
 
   Time is the frame's own timestamp in the container (right for phone

@@ -11,6 +11,11 @@ FLAGS = flags.FLAGS
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+# What ml_collections raises for a --config file that does not load, or an
+# override of a field the config lacks.
+_CONFIG_ERRORS = (AttributeError, KeyError, OSError, SyntaxError, ImportError)
+
+
 def _config_error(error: Exception) -> str:
   """One line for a --config file that does not load or an override of no
   field (ml_collections reads them as the flag is defined)."""
@@ -22,7 +27,7 @@ def _config_error(error: Exception) -> str:
 try:
   config_flags.DEFINE_config_file('config', 'configs/default.py',
                                   'Experiment config file.', lock_config=True)
-except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
+except _CONFIG_ERRORS as e:
   sys.exit(f'fer_jax: {_config_error(e)}')
 flags.DEFINE_string('workdir', 'runs/default', 'Where the run writes; '
                     'ablate: runs/ablations/<config file name> by default.')
@@ -65,7 +70,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except flags.Error as error:
     sys.exit(f'fer_jax: {error} (python main.py --helpshort lists the '
              'flags)')
-  except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
+  except _CONFIG_ERRORS as e:
     sys.exit(f'fer_jax: {_config_error(e)}')
 
 
@@ -74,7 +79,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
     'model' in FLAGS.config  # a config file that did not load raises here
-  except (AttributeError, KeyError, OSError, SyntaxError, ImportError) as e:
+  except _CONFIG_ERRORS as e:
     sys.exit(f'fer_jax: {_config_error(e)}')
   from fer_jax.errors import DataError, UsageError  # after flags: fast --help
   try:

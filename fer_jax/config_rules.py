@@ -13,8 +13,8 @@ from typing import Any
 import ml_collections
 
 from fer_jax import detect, labels, losses, metrics, models
-from fer_jax.errors import UsageError
 from fer_jax.data import LAYOUTS
+from fer_jax.errors import UsageError
 
 # Fields that change how long a run trains, or where and how fast it reads
 # and writes, not what a checkpoint means: a resumed run may change them

@@ -6,7 +6,9 @@ face detector (predict.detector; 'none' when the inputs are face crops
 already, as AffectNet's are); each face is cropped as training crops a face
 box (a square of the box's longer side enlarged by the run's
 data.face_margin on every side, resized to data.image_size, RGB) and the
-crops go through the compiled evaluation step in batches.
+crops go through the model in batches. Finding, cutting and classifying
+faces is fer_jax.Recognizer's code (recognizer.py), so the Python API and
+this mode give the same numbers.
 predictions.csv has one row per face; skipped.csv names every input that
 gave none, with the reason. Both go to report/predict/<input>-step<N>
 [-flip]/, beside (never over) the run's record.
@@ -17,19 +19,17 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 from tqdm import tqdm
 
-from fer_jax import (annotate, config_rules, detect, files, inference, video,
+from fer_jax import (annotate, files, inference, recognizer, video,
                      workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
-from fer_jax.data import images, pipeline
-from fer_jax.data.index import IMAGE_SUFFIXES, check_image
-from fer_jax.labels import EXPRESSIONS, run_classes
+from fer_jax.data.index import IMAGE_SUFFIXES
+from fer_jax.labels import EXPRESSIONS
+from fer_jax.recognizer import Crop
 
 
 def header(classes: tuple[str, ...] = EXPRESSIONS) -> list[str]:
@@ -37,19 +37,6 @@ def header(classes: tuple[str, ...] = EXPRESSIONS) -> list[str]:
   return ['path', 'frame', 'time_s', 'face', 'track', 'x', 'y', 'w', 'h',
           'score', 'expression_id', 'expression',
           *(f'prob_{name}' for name in classes), 'valence', 'arousal']
-
-
-@dataclasses.dataclass
-class Crop:
-  """One face to classify, and where it came from."""
-  path: str
-  box: np.ndarray          # x, y, w, h in the (EXIF-turned) image or frame
-  image: np.ndarray        # the S x S RGB crop
-  face: int = 0            # its rank in the image, best detection first
-  score: float | None = None  # the detector's; None without a detector
-  frame: int | None = None    # videos: the frame index, its time, the track
-  time: float | None = None
-  track: int | None = None
 
 
 @dataclasses.dataclass
@@ -72,39 +59,18 @@ def list_inputs(input_path: str) -> list[Path]:
   raise UsageError(f'--input: {input_path} is not a file or folder')
 
 
-def _shown_size(path: Path) -> tuple[int, int]:
-  """(width, height) as shown, after the EXIF orientation."""
-  with Image.open(path) as image:
-    return images.shown_size(image)
-
-
 def image_crops(path: Path, config: ml_collections.ConfigDict,
                 detector: Callable | None, tally: Tally) -> Iterator[Crop]:
   """The faces of one image file; the reason in tally if none."""
-  size = config.data.image_size
   try:
-    check_image(str(path))  # OpenCV decodes part of a truncated JPEG
-    if detector is None:
-      box = np.array([0, 0, *_shown_size(path)], float)
-      crop = images.load(str(path), size, orient=True)
-      tally.frames += 1
-      yield Crop(str(path), box, crop)
-      return
-    data = path.read_bytes()
-    faces = detector(images.decode(data, str(path), orient=True))
-    # Each face cut as training cuts a face box of the file (a JPEG at
-    # the same reduced scale), from the image as shown.
-    crops = [images.crop_encoded(data, str(path), size, face.box,
-                                 config.data.face_margin, orient=True)
-             for face in faces]
+    crops = recognizer.file_crops(path, config, detector)
   except (ValueError, OSError) as e:
     _skip(tally, path, str(e))
     return
   tally.frames += 1
-  if not faces:
+  if not crops:
     _skip(tally, path, f'{path}: no face found ({_detector_text(config)})')
-  for rank, (face, crop) in enumerate(zip(faces, crops)):
-    yield Crop(str(path), face.box, crop, rank, face.score)
+  yield from crops
 
 
 def video_crops(path: Path, config: ml_collections.ConfigDict,
@@ -115,27 +81,18 @@ def video_crops(path: Path, config: ml_collections.ConfigDict,
   except ValueError as e:
     _skip(tally, path, str(e))
     return
-  every, size = config.predict.video_every, config.data.image_size
-  tracker, num_frames, num_faces = video.Tracker(), 0, 0
+  every = config.predict.video_every
+  num_frames, num_faces = 0, 0
   total = -(-count // every) if count else None
   try:
     with tqdm(total=total, unit='frame', desc=path.name, leave=False) as bar:
-      for index, seconds, frame in video.frames(capture, fps, every):
+      for _, _, crops in recognizer.frame_crops(capture, fps, path, config,
+                                                detector, every):
         num_frames += 1
+        num_faces += len(crops)
         tally.frames += 1
         bar.update()
-        if detector is None:
-          box = np.array([0, 0, frame.shape[1], frame.shape[0]], float)
-          yield Crop(str(path), box, images.resize(frame, size),
-                     frame=index, time=seconds, track=0)
-          continue
-        faces = detector(frame)
-        tracks = tracker.update([face.box for face in faces])
-        num_faces += len(faces)
-        for rank, (face, track) in enumerate(zip(faces, tracks)):
-          yield Crop(str(path), face.box, images.face_crop(
-              frame, face.box, config.data.face_margin, size), rank,
-                     face.score, index, seconds, track)
+        yield from crops
   finally:
     capture.release()
   if not num_frames:
@@ -154,37 +111,6 @@ def _detector_text(config: ml_collections.ConfigDict) -> str:
 def _skip(tally: Tally, path: Path, reason: str) -> None:
   logging.warning('Skipping %s', reason)
   tally.skipped.append([str(path), reason])
-
-
-def _batches(items, batch_size: int):
-  batch = []
-  for item in items:
-    batch.append(item)
-    if len(batch) == batch_size:
-      yield batch
-      batch = []
-  if batch:
-    yield batch
-
-
-def classify(crops: Iterator[Crop], state, p_eval: Callable,
-             batch_size: int) -> Iterator[tuple[Crop, np.ndarray,
-                                                np.ndarray]]:
-  """(crop, probabilities [K], valence/arousal [2]) of each crop, in
-  batches through the pmapped evaluation step."""
-  num_devices = jax.local_device_count()
-  for chunk in _batches(crops, batch_size):
-    n = len(chunk)
-    batch = {'image': np.stack([crop.image for crop in chunk]),
-             'label': np.zeros(n, np.int32), 'va': np.zeros((n, 2), np.float32),
-             'va_mask': np.zeros(n, bool), 'mask': np.ones(n, bool)}
-    batch = pipeline.pad_and_shard(batch, batch_size, num_devices)
-    out = jax.device_get(p_eval(state, batch))
-    probs = out['probs'].reshape(batch_size, -1)[:n]
-    va = np.clip(out['va'].reshape(batch_size, 2)[:n], -1, 1)
-    for crop, p, v in zip(chunk, probs, va):
-      crop.image = None  # the pixels are done with
-      yield crop, p, v
 
 
 def _all_crops(paths: list[Path], config, detector, tally: Tally):
@@ -228,31 +154,23 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
             checkpoint_step: int | None = None) -> Path:
   """Writes predictions.csv for the faces at input_path; returns its path."""
   workdir = Path(workdir)
-  config = inference.trained_config(config, workdir)
-  config_rules.check(config, jax.device_count(), training=False)
   paths = list_inputs(input_path)
-  detector = (None if config.predict.detector == 'none' else
-              detect.create_detector(config.predict.detector,
-                                     config.predict.min_score,
-                                     config.predict.min_face_size))
-  state, p_eval, step = inference.restore(config, workdir, checkpoint_step)
-  tally = Tally()
+  rec = recognizer.Recognizer.from_workdir(
+      workdir, checkpoint_step, config.eval.tta, config=config)
+  config, tally = rec.config, Tally()
   if not paths:
     _skip(tally, Path(input_path), f'{input_path}: no images '
           f'({", ".join(IMAGE_SUFFIXES)}) or videos '
           f'({", ".join(video.SUFFIXES)}): no files at all')
-  size, batch_size = config.data.image_size, config.train.eval_batch_size
-  blank = Crop('', np.zeros(4), np.zeros((size, size, 3), np.uint8))
-  list(classify(iter([blank]), state, p_eval, batch_size))  # compiles
   start = time.perf_counter()
-  results = list(classify(_all_crops(paths, config, detector, tally),
-                          state, p_eval, batch_size))
-  seconds = time.perf_counter() - start
-  classes = run_classes(config)
+  results = list(rec.classify(_all_crops(paths, config, rec.detector,
+                                         tally)))
+  seconds = time.perf_counter() - start - rec.compile_seconds
+  classes = rec.classes
   rows = _rows(results, config.predict.smoothing, classes)
   input_name = Path(input_path).resolve().name or 'input'
   folder = workdir_lib.output_dir(
-      workdir, 'predict', inference.output_name(input_name, step, config))
+      workdir, 'predict', inference.output_name(input_name, rec.step, config))
   output = folder / 'predictions.csv'
   files.write_csv(output, header(classes), rows)
   if tally.skipped:

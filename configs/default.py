@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict()
   # 'resnet18' | 'efficientnet_b0' | 'tf_efficientnet_b0' (TensorFlow's
-  # padding and BatchNorm epsilon: HSEmotion's models, --mode=import)
+  # padding and BatchNorm epsilon: HSEmotion's models, --mode=import) |
+  # 'tiny_cnn' (three convolutions: smoke runs and the tests, no baseline)
   config.model.name = 'resnet18'
   config.model.dtype = 'float32'          # compute dtype: 'float32' | 'bfloat16'
   config.model.init_from = ''             # torchvision .pth/.safetensors backbone

@@ -12,9 +12,10 @@ from fer_jax.labels import NUM_CLASSES
 from fer_jax.models.efficientnet import EfficientNetB0, TFEfficientNetB0
 from fer_jax.models.heads import FERModel, MultitaskHead
 from fer_jax.models.resnet import ResNet18
+from fer_jax.models.tiny import TinyCNN
 
 BACKBONES = {'resnet18': ResNet18, 'efficientnet_b0': EfficientNetB0,
-             'tf_efficientnet_b0': TFEfficientNetB0}
+             'tf_efficientnet_b0': TFEfficientNetB0, 'tiny_cnn': TinyCNN}
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 

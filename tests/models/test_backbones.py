@@ -337,3 +337,42 @@ def test_kernel_choices_share_parameters_outputs_and_gradients(
   config.kernels = 'fft'
   with pytest.raises(ValueError, match="model.kernels: 'fft'"):
     models.create_model(config).init(jax.random.PRNGKey(0), x)
+
+
+class TorchTinyCNN(torch.nn.Module):
+  """tiny_cnn written in torch, by its documented topology."""
+
+  def __init__(self):
+    super().__init__()
+    widths = (3, 16, 32, 64)
+    for i in range(3):
+      setattr(self, f'conv{i + 1}', torch.nn.Conv2d(
+          widths[i], widths[i + 1], 3, stride=2, padding=1, bias=False))
+      setattr(self, f'bn{i + 1}', torch.nn.BatchNorm2d(widths[i + 1]))
+
+  def forward(self, x):
+    for i in range(1, 4):
+      x = torch.relu(getattr(self, f'bn{i}')(getattr(self, f'conv{i}')(x)))
+    return x.mean((2, 3))
+
+
+def test_tiny_cnn_computes_what_its_torch_twin_computes(tmp_path):
+  """The tests' lifecycle runs train tiny_cnn: its topology (strides,
+  padding, BatchNorm's epsilon) against torch, through the loader."""
+  model, variables = make('tiny_cnn')
+  torch.manual_seed(0)
+  net = TorchTinyCNN()
+  with torch.no_grad():
+    for module in net.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.running_mean.uniform_(-0.3, 0.3)
+        module.running_var.uniform_(0.5, 2.0)
+        module.weight.uniform_(0.5, 1.5)
+  torch.save(net.state_dict(), tmp_path / 'tiny.pth')
+  loaded = pretrained.load_pretrained(variables, tmp_path / 'tiny.pth')
+  x = np.random.default_rng(0).normal(size=(2, 33, 33, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = net.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  got = np.asarray(jax.jit(model.apply)(loaded, x)['features'])
+  assert got.shape == (2, 64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -261,9 +261,9 @@ class Recognizer:
     """The forward function compiled for a batch of size crops."""
     if size not in self._compiled:
       start = time.perf_counter()
-      num_devices, image = jax.local_device_count(), self.config.data.image_size
+      image, devices = self.config.data.image_size, jax.local_device_count()
       shape = jax.ShapeDtypeStruct(
-          (num_devices, size // num_devices, image, image, 3), np.uint8)
+          (devices, size // devices, image, image, 3), np.uint8)
       self._compiled[size] = self._forward.lower(self._variables,
                                                  shape).compile()
       self.compile_seconds += time.perf_counter() - start

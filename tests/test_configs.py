@@ -68,8 +68,8 @@ def test_config_checks_builds_its_model_and_trains(name):
   config_rules.check(config, NUM_DEVICES)
   # Its own backbone traced; its loss terms, class weights, optimiser and
   # schedule compiled and run on tiny_cnn (ResNet18's compile cost 20-40
-  # s a config; the backbones' steps are compiled in test_backbones and
-  # test_train).
+  # s a config; the backbones' steps are compiled in test_backbones, and
+  # both train in the notebook's runs, test_notebook).
   assert_step_traces(config)
   config.model.name = 'tiny_cnn'
   before, after, metrics = train_step(config)

@@ -1,5 +1,7 @@
 """notebooks/walkthrough.ipynb, run top to bottom as a reader runs it."""
 
+import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -28,7 +30,17 @@ def test_walkthrough_runs_top_to_bottom_and_shows_its_figures(
            if 'image/png' in output.get('data', {})]
   # Samples, curves, confusion matrix, VA scatter, the annotated photo.
   assert len(shown) == 5
-  assert (tmp_path / 'efficientnet_b0' / 'report' / 'test_metrics.json'
-          ).exists()
+  # EfficientNet-B0 end to end (the suite's only EfficientNet training
+  # run): its dropout trains, every test image is reported once, and the
+  # record names its 4,007,548 backbone parameters.
+  effnet = tmp_path / 'efficientnet_b0'
+  saved = json.loads((effnet / 'config.json').read_text())['model']
+  assert (saved['name'], saved['dropout_rate']) == ('efficientnet_b0', 0.2)
+  report = json.loads((effnet / 'report' / 'test_metrics.json').read_text())
+  assert sum(c['support'] for c in report['per_class'].values()) == 32
+  assert report['epochs_trained'] == 1 and 0 <= report['accuracy'] <= 1
+  summary = (effnet / 'model_summary.txt').read_text()
+  assert re.search(r'total params backbone +4,007,548', summary)
+  assert 'stage7_0/dw_conv/kernel' in summary
   assert list((tmp_path / 'resnet18' / 'report' / 'export').glob(
       'model-step*/model.onnx'))

@@ -308,21 +308,6 @@ def test_diverging_loss_stops_keeps_the_last_checkpoint_and_its_workers(
   assert len(files.read_jsonl(diverged / 'metrics.jsonl')) == 2
 
 
-def test_efficientnet_b0_trains_and_evaluates_end_to_end(config, tmp_path,
-                                                         capsys):
-  config.model.name = 'efficientnet_b0'
-  config.model.dropout_rate = 0.2
-  config.train.num_epochs = 1
-  metrics = train.train_and_evaluate(config, str(tmp_path))
-  assert 'params backbone 4,007,548' in capsys.readouterr().out
-  report = json.loads((tmp_path / 'report' / 'test_metrics.json').read_text())
-  assert report['accuracy'] == pytest.approx(metrics['accuracy'])
-  assert sum(report['per_class'][n]['support'] for n in report['per_class']) \
-      == config.data.synthetic.num_val
-  assert 'stage7_0/dw_conv/kernel' in (tmp_path / 'model_summary.txt'
-                                       ).read_text()
-
-
 def _wait(process, condition, timeout=300.0) -> bool:
   """Polls condition() until true (True) or the process ends (False)."""
   deadline = time.monotonic() + timeout

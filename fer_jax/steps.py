@@ -327,8 +327,12 @@ def shard(tree: Any, devices=None) -> Any:
 def replicate(tree: Any, devices=None) -> Any:
   """One copy of tree on every local device (or on devices), as pmap expects."""
   count = len(devices or jax.local_devices())
-  return shard(jax.tree.map(lambda x: np.stack([np.asarray(x)] * count),
-                            tree), devices)
+  # One transfer of every leaf to the host, then views, not copies, of
+  # each: leaf by leaf with np.stack this took 1.1 s for ResNet18's state.
+  host = jax.device_get(tree)
+  return shard(jax.tree.map(
+      lambda x: np.broadcast_to(np.asarray(x), (count, *np.shape(x))),
+      host), devices)
 
 
 def _local_shards(x: jax.Array) -> list:

@@ -325,7 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         ranked = _end_epoch(writer, progress, config, num_steps,
                             schedule(done - 1), rate, val_metrics,
                             functools.partial(_sample_figure, splits['val'],
-                                              val_out, config))
+                                              val_out, config)
+                            if config.train.num_sample_images else None)
       checkpoints.save(manager, done, steps.unreplicate(state),
                        dataclasses.asdict(progress),
                        {'first_step': first_step,

@@ -267,8 +267,11 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
 
 def test_tied_validation_keeps_the_first_best_everywhere(config, tmp_path):
   """val_num_examples is the same every epoch: a tie, whose earliest
-  epoch is the best in the progress, the checkpoints kept and the report."""
+  epoch is the best in the progress, the checkpoints kept and the report.
+  With train.num_sample_images 0 (no TensorBoard samples; it divided by
+  zero once)."""
   config.train.best_metric = 'val_num_examples'
+  config.train.num_sample_images = 0
   config.train.keep_checkpoints = 1
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert metrics['best_epoch'] == 1 and metrics['checkpoint_step'] == 9

@@ -58,13 +58,6 @@ def export_model_config(config: ml_collections.ConfigDict
   return model
 
 
-def eval_variables(state: steps.TrainState) -> dict:
-  """The variables evaluation uses: the EMA ones when the run kept them."""
-  if state.ema_params is None:
-    return {'params': state.params, 'batch_stats': state.batch_stats}
-  return {'params': state.ema_params, 'batch_stats': state.ema_batch_stats}
-
-
 def serving_fn(config: ml_collections.ConfigDict, variables: dict
                ) -> Callable[[jax.Array], tuple]:
   """uint8 images [B, S, S, 3] -> (probs, logits, va), as eval_step
@@ -303,7 +296,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path,
   if config.eval.tta != 'none':
     logging.warning('eval.tta=%s is not exported: the graphs read each '
                     'image once', config.eval.tta)
-  fn = serving_fn(config, jax.device_get(eval_variables(state)))
+  fn = serving_fn(config, jax.device_get(steps.eval_variables(state)))
   size = config.data.image_size
   staging = folder.with_name(f'.{folder.name}.{secrets.token_hex(4)}.tmp')
   staging.mkdir(parents=True)

@@ -82,12 +82,7 @@ def forward(variables: dict, images: jax.Array, *, model,
   """probs, logits and valence/arousal of one device's uint8 crops, as
   evaluation computes them (eval.tta 'flip': the image and its mirror
   averaged, the logits being log-probabilities then)."""
-  x = steps.normalise_images(images, config.data.mean_rgb,
-                             config.data.std_rgb)
-  outputs = model.apply(variables, x, train=False)
-  if config.eval.tta == 'flip':
-    outputs = steps.flip_average(outputs, model.apply(
-        variables, x[:, :, ::-1], train=False))
+  outputs = steps.eval_outputs(model, variables, images, config)
   return {'probs': jax.nn.softmax(outputs['logits']),
           'logits': outputs['logits'], 'va': outputs['va']}
 
@@ -251,11 +246,7 @@ class Recognizer:
     function = detector if callable(detector) else _detector(config)
     state, step, _ = inference.restore_state(config, workdir,
                                              checkpoint_step)
-    variables = ({'params': state.params, 'batch_stats': state.batch_stats}
-                 if state.ema_params is None else
-                 {'params': state.ema_params,
-                  'batch_stats': state.ema_batch_stats})
-    return cls(config, variables, step, function)
+    return cls(config, steps.eval_variables(state), step, function)
 
   def _executable(self, size: int) -> Callable:
     """The forward function compiled for a batch of size crops."""

@@ -263,23 +263,35 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
   valence/arousal averaged (flip_average). With train.ema_decay > 0 the
   averaged parameters and BatchNorm statistics are evaluated.
   """
-  images = normalise_images(batch['image'], config.data.mean_rgb,
-                            config.data.std_rgb)
-  variables = ({'params': state.params, 'batch_stats': state.batch_stats}
-               if state.ema_params is None else
-               {'params': state.ema_params,
-                'batch_stats': state.ema_batch_stats})
-  outputs = model.apply(variables, images, train=False)
-  tta = config.get('eval', {}).get('tta', 'none')
-  if tta == 'flip':
-    outputs = flip_average(outputs, model.apply(variables, images[:, :, ::-1],
-                                                train=False))
-  elif tta != 'none':
-    raise ValueError(f"eval.tta: {tta!r} is not 'none' or 'flip'")
+  outputs = eval_outputs(model, eval_variables(state), batch['image'],
+                         config)
   sums = jax.lax.psum(losses.loss_sums(
       outputs, batch, config.train.label_smoothing, weights), AXIS)
   return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
           'sums': sums}
+
+
+def eval_variables(state: TrainState) -> dict:
+  """The variables evaluation uses: the EMA ones when the run kept them."""
+  if state.ema_params is None:
+    return {'params': state.params, 'batch_stats': state.batch_stats}
+  return {'params': state.ema_params, 'batch_stats': state.ema_batch_stats}
+
+
+def eval_outputs(model: nn.Module, variables: dict, images: jax.Array,
+                 config: ml_collections.ConfigDict) -> dict:
+  """The model's logits and valence/arousal of uint8 images in evaluation
+  mode; under eval.tta 'flip' averaged with the mirror's (flip_average:
+  the logits are log-probabilities then)."""
+  x = normalise_images(images, config.data.mean_rgb, config.data.std_rgb)
+  outputs = model.apply(variables, x, train=False)
+  tta = config.get('eval', {}).get('tta', 'none')
+  if tta == 'flip':
+    return flip_average(outputs, model.apply(variables, x[:, :, ::-1],
+                                             train=False))
+  if tta != 'none':
+    raise ValueError(f"eval.tta: {tta!r} is not 'none' or 'flip'")
+  return outputs
 
 
 def flip_average(outputs: dict, mirrored: dict) -> dict:

@@ -124,9 +124,9 @@ def test_rewrites_equal_the_primitives_they_replace():
 def test_evaluation_reads_the_ema_weights_when_kept():
   plain = steps.TrainState(step=0, params='p', batch_stats='s', opt_state=(),
                            rng=None)
-  assert export.eval_variables(plain) == {'params': 'p', 'batch_stats': 's'}
+  assert steps.eval_variables(plain) == {'params': 'p', 'batch_stats': 's'}
   ema = plain.replace(ema_params='ep', ema_batch_stats='es')
-  assert export.eval_variables(ema) == {'params': 'ep', 'batch_stats': 'es'}
+  assert steps.eval_variables(ema) == {'params': 'ep', 'batch_stats': 'es'}
 
 
 def test_export_of_a_trained_run(finished):

@@ -110,6 +110,9 @@ def tiny_config(cache_dir: Path):
   config.train.batch_size = 8
   config.train.eval_batch_size = 16
   config.train.log_every_steps = 2
+  # TensorBoard's sample figures cost about a second an epoch, a tenth of
+  # a tiny main.py process; the shared `trained` run draws them.
+  config.train.num_sample_images = 0
   return config
 
 
@@ -134,6 +137,7 @@ def trained(tmp_path_factory, data_cache):
   # keeping 5 keeps epoch 1's (step 9) for the evaluation tests.
   config.train.checkpoint_every_steps = 4
   config.train.keep_checkpoints = 5
+  config.train.num_sample_images = 8
   workdir = tmp_path_factory.mktemp('run')
   metrics = train.train_and_evaluate(config, str(workdir))
   before = tree_digest(workdir)

@@ -2,10 +2,11 @@
 localhost) train and evaluate as 1 process x 4 devices, and resume.
 
 Why the backbone is frozen in these runs: float sums over 2 + 2 devices
-and over 4 are rounded in a different order (1e-7), and the tiny config
-(8 images a step, 1x1 maps in layer4, BatchNorm over 8 values) turns that
-into differences of 0.1-3 % in the whole network's gradients by step 2 or
-3, through ReLU and max-pool choices that flip. One process with 2
+and over 4 are rounded in a different order (1e-7), and a tiny config
+(8 images a step; with ResNet18, the tests' backbone when this was
+measured, 1x1 maps in layer4 and BatchNorm over 8 values) turns that into
+differences of 0.1-3 % in the whole network's gradients by step 2 or 3,
+through ReLU and max-pool choices that flip. One process with 2
 devices parts from one with 4 just as fast: that is the config, not the
 processes. With the heads alone learning, every step's loss, the
 evaluations and the final parameters of the whole run can be compared to
@@ -264,29 +265,3 @@ def test_two_processes_resume_mid_epoch_from_their_checkpoint(runs, tmp_path,
     np.testing.assert_array_equal(b[key], a[key], err_msg=key)
   assert (read_json(workdir / 'report' / 'test_metrics.json')['accuracy'] ==
           read_json(two / 'report' / 'test_metrics.json')['accuracy'])
-
-
-def test_bad_data_in_process_0_stops_every_process(tmp_path):
-  """Process 0 reads the data first; when it fails, the others stop with
-  a pointer to it, rather than waiting for it at the barrier."""
-  (tmp_path / 'empty').mkdir()  # a folder (the config passes), no data
-  command = [sys.executable, str(ROOT / 'main.py'), f'--workdir={tmp_path}',
-             '--config.data.layout=npy', f'--config.data.root={tmp_path}/empty']
-  outputs = launch(lambda i, port: [
-      *command, f'--coordinator_address=localhost:{port}',
-      '--num_processes=2', f'--process_id={i}'], 2, 1, succeed=False)
-  assert f'{tmp_path}/empty' in outputs[0]
-  assert 'load_splits failed in process 0' in outputs[1]
-
-
-def test_a_failed_write_in_process_0_stops_every_process(tmp_path,
-                                                        monkeypatch):
-  """Process 0 alone writes the record; when that fails (a full disk),
-  the others stop with a pointer to it at once, rather than waiting for
-  it in the next step until the heartbeat timeout (100 s)."""
-  monkeypatch.setenv('FAIL_WRITING', 'data_report.json')
-  outputs = launch(lambda i, port: [
-      sys.executable, 'tests/multi_process.py', str(tmp_path / 'run'),
-      str(tmp_path / 'cache'), str(i), '2', str(port)], 2, 1, succeed=False)
-  assert 'No space left on device' in outputs[0]
-  assert 'write_record failed in process 0' in outputs[1]

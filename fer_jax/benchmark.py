@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import data, files, labels, models, steps
+from fer_jax import data, errors, files, labels, models, steps
 from fer_jax.data import pipeline
 from fer_jax.models.layers import kernels_impl
 
@@ -144,7 +144,7 @@ def check_pipeline_size(config: ml_collections.ConfigDict, num_records: int,
   needed = (config.benchmark.warmup_steps
             + config.benchmark.pipeline_batches) * batch_size
   if num_records < needed:
-    raise ValueError(
+    raise errors.UsageError(
         f'benchmark.pipeline_batches: {needed} training images needed, the '
         f'train split has {num_records}; raise data.synthetic.num_train')
 
@@ -220,10 +220,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   devices = jax.local_devices()
   bench = config.benchmark
   rows, records = [], {}
-  for name, batch_size, image_size, dtype in _grid(bench):
+  for _, batch_size, image_size, _ in _grid(bench):  # refused before timing
     if batch_size % len(devices):
-      raise ValueError(f'benchmark.batch_sizes: {batch_size} is not divisible'
-                       f' by {len(devices)} devices')
+      raise errors.UsageError(f'benchmark.batch_sizes: {batch_size} is not '
+                              f'divisible by {len(devices)} devices')
+    if bench.pipeline:
+      if image_size not in records:
+        records[image_size] = pipeline_records(
+            data_config(config, image_size))
+      check_pipeline_size(config, len(records[image_size]), batch_size)
+  for name, batch_size, image_size, dtype in _grid(bench):
     row_config = step_config(config, name, batch_size, image_size, dtype)
     row = {'framework': 'jax', 'model': name, 'batch_size': batch_size,
            'image_size': image_size, 'dtype': dtype,
@@ -236,11 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     step_row, compiled, holder = benchmark_step(row_config, devices)
     row.update(step_row)
     if bench.pipeline:
-      if image_size not in records:
-        records[image_size] = pipeline_records(
-            data_config(config, image_size))
       row_config = data_config(row_config, image_size)
-      check_pipeline_size(row_config, len(records[image_size]), batch_size)
       row.update(benchmark_pipeline(row_config, records[image_size],
                                     len(devices)))
       row.update(benchmark_fed(row_config, records[image_size], len(devices),

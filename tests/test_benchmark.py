@@ -10,6 +10,7 @@ import torch
 from benchmarks import compare, profile_step, torch_reference
 from configs import benchmark as benchmark_config
 from fer_jax import benchmark
+from fer_jax.errors import UsageError
 from tests.conftest import NUM_DEVICES, tiny_config
 
 KEYS = ('model', 'batch_size', 'image_size', 'dtype', 'num_devices',
@@ -62,7 +63,7 @@ def test_flops_are_per_image_whatever_the_batch(rows):
 def test_too_few_images_for_the_pipeline_benchmark_names_the_fix(rows):
   config = benchmark_config.get_config()
   config.benchmark.pipeline_batches = 1000
-  with pytest.raises(ValueError, match='data.synthetic.num_train'):
+  with pytest.raises(UsageError, match='data.synthetic.num_train'):
     benchmark.check_pipeline_size(config, num_records=100, batch_size=32)
 
 

@@ -14,13 +14,13 @@ totals weighted by how often ResNet18 has the layer.
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import dnnl_conv
+from bench_resnet import times_ms
 
 try:
   import torch
@@ -95,16 +95,8 @@ def steps(h, c_in, c_out, k, s, p) -> dict:
 
 def median_ms(fns: dict, rounds: int, iters: int) -> dict:
   """Median over rounds of each function's mean time, in turns."""
-  for fn in fns.values():
-    fn(), fn()  # compile, warm up
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(iters):
-        fn()
-      times[name].append((time.perf_counter() - start) / iters * 1e3)
-  return {name: float(np.median(t)) for name, t in times.items()}
+  return {name: float(np.median(t))
+          for name, t in times_ms(fns, rounds, iters).items()}
 
 
 def bench(px: int, rounds: int, iters: int) -> dict:

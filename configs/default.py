@@ -1,7 +1,7 @@
 """ResNet18 with the multitask head on the generated synthetic AffectNet set.
 
 Sized for a 2-core CPU: data generation, compilation, training and the test
-evaluation take 5-7 minutes with AVX-512 (312-392 s on two machines),
+evaluation take 5-8 minutes with AVX-512 (312-441 s, BENCHMARKS.md),
 about 10 on a slower CPU with AVX2 only (BENCHMARKS.md).
 
   python main.py                                   # this config, runs/default

@@ -74,19 +74,18 @@ def test_bfloat16_step_is_close_to_float32_with_a_float32_head(
   Training-mode BatchNorm over the last stages' 16 values (2 x 2 maps of
   4 images) amplifies bfloat16's rounding; the bounds leave a margin."""
   name, _, variables = flax_model
-  loss16, grads16, out16, *_ = training_step(name, variables, 'library',
-                                             'bfloat16')
-  loss32, grads32, *_ = training_step(name, variables, 'library')
+  low = training_step(name, variables, 'library', 'bfloat16')
+  full = training_step(name, variables, 'library')
   flat = lambda tree: np.concatenate(
       [np.ravel(g) for g in jax.tree.leaves(tree)]).astype(np.float64)
-  grad16, grad32 = flat(grads16), flat(grads32)
+  grad16, grad32 = flat(low.grads), flat(full.grads)
   cosine = grad16 @ grad32 / np.linalg.norm(grad16) / np.linalg.norm(grad32)
-  assert loss16 == pytest.approx(loss32, rel=0.03)
+  assert low.loss == pytest.approx(full.loss, rel=0.03)
   assert cosine > 0.8
   # The head's outputs are not bfloat16 numbers (8 significant bits) cast
   # to float32, as a bfloat16 head's were.
   for key in ('logits', 'va'):
-    value = np.asarray(out16[key])
+    value = np.asarray(low.outputs[key])
     as_bf16 = np.asarray(jnp.asarray(value, jnp.bfloat16), np.float32)
     assert value.dtype == np.float32 and np.mean(as_bf16 == value) < 0.5
 

@@ -25,9 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.hidden_size = 0            # 0: Dense(8) and Dense(2) on the features
   config.model.va_activation = 'tanh'     # keeps valence/arousal in [-1, 1]
   # 'cpu': depthwise convolutions as shifted sums, 1x1, strided and
-  # small-map ones as matmuls (1.5-70x faster on XLA:CPU); 'library': XLA's
-  # convolutions (faster on GPUs); 'auto' picks by backend. Same
-  # parameters and results.
+  # small-map ones as matmuls (1.5-70x faster on XLA:CPU), max pooling's
+  # gradient without select-and-scatter; 'library': XLA's own (faster on
+  # GPUs); 'auto' picks by backend. Same parameters and results.
   config.model.kernels = 'auto'
 
   config.data = ml_collections.ConfigDict()

@@ -109,6 +109,53 @@ def _conv_backward(strides, pad, residuals, dy):
 conv_matmul_grad.defvjp(_conv_forward, _conv_backward)
 
 
+def _pool_views(x: jax.Array, k: int, strides: int, pad: int):
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+              constant_values=-jnp.inf)
+  return x, strided_views(x, k, strides)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x: jax.Array, k: int, strides: int, pad: int) -> jax.Array:
+  """k x k max pooling (padding never wins), whose gradient goes to each
+  window's first maximum in row-major order, as XLA's and PyTorch's do.
+
+  XLA:CPU differentiates reduce_window max as select-and-scatter, expanded
+  into four int32 iotas of the padded input, a five-output reduce-window
+  and a scatter: about 9% of ResNet18's train step at 72 px. Here the
+  gradient is k*k masked, interior-padded copies of dy (BENCHMARKS.md).
+  """
+  _, views = _pool_views(x, k, strides, pad)
+  return functools.reduce(jnp.maximum, (view for _, view in views))
+
+
+def _pool_forward(x, k, strides, pad):
+  y = max_pool(x, k, strides, pad)
+  return y, (x, y)
+
+
+def _pool_backward(k, strides, pad, residuals, dy):
+  x, y = residuals
+  padded, views = _pool_views(x, k, strides, pad)
+  height, width = padded.shape[1:3]
+  out_h, out_w = y.shape[1:3]
+  zero = jnp.zeros((), dy.dtype)
+  taken = jnp.zeros(y.shape, bool)
+  dx = jnp.zeros(padded.shape, dy.dtype)
+  for (i, j), view in views:
+    first = (view == y) & ~taken
+    taken = taken | first
+    dx = dx + jax.lax.pad(jnp.where(first, dy, zero), zero, (
+        (0, 0, 0),
+        (i, height - i - (out_h - 1) * strides - 1, strides - 1),
+        (j, width - j - (out_w - 1) * strides - 1, strides - 1),
+        (0, 0, 0)))
+  return (dx[:, pad:height - pad, pad:width - pad],)
+
+
+max_pool.defvjp(_pool_forward, _pool_backward)
+
+
 class CpuConv(nn.Module):
   """A bias-free convolution with nn.Conv's parameters, written for XLA:CPU.
 
@@ -178,10 +225,10 @@ def torch_style_layers(dtype: Any, train: bool, momentum: float,
 def kernels_impl(name: str) -> str:
   """model.kernels resolved: 'auto' is 'cpu' on the CPU, else 'library'.
 
-  'cpu': depthwise convolutions as shifted sums, and 1x1, strided and
-  small-map ones as matmuls (CpuConv), which XLA:CPU runs fast; 'library':
-  lax.conv_general_dilated, which cuDNN runs fast. Same parameters and
-  results either way.
+  'cpu': depthwise convolutions as shifted sums, 1x1, strided and
+  small-map ones as matmuls (CpuConv), and max_pool, which XLA:CPU runs
+  fast; 'library': lax.conv_general_dilated and reduce_window, which cuDNN
+  and XLA:GPU run fast. Same parameters and results either way.
   """
   if name == 'auto':
     return 'cpu' if jax.default_backend() == 'cpu' else 'library'

@@ -5,7 +5,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fer_jax.models.layers import kernels_impl, torch_style_layers
+from fer_jax.models.layers import (kernels_impl, max_pool,
+                                   torch_style_layers)
 
 
 class BasicBlock(nn.Module):
@@ -42,12 +43,15 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    kernels = kernels_impl(self.kernels)
     conv, norm = torch_style_layers(self.dtype, train, self.bn_momentum,
-                                    self.bn_epsilon, self.axis_name,
-                                    kernels_impl(self.kernels))
+                                    self.bn_epsilon, self.axis_name, kernels)
     x = conv(64, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if kernels == 'cpu':
+      x = max_pool(x, 3, 2, 1)
+    else:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, features in enumerate((64, 128, 256, 512)):
       for block in range(2):
         strides = 2 if stage > 0 and block == 0 else 1

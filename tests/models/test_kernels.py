@@ -3,10 +3,12 @@ rounding) numbers as XLA's own convolutions and float32."""
 
 from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from configs import default
 from fer_jax import models
@@ -228,3 +230,30 @@ def test_kernel_choices_share_parameters_outputs_and_gradients(
   config.kernels = 'fft'
   with pytest.raises(ValueError, match="model.kernels: 'fft'"):
     models.create_model(config).init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize('shape,k,strides,pad', [
+    ((2, 36, 36, 4), 3, 2, 1), ((2, 9, 10, 3), 3, 2, 1),
+    ((1, 7, 7, 2), 2, 2, 0)])
+def test_max_pool_gradient_goes_to_the_first_maximum_as_xla_and_torch(
+    shape, k, strides, pad):
+  """Values from {0, 1, 2}: most windows hold their maximum twice or more,
+  so a gradient split between ties, or sent to the last one, fails."""
+  rng = np.random.default_rng(k + pad)
+  x = rng.integers(0, 3, shape).astype(np.float32)
+  ours, ours_vjp = jax.vjp(lambda x: layers.max_pool(x, k, strides, pad), x)
+  xla, xla_vjp = jax.vjp(lambda x: nn.max_pool(
+      x, (k, k), (strides, strides), ((pad, pad), (pad, pad))), x)
+  dy = rng.normal(size=ours.shape).astype(np.float32)
+  x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  y_torch = torch.nn.functional.max_pool2d(x_torch, k, strides, pad)
+  y_torch.backward(torch.tensor(dy.transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(ours, xla)
+  np.testing.assert_array_equal(ours, y_torch.detach().numpy().transpose(
+      0, 2, 3, 1))
+  got, = ours_vjp(dy)
+  # Where windows overlap, a pixel sums dy of up to four windows, in
+  # another order than XLA's scatter.
+  np.testing.assert_allclose(got, xla_vjp(dy)[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, x_torch.grad.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-6, atol=1e-6)

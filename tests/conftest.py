@@ -56,6 +56,26 @@ sys.path.insert(0, str(ROOT))
 from configs import default  # noqa: E402
 
 
+# pytest-xdist (pytest.ini: --dist loadfile --no-loadscope-reorder) hands
+# each worker a whole file at a time, in the order collected; the suite
+# ends when the last file started ends. These files take longest (seconds
+# of a run on 2 cores, BENCHMARKS.md), so they start first and the short
+# ones fill the gaps: longest-first, not xdist's default most-tests-first,
+# which started the 110 s notebook last.
+LONGEST_FIRST = ('test_notebook.py', 'models/test_kernels.py',
+                 'test_ablate.py', 'test_train.py', 'test_distributed.py',
+                 'test_steps.py', 'test_configs.py', 'test_export.py')
+
+
+def pytest_collection_modifyitems(items):
+  """Files of LONGEST_FIRST first, in its order; the others as collected."""
+  def rank(item):
+    path = Path(item.fspath).relative_to(ROOT / 'tests').as_posix()
+    return (LONGEST_FIRST.index(path) if path in LONGEST_FIRST
+            else len(LONGEST_FIRST))
+  items.sort(key=rank)
+
+
 def command_line(config, workdir) -> list[str]:
   """main.py with the flags that turn the default config into config."""
   from fer_jax import config_rules

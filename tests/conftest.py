@@ -70,7 +70,7 @@ LONGEST_FIRST = ('test_notebook.py', 'models/test_kernels.py',
 def pytest_collection_modifyitems(items):
   """Files of LONGEST_FIRST first, in its order; the others as collected."""
   def rank(item):
-    path = Path(item.fspath).relative_to(ROOT / 'tests').as_posix()
+    path = item.path.relative_to(ROOT / 'tests').as_posix()
     return (LONGEST_FIRST.index(path) if path in LONGEST_FIRST
             else len(LONGEST_FIRST))
   items.sort(key=rank)

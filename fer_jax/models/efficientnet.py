@@ -9,8 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fer_jax.models.layers import (conv_init, kernels_impl, strided_views,
-                                    sum_over_batch_chunks,
+from fer_jax.models.layers import (conv_init, kernels_impl, pad_spatial,
+                                    strided_views, sum_over_batch_chunks,
                                     torch_style_layers)
 
 # torchvision's MBConv stages of B0: (expand ratio, kernel, stride,
@@ -42,11 +42,6 @@ def _shifted_sum(x: jax.Array, kernel: jax.Array, strides: int) -> jax.Array:
              strided_views(x, kernel.shape[0], strides)).astype(x.dtype)
 
 
-def _pad(x: jax.Array, pad: int) -> jax.Array:
-  """x [B, H, W, C] with pad zeros on each side of its rows and columns."""
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def depthwise_shifted(x: jax.Array, kernel: jax.Array, strides: int,
                       pad: int) -> jax.Array:
@@ -57,7 +52,7 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, strides: int,
   library's is faster (BENCHMARKS.md). The input gradient is the same kind
   of sum over the (dilated) output gradient, one fusion instead of k*k pads.
   """
-  return _shifted_sum(_pad(x, pad), kernel, strides)
+  return _shifted_sum(pad_spatial(x, pad), kernel, strides)
 
 
 def _depthwise_forward(x, kernel, strides, pad):
@@ -74,7 +69,7 @@ def _kernel_grad_taps(x: jax.Array, dy: jax.Array, k: int, strides: int,
   dy = dy.astype(jnp.float32)
   return jnp.stack([
       jnp.sum(view.astype(jnp.float32) * dy, axis=(0, 1, 2))
-      for _, view in strided_views(_pad(x, pad), k, strides)])
+      for _, view in strided_views(pad_spatial(x, pad), k, strides)])
 
 
 def _transposed_pads(size: int, out: int, k: int, strides: int,

@@ -11,6 +11,12 @@ import jax.numpy as jnp
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def pad_spatial(x: jax.Array, pad: int, value: float = 0.0) -> jax.Array:
+  """x [B, H, W, C] with pad values on each side of its rows and columns."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+                 constant_values=value)
+
+
 def strided_views(x: jax.Array, k: int, strides: int):
   """The k*k views of x [B, H, W, C] that a k x k window with this stride
   reads (no padding): yields ((i, j), x[:, i + strides*h, j + strides*w])."""
@@ -29,7 +35,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: int,
                 pad: int) -> jax.Array:
   """A convolution as one 2-D matmul of the k*k strided views of x."""
   k, channels = kernel.shape[0], x.shape[-1]
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  x = pad_spatial(x, pad)
   patches = jnp.concatenate(
       [view for _, view in strided_views(x, k, strides)], axis=-1)
   y = jnp.dot(patches.reshape(-1, k * k * channels),
@@ -95,8 +101,7 @@ def _conv_backward(strides, pad, residuals, dy):
   dx, = input_vjp(dy)
 
   def taps(x, dy):
-    views = strided_views(jnp.pad(x, ((0, 0), (pad, pad), (pad, pad),
-                                      (0, 0))), kernel.shape[0], strides)
+    views = strided_views(pad_spatial(x, pad), kernel.shape[0], strides)
     dy = dy.reshape(-1, dy.shape[-1])
     return jnp.stack([
         jnp.dot(view.reshape(-1, x.shape[-1]).T, dy,
@@ -110,8 +115,7 @@ conv_matmul_grad.defvjp(_conv_forward, _conv_backward)
 
 
 def _pool_views(x: jax.Array, k: int, strides: int, pad: int):
-  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
-              constant_values=-jnp.inf)
+  x = pad_spatial(x, pad, -jnp.inf)
   return x, strided_views(x, k, strides)
 
 

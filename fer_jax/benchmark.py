@@ -235,7 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
            'image_size': image_size, 'dtype': dtype,
            'num_devices': len(devices), 'device_kind': devices[0].device_kind,
            'backend': jax.default_backend(), 'jax': jax.__version__,
-           'mode': 'pmap', 'host': platform.node()}
+           'mode': 'pmap', 'host': platform.node(),
+           'xla_flags': os.environ.get('XLA_FLAGS', '')}
     row['kernels'] = kernels_impl(config.model.get('kernels', 'auto'))
     logging.info('benchmark: %s bs %d %d px %s', name, batch_size, image_size,
                  dtype)

@@ -1,6 +1,7 @@
 """--mode=benchmark, the PyTorch reference rows and compare.py's ratios."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -40,6 +41,7 @@ def test_benchmark_json_has_a_row_per_configuration(rows):
   for row in rows:
     assert all(row[k] is not None for k in KEYS)
     assert row['num_devices'] == NUM_DEVICES
+    assert row['xla_flags'] == os.environ['XLA_FLAGS']  # what ran, recorded
     assert row['loss_finite']
     assert row['step_ms_p10'] <= row['step_ms_median'] <= row['step_ms_p90']
     np.testing.assert_allclose(

@@ -1,6 +1,6 @@
 """Why XLA:CPU's convolutions stay on YNNPACK: a wrong gradient on Eigen at -O0.
 
-  python benchmarks/xla_cpu_eigen_o0.py
+  python -m benchmarks.xla_cpu_eigen_o0
 
 ResNet18's stem, layer1 and the first block of layer2 (model.kernels='cpu',
 training-mode BatchNorm, 4 images of 64 px), the gradient of sum(sin(y))

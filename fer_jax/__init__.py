@@ -13,6 +13,10 @@ The Python API (README: Python API), imported on first use so that
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the annotations only: `import fer_jax` stays fast
+  import ml_collections
 
 
 class _TrainModule(types.ModuleType):

@@ -25,9 +25,10 @@ def xla_flags(devices: int) -> str:
   XLA's older fusion emitters (`--xla_cpu_use_fusion_emitters=false`, a
   flag of jaxlib 0.10.2) halve compiling again at -O0: EfficientNet-B0's
   32 px gradient 8.3-9.9 -> 4.0-5.3 s, ResNet18's 2.8-3.2 -> 1.3-1.4 s;
-  the suite 412-478 -> 392 s. Users keep XLA's defaults (at -O2 the older
-  emitters compile ResNet18's step in 24-26 s against 16-18 s, for no
-  faster step); test_kernels checks that their gradient is the suite's.
+  the suite 412 and 479 -> 380 and 392 s. Users keep XLA's defaults (at
+  -O2 the older emitters compile ResNet18's step in 24-26 s against 16-18
+  s, for no faster step); test_kernels checks that their gradient is the
+  suite's.
   """
   ours = [f'--xla_force_host_platform_device_count={devices}',
           '--xla_backend_optimization_level=0']

@@ -150,8 +150,9 @@ def test_users_compiler_settings_give_the_suites_gradients(training_step):
   a CPU), which the other tests check against XLA's convolutions and
   PyTorch, is the same at both (measured: 5e-6 of the largest gradient):
   the numbers checked at the suite's setting are the users'. XLA:CPU's
-  code paths can differ: Eigen's convolutions gave gradients 10% off at
-  -O0 alone (benchmarks/xla_cpu_eigen_o0.py)."""
+  code paths can differ: in one program Eigen's convolutions gave
+  gradients 10% off at -O0 and right ones at -O2
+  (benchmarks/xla_cpu_eigen_o0.py)."""
   _, variables = make('resnet18')
   step = training_step('resnet18', variables)
   users = step.lower().compile(compiler_options={

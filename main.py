@@ -4,8 +4,13 @@ import logging as python_logging
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from fer_jax import hugepages
+
+if __name__ == '__main__':  # first: glibc reads GLIBC_TUNABLES as a process starts
+  hugepages.restart_with_huge_pages()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -103,6 +108,7 @@ def run_mode() -> None:
     logging.set_verbosity(logging.WARNING)  # process 0 tells the story
   logging.info('JAX devices: %d in %d processes, %s here', jax.device_count(),
                jax.process_count(), jax.local_devices())
+  logging.info(hugepages.describe())
   if jax.process_count() > 1 and FLAGS.mode not in ('train', 'evaluate'):
     raise app.UsageError(f'--mode={FLAGS.mode} runs in one process; '
                          'several processes train and evaluate')

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import data, errors, files, labels, models, steps
+from fer_jax import data, errors, files, hugepages, labels, models, steps
 from fer_jax.data import pipeline
 from fer_jax.models.layers import kernels_impl
 
@@ -236,7 +236,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
            'num_devices': len(devices), 'device_kind': devices[0].device_kind,
            'backend': jax.default_backend(), 'jax': jax.__version__,
            'mode': 'pmap', 'host': platform.node(),
-           'xla_flags': os.environ.get('XLA_FLAGS', '')}
+           'xla_flags': os.environ.get('XLA_FLAGS', ''),
+           'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+           'transparent_hugepages': hugepages.thp_mode()}
     row['kernels'] = kernels_impl(config.model.get('kernels', 'auto'))
     logging.info('benchmark: %s bs %d %d px %s', name, batch_size, image_size,
                  dtype)

@@ -42,6 +42,12 @@ def xla_flags(devices: int) -> str:
 
 # Must be set before jax is first imported by any test module.
 os.environ['XLA_FLAGS'] = xla_flags(NUM_DEVICES)
+# Small pages, so that no main.py process of the tests restarts itself
+# (fer_jax/hugepages.py; test_hugepages checks that restart). The tests'
+# programs are tiny: with huge pages, test_kernels, test_steps and
+# test_train took 25-28 s of system time against 16-18 s, for no shorter
+# run. The xdist workers start after this and inherit it.
+os.environ.setdefault('GLIBC_TUNABLES', '')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests (and the main.py processes they start) compile the same tiny
 # steps: XLA's executables are kept on disk for the session and reused.

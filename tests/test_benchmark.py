@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import compare, profile_step, torch_reference
 from configs import benchmark as benchmark_config
-from fer_jax import benchmark
+from fer_jax import benchmark, hugepages
 from fer_jax.errors import UsageError
 from tests.conftest import NUM_DEVICES, tiny_config
 
@@ -42,6 +42,8 @@ def test_benchmark_json_has_a_row_per_configuration(rows):
     assert all(row[k] is not None for k in KEYS)
     assert row['num_devices'] == NUM_DEVICES
     assert row['xla_flags'] == os.environ['XLA_FLAGS']  # what ran, recorded
+    assert row['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', '')
+    assert row['transparent_hugepages'] == hugepages.thp_mode()
     assert row['loss_finite']
     assert row['step_ms_p10'] <= row['step_ms_median'] <= row['step_ms_p90']
     np.testing.assert_allclose(

@@ -3,7 +3,8 @@
 Each configuration (model x dtype x image size x batch) runs as child
 processes that alternate, JAX then PyTorch, for --rounds rounds, so slow
 drifts of a shared machine hit both alike; each side's fastest median over
-the rounds is kept. Prints one line per configuration with JAX img/s over
+the rounds is kept. Both run with the memory pages that main.py gives
+itself (README: Memory pages). Prints one line per configuration with JAX img/s over
 PyTorch's (eager and compiled) and writes compare.json to --out.
 
   python benchmarks/compare.py                      # CPU: 32 x 112 px, float32
@@ -21,7 +22,16 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from fer_jax import hugepages  # noqa: E402
 from fer_jax.benchmark import format_table  # noqa: E402
+
+
+def child_environment() -> dict:
+  """Both sides run with the memory pages main.py gives itself
+  (fer_jax/hugepages.py), so that PyTorch has them too."""
+  environ = dict(os.environ)
+  return hugepages.restart_environment(
+      environ, hugepages.thp_mode(), hugepages.glibc_version()) or environ
 
 
 def jax_command(model: str, batch_size: int, image_size: int, dtype: str,
@@ -51,7 +61,8 @@ def run_child(command: list[str], path: str, timeout: int) -> list[dict]:
   """The rows a child wrote to path; an error row if it failed."""
   try:
     result = subprocess.run(command, cwd=ROOT, capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=timeout,
+                            env=child_environment())
     if result.returncode == 0 and os.path.exists(path):
       with open(path) as f:
         return json.load(f)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torchvision
 
+from fer_jax import hugepages
 from fer_jax.benchmark import format_table
 
 MEAN_RGB = (0.485, 0.456, 0.406)
@@ -112,6 +113,8 @@ def benchmark_row(name: str, mode: str, batch_size: int, image_size: int,
                       or 'cpu'),
       'backend': device.type, 'torch': torch.__version__,
       'host': platform.node(),
+      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'transparent_hugepages': hugepages.thp_mode(),
       'threads': torch.get_num_threads(),
       'compile_s': first_s - median if mode == 'compile' else None,
       'first_step_s': first_s,

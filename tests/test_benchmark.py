@@ -76,17 +76,29 @@ def test_torch_reference_row_matches_the_jax_row_format():
                                       torch.device('cpu'), 1, 2)
   assert row['framework'] == 'torch' and row['loss_finite']
   assert all(row[k] is not None for k in KEYS if k != 'compile_s')
+  assert row['glibc_tunables'] == os.environ.get('GLIBC_TUNABLES', '')
+  assert row['transparent_hugepages'] == hugepages.thp_mode()
   np.testing.assert_allclose(
       row['images_per_sec'], row['batch_size'] / row['step_ms_median'] * 1e3)
 
 
-def test_compare_ratios_and_failed_children(tmp_path):
+def test_compare_ratios_and_failed_children(tmp_path, monkeypatch):
   jax_rows = [{'images_per_sec': 30.0}, {'images_per_sec': 40.0},
               {'error': 'x'}]
   torch_rows = [{'images_per_sec': 20.0, 'mode': 'eager'}]
   assert compare.fastest(jax_rows)['images_per_sec'] == 40.0
   assert compare.ratio(compare.fastest(jax_rows), torch_rows[0]) == 2.0
   assert compare.ratio(None, torch_rows[0]) is None
+  # Each child, PyTorch's too, gets the memory pages main.py gives itself
+  # (here, where the tests left GLIBC_TUNABLES unset).
+  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
+  env = tmp_path / 'env.json'
+  compare.run_child([sys.executable, '-c', 'import json, os; json.dump('
+                     f'dict(os.environ), open({str(env)!r}, "w"))'],
+                    str(env), timeout=60)
+  pages = hugepages.restart_environment(
+      dict(os.environ), hugepages.thp_mode(), hugepages.glibc_version())
+  assert json.loads(env.read_text()) == (pages or dict(os.environ))
   failed = compare.run_child([sys.executable, '-c', 'import sys; sys.exit(3)'],
                              str(tmp_path / 'none.json'), timeout=60)
   assert failed[0].keys() == {'error'}

@@ -4,8 +4,8 @@ Each configuration (model x dtype x image size x batch) runs as child
 processes that alternate, JAX then PyTorch, for --rounds rounds, so slow
 drifts of a shared machine hit both alike; each side's fastest median over
 the rounds is kept. Both run with the memory pages that main.py gives
-itself (README: Memory pages). Prints one line per configuration with JAX img/s over
-PyTorch's (eager and compiled) and writes compare.json to --out.
+itself (README: Memory pages). Prints one line per configuration with JAX
+img/s over PyTorch's (eager and compiled) and writes compare.json to --out.
 
   python benchmarks/compare.py                      # CPU: 32 x 112 px, float32
   python benchmarks/compare.py --image_sizes 224 --batch_sizes 256 \\
@@ -30,8 +30,7 @@ def child_environment() -> dict:
   """Both sides run with the memory pages main.py gives itself
   (fer_jax/hugepages.py), so that PyTorch has them too."""
   environ = dict(os.environ)
-  return hugepages.restart_environment(
-      environ, hugepages.thp_mode(), hugepages.glibc_version()) or environ
+  return hugepages.restart_environment_here(environ) or environ
 
 
 def jax_command(model: str, batch_size: int, image_size: int, dtype: str,

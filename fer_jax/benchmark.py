@@ -236,9 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
            'num_devices': len(devices), 'device_kind': devices[0].device_kind,
            'backend': jax.default_backend(), 'jax': jax.__version__,
            'mode': 'pmap', 'host': platform.node(),
-           'xla_flags': os.environ.get('XLA_FLAGS', ''),
-           'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-           'transparent_hugepages': hugepages.thp_mode()}
+           'xla_flags': os.environ.get('XLA_FLAGS', ''), **hugepages.record()}
     row['kernels'] = kernels_impl(config.model.get('kernels', 'auto'))
     logging.info('benchmark: %s bs %d %d px %s', name, batch_size, image_size,
                  dtype)

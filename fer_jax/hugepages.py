@@ -57,11 +57,15 @@ def restart_environment(environ: dict, mode: str,
   return {**environ, 'GLIBC_TUNABLES': TUNABLE}
 
 
+def restart_environment_here(environ: dict) -> dict | None:
+  """`restart_environment` on this machine's kernel and C library."""
+  return restart_environment(environ, thp_mode(), glibc_version())
+
+
 def restart_with_huge_pages() -> None:
   """Runs this command again, in this process, with `TUNABLE` set, where
   `restart_environment` says so; otherwise returns."""
-  environment = restart_environment(dict(os.environ), thp_mode(),
-                                    glibc_version())
+  environment = restart_environment_here(dict(os.environ))
   if environment is None:
     return
   sys.stdout.flush()
@@ -73,10 +77,16 @@ def restart_with_huge_pages() -> None:
     return
 
 
+def record() -> dict:
+  """This process's page setting, for a benchmark row."""
+  return {'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+          'transparent_hugepages': thp_mode()}
+
+
 def describe() -> str:
-  """What the page setting of this process is, for the log."""
+  """This process's page setting, for the log."""
+  pages = f'transparent huge pages {thp_mode() or "absent"}'
   tunables = os.environ.get('GLIBC_TUNABLES')
   if tunables is None:
-    return f'memory pages: transparent huge pages {thp_mode() or "absent"}'
-  return (f'memory pages: GLIBC_TUNABLES={tunables}, transparent huge '
-          f'pages {thp_mode() or "absent"}')
+    return f'memory pages: {pages}'
+  return f'memory pages: GLIBC_TUNABLES={tunables}, {pages}'

@@ -96,8 +96,7 @@ def test_compare_ratios_and_failed_children(tmp_path, monkeypatch):
   compare.run_child([sys.executable, '-c', 'import json, os; json.dump('
                      f'dict(os.environ), open({str(env)!r}, "w"))'],
                     str(env), timeout=60)
-  pages = hugepages.restart_environment(
-      dict(os.environ), hugepages.thp_mode(), hugepages.glibc_version())
+  pages = hugepages.restart_environment_here(dict(os.environ))
   assert json.loads(env.read_text()) == (pages or dict(os.environ))
   failed = compare.run_child([sys.executable, '-c', 'import sys; sys.exit(3)'],
                              str(tmp_path / 'none.json'), timeout=60)

@@ -11,9 +11,7 @@ import pytest
 from fer_jax import hugepages
 from tests.conftest import ROOT
 
-GLIBC = hugepages.glibc_version()
-RESTARTS = hugepages.restart_environment({}, hugepages.thp_mode(),
-                                         GLIBC) is not None
+RESTARTS = hugepages.restart_environment_here({}) is not None
 
 
 @pytest.mark.parametrize('environ, mode, glibc, restarts', [

@@ -1,15 +1,20 @@
 """The CPU kernels and bfloat16: the same model, parameters and (within
 rounding) numbers as XLA's own convolutions and float32."""
 
+import os
+import subprocess
+import sys
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import pytest
 
-from configs import default
 from fer_jax import models
+from fer_jax.configs import default
+from tests.conftest import ROOT
 from tests.models.conftest import make
 
 
@@ -152,7 +157,7 @@ def test_users_compiler_settings_give_the_suites_gradients(training_step):
   the numbers checked at the suite's setting are the users'. XLA:CPU's
   code paths can differ: in one program Eigen's convolutions gave
   gradients 10% off at -O0 and right ones at -O2
-  (benchmarks/xla_cpu_eigen_o0.py)."""
+  (test_eigen_convolutions_gradients_at_o0)."""
   _, variables = make('resnet18')
   step = training_step('resnet18', variables)
   users = step.lower().compile(compiler_options={
@@ -161,3 +166,23 @@ def test_users_compiler_settings_give_the_suites_gradients(training_step):
   (loss, _), grads = users(variables['params'], jax.random.PRNGKey(1))
   assert float(loss) == pytest.approx(step.loss, rel=1e-5)
   assert_gradients_close(grads, step.grads)
+
+
+EIGEN_O0 = ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution '
+            '--xla_backend_optimization_level=0')
+
+
+@pytest.mark.xfail(jaxlib.__version__ == '0.10.2', strict=True, reason=(
+    "jaxlib 0.10.2's XLA:CPU: Eigen's convolutions at -O0 give gradients "
+    '1-10% off (tests/models/eigen_o0.py); fer_jax keeps YNNPACK'))
+def test_eigen_convolutions_gradients_at_o0():
+  """A known XLA:CPU bug, kept so that a jaxlib that fixes it is noticed
+  (this test then passes, and fails as an unexpected pass on 0.10.2's
+  gate): the float32 gradient of a ResNet18 front on Eigen's convolutions
+  at LLVM -O0 within 1e-4 of float64's (YNNPACK: 1e-5)."""
+  env = {**os.environ, 'XLA_FLAGS': EIGEN_O0, 'JAX_PLATFORMS': 'cpu'}
+  done = subprocess.run([sys.executable, '-m', 'tests.models.eigen_o0'],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert float(done.stdout.split()[-1]) < 1e-4

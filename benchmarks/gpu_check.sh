@@ -33,7 +33,7 @@
 # compilation cache stay in /tmp/fer_jax_gpu_check. The cache lets b, c
 # and d load what a (and d's first run) compiled (a starts with it empty).
 #
-# Estimate for an H200 with 16 cores, from BENCHMARKS.md (ResNet18 bf16
+# Estimate for an H200 with 16 cores, from docs/performance.md (ResNet18 bf16
 # 16,306 img/s and 9.4 s to compile, EfficientNet 60 s; torch.compile 24
 # and 91 s) and this machine (a 224 px face takes 44 ms to draw):
 #   set-up: wheels and imports                                     20 s

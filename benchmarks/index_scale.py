@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax.data import affectnet, index
 
 FLAGS = flags.FLAGS

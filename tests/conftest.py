@@ -69,15 +69,14 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from configs import default  # noqa: E402
+from fer_jax.configs import default  # noqa: E402
 
 
 # pytest-xdist (pytest.ini: --dist loadfile --no-loadscope-reorder) hands
 # each worker a whole file at a time, in the order collected; the suite
 # ends when the last file started ends. These files take longest (seconds
-# of a run on 2 cores, BENCHMARKS.md), so they start first and the short
+# of a run on 2 cores, docs/performance.md), so they start first and the short
 # ones fill the gaps: longest-first, not xdist's default most-tests-first,
 # which started the 110 s notebook last.
 LONGEST_FIRST = ('test_notebook.py', 'models/test_kernels.py',
@@ -169,7 +168,7 @@ def trained(tmp_path_factory, data_cache):
   """One finished two-epoch run of the tiny config: (config, workdir,
   metrics). Read-only: a test that writes into a run uses `finished`, and
   the session fails if any file of this one changed."""
-  from fer_jax import train
+  from fer_jax import training
   config = tiny_config(data_cache)
   # Mid-epoch checkpoints too (steps 4, 8, 12, 16 of 2 x 9), for resume;
   # keeping 5 keeps epoch 1's (step 9) for the evaluation tests.
@@ -177,7 +176,7 @@ def trained(tmp_path_factory, data_cache):
   config.train.keep_checkpoints = 5
   config.train.num_sample_images = 8
   workdir = tmp_path_factory.mktemp('run')
-  metrics = train.train_and_evaluate(config, str(workdir))
+  metrics = training.train_and_evaluate(config, str(workdir))
   before = tree_digest(workdir)
   yield config, workdir, metrics
   assert tree_digest(workdir) == before, (

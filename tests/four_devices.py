@@ -7,8 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.conftest import tiny_config, xla_flags  # noqa: E402
+from tests.conftest import tiny_config, xla_flags
 
 os.environ['XLA_FLAGS'] = xla_flags(4)
 os.environ['JAX_PLATFORMS'] = 'cpu'

@@ -57,7 +57,7 @@ def fail_writing(files, name: str) -> None:
 def main(workdir, cache_dir, process_id, num_processes, port, num_workers=0):
   from absl import flags
   flags.FLAGS.mark_as_parsed()
-  from fer_jax import distributed, files, steps, train
+  from fer_jax import distributed, files, steps, training
   if os.environ.get('FAIL_WRITING') and process_id == '0':
     fail_writing(files, os.environ['FAIL_WRITING'])
   if int(num_processes) > 1:
@@ -67,11 +67,10 @@ def main(workdir, cache_dir, process_id, num_processes, port, num_workers=0):
   record_losses(steps, losses)
   config = tiny_run_config(Path(cache_dir))
   config.data.num_workers = int(num_workers)
-  train.train_and_evaluate(config, workdir)
+  training.train_and_evaluate(config, workdir)
   Path(workdir).parent.joinpath(f'losses_{process_id}.json').write_text(
       json.dumps(losses))
 
 
-if __name__ == '__main__':
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == '__main__':  # python -m tests.multi_process, from the root
   main(*sys.argv[1:])

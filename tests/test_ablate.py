@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs.ablations import ablation
-from fer_jax import ablate, evaluate, files, steps
+from fer_jax.configs.ablations import ablation
+from fer_jax import ablate, evaluation, files, steps
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from tests.conftest import ROOT, live_children, tiny_config
@@ -223,7 +223,7 @@ def test_an_evaluation_beside_a_run_leaves_the_table_to_training(
   run = workdir / 'balanced' / 'seed_0'
   flip = config.base.copy_and_resolve_references()
   flip.eval.tta = 'flip'
-  evaluate.evaluate(flip, str(run), 'test', checkpoint_step=4)
+  evaluation.evaluate(flip, str(run), 'test', checkpoint_step=4)
   config = tiny_ablation(Path(config.base.data.synthetic.cache_dir))
   config.ablate.collect_only = True
   collected = ablate.run(config, str(workdir))
@@ -298,7 +298,7 @@ def test_bad_variants_are_refused_before_any_run(config, tmp_path):
     p.stem for p in (ROOT / 'configs' / 'ablations').glob('*.py')
     if p.stem != '__init__'))
 def test_shipped_ablation_configs_plan(name, tmp_path):
-  module = importlib.import_module(f'configs.ablations.{name}')
+  module = importlib.import_module(f'fer_jax.configs.ablations.{name}')
   for arg in ('synthetic', 'affectnet'):
     config = module.get_config(arg)
     runs = ablate.plan(config, tmp_path)
@@ -327,13 +327,13 @@ def test_main_collects_an_empty_ablation_from_the_command_line(tmp_path):
   assert saved['base']['data']['image_size'] == 224  # the AffectNet base
 
 
-def test_readme_ten_line_ablation_config_plans(tmp_path):
-  readme = (ROOT / 'README.md').read_text()
+def test_docs_ten_line_ablation_config_plans(tmp_path):
+  readme = (ROOT / 'docs' / 'ablations.md').read_text()
   block = readme.split('An ablation config in ten lines')[1]
   code = block.split('```python\n')[1].split('```')[0]
   assert len([line for line in code.splitlines() if line.strip()]) <= 11
   namespace = {}
-  exec(compile(code, 'README.md', 'exec'), namespace)  # noqa: S102
+  exec(compile(code, 'docs/ablations.md', 'exec'), namespace)  # noqa: S102
   runs = ablate.plan(namespace['get_config'](), tmp_path)
   assert [(r.variant, r.config.model.hidden_size, r.config.model.dropout_rate)
           for r in runs[::3]] == [('linear', 0, 0.0), ('hidden', 256, 0.0),

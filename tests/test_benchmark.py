@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import compare, profile_step, torch_reference
-from configs import benchmark as benchmark_config
+from fer_jax.configs import benchmark as benchmark_config
 from fer_jax import benchmark, hugepages
 from fer_jax.errors import UsageError
 from tests.conftest import NUM_DEVICES, tiny_config

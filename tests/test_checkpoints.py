@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax import checkpoints
 
 STEPS = (1, 2)

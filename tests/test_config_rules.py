@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax import config_rules
 from fer_jax.config_rules import UsageError
 from tests.conftest import NUM_DEVICES, ROOT
@@ -27,7 +27,7 @@ def with_value(config, field: str, value):
                                   'efficientnet_b0_affectnet', 'affectnet7',
                                   'rafdb', 'fer2013', 'ferplus'])
 def test_shipped_configs_pass(name, tmp_path):
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'fer_jax.configs.{name}').get_config()
   config.data.root = config.data.root or str(tmp_path)
   config_rules.check(config, NUM_DEVICES)
 

@@ -62,7 +62,7 @@ def assert_step_traces(config, label: str = '') -> None:
 @pytest.mark.parametrize('name', CONFIGS)
 def test_config_checks_builds_its_model_and_trains(name):
   from fer_jax import config_rules
-  config = importlib.import_module(f'configs.{name}').get_config()
+  config = importlib.import_module(f'fer_jax.configs.{name}').get_config()
   if config.data.layout != 'synthetic':
     config.data.root = str(ROOT)  # any folder passes the door
   config_rules.check(config, NUM_DEVICES)
@@ -86,7 +86,8 @@ def test_every_ablation_run_checks_and_traces_a_train_step(name):
   """Each variant and seed as --mode=ablate would train it; traced, not
   compiled (a variant changes fields whose arithmetic other tests check)."""
   from fer_jax import ablate, config_rules
-  config = importlib.import_module(f'configs.ablations.{name}').get_config()
+  config = importlib.import_module(
+      f'fer_jax.configs.ablations.{name}').get_config()
   for variant, fields in config.ablate.variants:
     run = ablate.run_config(config.base, fields, config.ablate.seeds[0],
                             config.ablate.seed_fields, variant)
@@ -96,17 +97,19 @@ def test_every_ablation_run_checks_and_traces_a_train_step(name):
 
 def test_a_saved_config_reads_back_as_it_was(tmp_path):
   from fer_jax import config_rules, files
-  config = importlib.import_module('configs.resnet18_affectnet').get_config()
+  config = importlib.import_module(
+      'fer_jax.configs.resnet18_affectnet').get_config()
   files.write_json(tmp_path / 'config.json', config_rules.as_json(config))
-  again = importlib.import_module('configs.saved').get_config(
+  again = importlib.import_module('fer_jax.configs.saved').get_config(
       str(tmp_path / 'config.json'))
   assert config_rules.as_json(again) == config_rules.as_json(config)
 
 
 def test_reference_study_protocols():
-  resnet = importlib.import_module('configs.resnet18_affectnet').get_config()
+  resnet = importlib.import_module(
+      'fer_jax.configs.resnet18_affectnet').get_config()
   effnet = importlib.import_module(
-      'configs.efficientnet_b0_affectnet').get_config()
+      'fer_jax.configs.efficientnet_b0_affectnet').get_config()
   assert (resnet.model.name, resnet.data.layout, resnet.data.image_size,
           resnet.train.num_epochs, resnet.data.validation) == (
               'resnet18', 'npy', 224, 10, 'holdout')

@@ -138,7 +138,7 @@ def train_tiny(workdir: Path, cache_dir: Path, num_processes: int,
                devices: int, num_workers: int = 0) -> list[str]:
   """tests/multi_process.py: the tiny run, with every step's loss."""
   return launch(lambda i, port: [
-      sys.executable, 'tests/multi_process.py', str(workdir), str(cache_dir),
+      sys.executable, '-m', 'tests.multi_process', str(workdir), str(cache_dir),
       str(i), str(num_processes), str(port), str(num_workers)],
       num_processes, devices)
 

@@ -27,7 +27,7 @@ def test_a_failed_write_in_process_0_stops_every_process(tmp_path,
   it in the next step until the heartbeat timeout (100 s)."""
   monkeypatch.setenv('FAIL_WRITING', 'data_report.json')
   outputs = launch(lambda i, port: [
-      sys.executable, 'tests/multi_process.py', str(tmp_path / 'run'),
+      sys.executable, '-m', 'tests.multi_process', str(tmp_path / 'run'),
       str(tmp_path / 'cache'), str(i), '2', str(port)], 2, 1, succeed=False)
   assert 'No space left on device' in outputs[0]
   assert 'write_record failed in process 0' in outputs[1]

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import data, evaluate, files, inference, models, predict, steps
+from fer_jax import data, evaluation, files, inference, models, predict, steps
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 from fer_jax.labels import EXPRESSIONS
@@ -18,7 +18,7 @@ from tests.test_label_spaces import RAFDB, write_rafdb
 
 def test_evaluate_reproduces_the_test_report_of_training(finished):
   config, workdir, metrics = finished
-  result = evaluate.evaluate(config, str(workdir), 'test')
+  result = evaluation.evaluate(config, str(workdir), 'test')
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
   assert result['valence_ccc'] == pytest.approx(metrics['valence_ccc'],
                                                 abs=1e-6)
@@ -29,7 +29,7 @@ def test_evaluate_reproduces_the_test_report_of_training(finished):
   assert saved['accuracy'] == result['accuracy']
   assert saved['split_differs_from_training'] is None
   # Again: a folder of its own, the first one kept.
-  evaluate.evaluate(config, str(workdir), 'test')
+  evaluation.evaluate(config, str(workdir), 'test')
   assert (folder.parent / f'{folder.name}.2' / 'test_metrics.json').exists()
   assert json.loads((folder / 'test_metrics.json').read_text()) == saved
 
@@ -37,7 +37,7 @@ def test_evaluate_reproduces_the_test_report_of_training(finished):
 def test_evaluate_other_split_and_step_writes_its_report(finished):
   config, workdir, _ = finished
   first = files.read_jsonl(workdir / 'metrics.jsonl')[0]
-  result = evaluate.evaluate(config, str(workdir), 'val',
+  result = evaluation.evaluate(config, str(workdir), 'val',
                              checkpoint_step=first['step'])
   folder = workdir / 'report' / 'eval' / f"val-step{first['step']}"
   saved = json.loads((folder / 'val_metrics.json').read_text())
@@ -57,7 +57,7 @@ def test_evaluate_and_predict_leave_the_record_as_training_wrote_it(
   flip = config.copy_and_resolve_references()
   flip.eval.tta = 'flip'
   first = files.read_jsonl(workdir / 'metrics.jsonl')[0]['step']
-  result = evaluate.evaluate(flip, str(workdir), 'test',
+  result = evaluation.evaluate(flip, str(workdir), 'test',
                              checkpoint_step=first)
   splits, _ = data.load_splits(config)
   output = predict.predict(flip, str(workdir), splits['test'].paths[0])
@@ -84,18 +84,18 @@ def test_evaluate_uses_the_trained_model_settings(finished):
   other.data.validation = 'released'  # would swap val and test
   other.train.optimizer = 'sgd'       # another optimiser state to restore
   other.train.num_epochs = 1
-  result = evaluate.evaluate(other, str(workdir), 'test')
+  result = evaluation.evaluate(other, str(workdir), 'test')
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
 
 
 def test_unknown_split_step_and_workdir_are_named(trained, tmp_path):
   config, workdir, _ = trained
   with pytest.raises(UsageError, match="--split: 'dev'"):
-    evaluate.evaluate(config, str(workdir), 'dev')
+    evaluation.evaluate(config, str(workdir), 'dev')
   with pytest.raises(UsageError, match='--checkpoint_step: 7 not in'):
-    evaluate.evaluate(config, str(workdir), 'test', checkpoint_step=7)
+    evaluation.evaluate(config, str(workdir), 'test', checkpoint_step=7)
   with pytest.raises(UsageError, match='config.json: not found'):
-    evaluate.evaluate(config, str(tmp_path / 'nowhere'), 'test')
+    evaluation.evaluate(config, str(tmp_path / 'nowhere'), 'test')
 
 
 def test_flip_tta_averages_the_image_and_its_mirror(config):
@@ -148,7 +148,7 @@ def test_cross_dataset_evaluation_maps_classes_by_name(finished, tmp_path):
   root = write_rafdb(tmp_path / 'raf-basic', train_per_class=3)
   cross = config.copy_and_resolve_references()
   cross.data.layout, cross.data.root = 'rafdb', str(root)
-  result = evaluate.evaluate(cross, str(workdir), 'test')
+  result = evaluation.evaluate(cross, str(workdir), 'test')
   assert result['classes'] == list(RAFDB)
   assert result['model_classes'] == list(EXPRESSIONS)
   assert result['left_out_of_argmax'] == ['Contempt']

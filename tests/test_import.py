@@ -20,7 +20,7 @@ import safetensors.numpy
 import timm
 import torch
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax import import_model, inference, predict, steps
 from fer_jax import workdir as workdir_lib
 from fer_jax.config_rules import UsageError

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from fer_jax import data, evaluate, export, inference, labels, predict, train
+from fer_jax import (data, evaluation, export, inference, labels, predict,
+                     training)
 from fer_jax.config_rules import UsageError
 from tests.conftest import command_line, tiny_config
 
@@ -61,7 +62,7 @@ def rafdb_run(tmp_path_factory, rafdb_root):
   config = tiny_config(tmp_path_factory.mktemp('cache'))
   config.data.layout, config.data.root = 'rafdb', str(rafdb_root)
   workdir = tmp_path_factory.mktemp('rafdb_run')
-  return config, workdir, train.train_and_evaluate(config, str(workdir))
+  return config, workdir, training.train_and_evaluate(config, str(workdir))
 
 
 def expanded(cm) -> tuple[np.ndarray, np.ndarray]:
@@ -124,9 +125,9 @@ def test_a_class_the_model_lacks_is_refused_then_left_out(rafdb_run,
   config = tiny_config(data_cache)
   with pytest.raises(UsageError, match="the model has no class 'Contempt' "
                      'of this data set'):
-    evaluate.evaluate(config, str(workdir), 'test')
+    evaluation.evaluate(config, str(workdir), 'test')
   config.data.classes = 'affectnet7'
-  result = evaluate.evaluate(config, str(workdir), 'test')
+  result = evaluation.evaluate(config, str(workdir), 'test')
   assert result['classes'] == list(labels.EXPRESSIONS[:7])
   assert result['left_out_of_argmax'] == []
   assert result['class_mapping'] == {c: RAFDB.index(c)
@@ -195,7 +196,7 @@ def test_fer2013_and_ferplus_runs_have_their_classes_everywhere(
       tmp_path / layout, layout == 'ferplus')), ferplus_labels='probability')
   config.train.num_epochs = 1
   workdir = tmp_path / 'run'
-  metrics = train.train_and_evaluate(config, str(workdir))
+  metrics = training.train_and_evaluate(config, str(workdir))
   classes = labels.PRESETS[layout]
   report = json.loads((workdir / 'data_report.json').read_text())
   assert report['classes'] == list(classes)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax import config_rules, labels
 from fer_jax.data import index
 

@@ -1,6 +1,7 @@
 """notebooks/walkthrough.ipynb, run top to bottom as a reader runs it."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -13,15 +14,18 @@ NOTEBOOK = (Path(__file__).resolve().parents[1] / 'notebooks' /
 
 def test_walkthrough_runs_top_to_bottom_and_shows_its_figures(
     tmp_path, monkeypatch):
-  """The kernel inherits the environment: the work folder, and the tests'
-  XLA flags and compilation cache (conftest.py). Alone on 2 cores it
-  takes 77 s, most of it compiling ResNet18 (20 s for its run) and
-  EfficientNet-B0 (37 s), the suite's only EfficientNet training run."""
+  """The kernel inherits the environment: the work folder, fer_jax on its
+  path, and the tests' XLA flags and compilation cache (conftest.py).
+  Most of it is compiling ResNet18 and EfficientNet-B0, the suite's only
+  EfficientNet training run."""
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   code = [cell for cell in notebook.cells if cell.cell_type == 'code']
   assert not any(cell.outputs or cell.execution_count for cell in code), (
       'store the notebook without outputs')
   monkeypatch.setenv('FER_JAX_NOTEBOOK_DIR', str(tmp_path))
+  # fer_jax as `pip install -e .` gives it to a reader's kernel.
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+      filter(None, [str(NOTEBOOK.parents[1]), os.environ.get('PYTHONPATH')])))
   NotebookClient(notebook, timeout=600, kernel_name='python3', resources={
       'metadata': {'path': str(NOTEBOOK.parent)}}).execute()  # or raises
   shown = [output for cell in code for output in cell.outputs

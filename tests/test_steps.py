@@ -371,9 +371,8 @@ def test_one_and_four_devices_agree_to_float32_rounding(data_cache):
   """Four simulated devices need their own process (XLA_FLAGS is read
   once). With CCC, the loss that needs the whole batch."""
   result = subprocess.run(
-      [sys.executable, str(ROOT / 'tests' / 'four_devices.py'),
-       str(data_cache), 'mse+ccc'], capture_output=True, text=True,
-      timeout=300)
+      [sys.executable, '-m', 'tests.four_devices', str(data_cache),
+       'mse+ccc'], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert_agree_to_rounding(json.loads(result.stdout.strip().splitlines()[-1]))
 

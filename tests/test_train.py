@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from fer_jax import checkpoints, files, steps, train
+from fer_jax import checkpoints, files, steps, training
 from fer_jax.config_rules import UsageError
 from tests.conftest import ROOT, command_line, live_children, tree_digest
 
@@ -133,7 +133,7 @@ def test_resume_mid_epoch_matches_uninterrupted(trained, tmp_path, capsys,
           [r['step'] for r in files.read_jsonl(resumed / 'metrics.jsonl')])
     save(manager, step, state, meta, data, metrics)
   monkeypatch.setattr(checkpoints, 'save', recording_save)
-  train.train_and_evaluate(config, str(resumed))
+  training.train_and_evaluate(config, str(resumed))
   assert lines_at_epoch_ends == [[9, 18]]
   # 9 steps an epoch, checkpoints every 4: the last mid-epoch one is 16.
   assert ('Resuming from the checkpoint of step 16 (step 7 of 9 in epoch 2)'
@@ -159,12 +159,12 @@ def test_finished_run_shows_its_report_and_writes_nothing(trained, tmp_path,
   config = config.copy_and_resolve_references()
   config.train.num_epochs = 1
   config.train.log_every_steps = 3
-  result = train.train_and_evaluate(config, str(again))
+  result = training.train_and_evaluate(config, str(again))
   assert 'finished (2 epochs)' in capsys.readouterr().out
   assert result['accuracy'] == metrics['accuracy']
   config.train.num_epochs = 3
   with pytest.raises(UsageError, match='finished after 2 epochs'):
-    train.train_and_evaluate(config, str(again))
+    training.train_and_evaluate(config, str(again))
   assert tree_digest(again) == before
 
 
@@ -186,7 +186,7 @@ def test_resume_with_another_meaning_is_refused_and_changes_nothing(
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(UsageError, match=f'another config.*{message}'):
-    train.train_and_evaluate(config, str(resumed))
+    training.train_and_evaluate(config, str(resumed))
   assert tree_digest(resumed) == before
 
 
@@ -201,7 +201,7 @@ def test_resume_under_other_training_rules_is_refused(trained, tmp_path,
   with pytest.raises(UsageError, match=r'step \d+ was trained under training '
                      f'rules {metrics["training_rules"]} and this fer_jax '
                      f'trains under rules {steps.TRAINING_RULES}'):
-    train.train_and_evaluate(config, str(resumed))
+    training.train_and_evaluate(config, str(resumed))
   assert tree_digest(resumed) == before
 
 
@@ -216,7 +216,7 @@ def test_resume_refuses_data_that_differs_from_the_recorded_split(
   before = tree_digest(resumed)
   with pytest.raises(UsageError, match='data differs from the splits this '
                      'run recorded.*train: the same images with other'):
-    train.train_and_evaluate(config, str(resumed))
+    training.train_and_evaluate(config, str(resumed))
   assert tree_digest(resumed) == before
 
 
@@ -237,10 +237,10 @@ def test_moved_data_and_a_deleted_init_from_file_still_resume(
   config.model.init_from = saved['model']['init_from']
   config.data.synthetic.cache_dir = str(moved)
   config.data.index_cache_dir = str(moved / 'index')
-  train.train_and_evaluate(config, str(resumed))
+  training.train_and_evaluate(config, str(resumed))
   assert_same_params(config, workdir, resumed)
-  from fer_jax import evaluate
-  result = evaluate.evaluate(config, str(resumed), 'val')
+  from fer_jax import evaluation
+  result = evaluation.evaluate(config, str(resumed), 'val')
   assert result['split_differs_from_training'] is None
 
 
@@ -251,7 +251,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
   for path in (resumed / 'checkpoints' / '18' / 'state').rglob('*'):
     if path.is_file():
       path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
-  train.train_and_evaluate(config, str(resumed))
+  training.train_and_evaluate(config, str(resumed))
   assert 'checkpoints/18 is unreadable' in caplog.text
   assert (resumed / 'checkpoints_unreadable' / '18').is_dir()
   assert_same_records(workdir, resumed)
@@ -262,7 +262,7 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous(
     path.write_text('{')
   with pytest.raises(UsageError, match=f"{broken / 'checkpoints'}: no "
                      'checkpoint is complete'):
-    train.train_and_evaluate(config, str(broken))
+    training.train_and_evaluate(config, str(broken))
 
 
 def test_tied_validation_keeps_the_first_best_everywhere(config, tmp_path):
@@ -273,7 +273,7 @@ def test_tied_validation_keeps_the_first_best_everywhere(config, tmp_path):
   config.train.best_metric = 'val_num_examples'
   config.train.num_sample_images = 0
   config.train.keep_checkpoints = 1
-  metrics = train.train_and_evaluate(config, str(tmp_path))
+  metrics = training.train_and_evaluate(config, str(tmp_path))
   assert metrics['best_epoch'] == 1 and metrics['checkpoint_step'] == 9
   manager = checkpoints.create_manager(tmp_path, config, read_only=True)
   assert sorted(manager.all_steps()) == [9, 18]
@@ -298,7 +298,7 @@ def test_diverging_loss_stops_keeps_the_last_checkpoint_and_its_workers(
   before = live_children()
   with pytest.raises(FloatingPointError, match='loss is (nan|inf) at epoch '
                      '3') as failure:
-    train.train_and_evaluate(config, str(diverged))
+    training.train_and_evaluate(config, str(diverged))
   # Closed by the loop itself, not by the garbage collector: the failure's
   # traceback, held here as a caller would while handling it, keeps every
   # object of the loop alive.
@@ -376,3 +376,19 @@ def test_killed_at_random_moments_ends_as_if_never_killed(trained, tmp_path):
   assert result['accuracy'] == metrics['accuracy']
   assert result['valence_ccc'] == pytest.approx(metrics['valence_ccc'],
                                                 abs=1e-6)
+
+
+def test_images_per_second_counts_finished_steps_only():
+  """The progress bar's rate is over the window between two marks (each
+  after a step has finished), the epoch's from the first mark on: steps
+  dispatched but not finished, and the first step's compile, count
+  nowhere."""
+  rates = training.StepRates(batch_size=32)
+  assert not rates.started and rates.window is None and rates.epoch() is None
+  rates.mark(1, now=100.0)  # the first step, compile included, has run
+  assert rates.started and rates.window is None and rates.epoch() is None
+  rates.mark(10, now=104.5)  # 9 steps of 32 images in 4.5 s
+  assert rates.window == pytest.approx(64.0)
+  rates.mark(20, now=106.5)  # 10 steps in 2 s
+  assert rates.window == pytest.approx(160.0)
+  assert rates.epoch() == pytest.approx(19 * 32 / 6.5)

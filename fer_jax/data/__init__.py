@@ -127,7 +127,7 @@ def _read_sources(config: ml_collections.ConfigDict, root: Path
 
 def load_splits(config: ml_collections.ConfigDict
                 ) -> tuple[dict[str, Records], dict]:
-  """The train, val and test records and the data report (README, Data)."""
+  """The train, val and test records and the data report (docs/datasets.md)."""
   root = dataset_root(config)
   sources = _read_sources(config, root)
   if 'val' in sources:  # the layout's own three splits

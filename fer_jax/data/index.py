@@ -252,7 +252,7 @@ def _image_notes(index: dict, keep: np.ndarray) -> dict:
 def to_records(index: dict, on_error: str,
                classes: tuple[str, ...] = labels_lib.EXPRESSIONS
                ) -> tuple[Records, SourceReport]:
-  """The label rules (README, Labels) applied to an index.
+  """The label rules (docs/datasets.md) applied to an index.
 
   Rows with an error raise (on_error='raise', the first one in path order)
   or are skipped and listed ('skip'). A row whose code is not one of

@@ -49,7 +49,7 @@ def depthwise_shifted(x: jax.Array, kernel: jax.Array, strides: int,
 
   Equal to lax.conv_general_dilated with feature_group_count=C. XLA:CPU
   runs it several times faster than its grouped convolution; on a GPU the
-  library's is faster (BENCHMARKS.md). The input gradient is the same kind
+  library's is faster (docs/performance.md). The input gradient is the same kind
   of sum over the (dilated) output gradient, one fusion instead of k*k pads.
   """
   return _shifted_sum(pad_spatial(x, pad), kernel, strides)

@@ -85,7 +85,7 @@ def conv_matmul_grad(x: jax.Array, kernel: jax.Array, strides: int,
   XLA:CPU computes a convolution's kernel gradient as another convolution
   (the batch as its contraction, the output as a k x k map), 2-10x slower
   than the forward pass; the sum over taps of view^T @ dy, a few images at
-  a time, costs about as much as the forward (BENCHMARKS.md). The forward
+  a time, costs about as much as the forward (docs/performance.md). The forward
   and the input gradient stay XLA's.
   """
   return _conv(x, kernel, strides, pad)
@@ -127,7 +127,7 @@ def max_pool(x: jax.Array, k: int, strides: int, pad: int) -> jax.Array:
   XLA:CPU differentiates reduce_window max as select-and-scatter, expanded
   into four int32 iotas of the padded input, a five-output reduce-window
   and a scatter: about 9% of ResNet18's train step at 72 px. Here the
-  gradient is k*k masked, interior-padded copies of dy (BENCHMARKS.md).
+  gradient is k*k masked, interior-padded copies of dy (docs/performance.md).
   """
   _, views = _pool_views(x, k, strides, pad)
   return functools.reduce(jnp.maximum, (view for _, view in views))
@@ -171,7 +171,7 @@ class CpuConv(nn.Module):
   kernel). Otherwise lax.conv_general_dilated, with the kernel gradient
   as matmuls (conv_matmul_grad; not for a 3x3 RGB stem, where XLA's
   own was faster).
-  BENCHMARKS.md has the measurements.
+  docs/performance.md has the measurements.
   """
   features: int
   kernel_size: int

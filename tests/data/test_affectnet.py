@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax.data import affectnet, index
 
 LANDMARKS = np.arange(136, dtype=np.float64).reshape(68, 2) + 0.5

@@ -679,7 +679,7 @@ def test_odd_ferplus_label_csvs_never_raise_anything_else(tmp_path):
 
 def test_fer2013_pixels_become_grey_rgb_batches_of_the_configured_size(
     tmp_path):
-  from configs import default
+  from fer_jax.configs import default
   from fer_jax import data
   from fer_jax.data import images, pipeline
   face = faces(9, seed=5)
@@ -708,7 +708,7 @@ def test_fer2013_pixels_become_grey_rgb_batches_of_the_configured_size(
 
 def test_ferplus_probability_batches_carry_the_vote_distributions(
     ferplus_root):
-  from configs import default
+  from fer_jax.configs import default
   from fer_jax import data
   from fer_jax.data import pipeline
   config = default.get_config()

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax import data
 from fer_jax.data import folders, index
 from tests.data.test_affectnet import (csv_row, data_config, jpeg,

@@ -11,7 +11,7 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax.data import images
 
 S = 32

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax.data import affectnet, faces, index, synthetic
 from fer_jax.labels import NUM_CLASSES
 

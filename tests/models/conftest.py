@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import default
+from fer_jax.configs import default
 from fer_jax import models
 
 ARCHITECTURES = ('resnet18', 'efficientnet_b0')

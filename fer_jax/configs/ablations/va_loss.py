@@ -1,14 +1,14 @@
 """Valence/arousal loss: MSE, 1 - CCC, both, and the weight of the VA term.
 
 CCC is the metric the literature reports and MSE the usual loss; their sum
-is what configs/resnet18_affectnet.py trains with (README: Ablation studies).
+is what configs/resnet18_affectnet.py trains with (docs/ablations.md).
 
   python main.py --mode=ablate --config=configs/ablations/va_loss.py
   python main.py --mode=ablate --config=configs/ablations/va_loss.py:affectnet \\
       --config.base.data.root=/path/to/AffectNet --workdir=runs/va_loss_affectnet
 """
 
-from configs.ablations import ablation, base_config
+from fer_jax.configs.ablations import ablation, base_config
 
 
 def get_config(data: str = 'synthetic'):

@@ -7,7 +7,7 @@ balanced val_set used as the validation set (`data.validation='released'`).
       --config.data.root=/path/to/AffectNet --workdir=runs/efficientnet_b0
 """
 
-from configs import resnet18_affectnet
+from fer_jax.configs import resnet18_affectnet
 
 
 def get_config():

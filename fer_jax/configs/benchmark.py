@@ -1,6 +1,6 @@
 """--mode=benchmark: the train step of both models, the pipeline, and both.
 
-The defaults are the CPU comparison of BENCHMARKS.md (batch 32, 112 px,
+The defaults are the CPU comparison of docs/performance.md (batch 32, 112 px,
 float32, SGD); benchmarks/gpu_check.sh sets the GPU grid from the command
 line.
 
@@ -13,7 +13,7 @@ line.
 
 import ml_collections
 
-from configs import default
+from fer_jax.configs import default
 
 
 def get_config():

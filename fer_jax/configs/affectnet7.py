@@ -8,7 +8,7 @@ accuracies (as the papers report them): DAN 65.7, POSTER++ 67.5.
       --config.data.root=/path/to/AffectNet --workdir=runs/affectnet7
 """
 
-from configs import resnet18_affectnet
+from fer_jax.configs import resnet18_affectnet
 
 
 def get_config():

@@ -18,7 +18,7 @@ DAN 89.7, POSTER++ 92.2.
       --config.model.init_from=/path/to/resnet18-f37072fd.pth --workdir=runs/rafdb
 """
 
-from configs import default
+from fer_jax.configs import default
 
 
 def get_config():

@@ -16,7 +16,7 @@ Published FER2013 accuracies (as reported): about 73-76%.
       --workdir=runs/fer2013
 """
 
-from configs import default
+from fer_jax.configs import default
 
 
 def get_config():

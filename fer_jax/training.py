@@ -25,6 +25,36 @@ from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 
 
+@dataclasses.dataclass
+class StepRates:
+  """Images/s of the train step over finished steps: the progress bar's
+  over the last window between two marks, metrics.jsonl's over the epoch.
+  The epoch's first step is left out (it may compile, or wait for data)."""
+  batch_size: int
+  first: tuple[float, int] | None = None  # (time, steps done) at 1st mark
+  last: tuple[float, int] | None = None
+  window: float | None = None
+
+  @property
+  def started(self) -> bool:
+    return self.first is not None
+
+  def mark(self, done: int, now: float) -> None:
+    """Step `done` has finished at time `now` (seconds)."""
+    if self.last is not None and done > self.last[1] and now > self.last[0]:
+      self.window = ((done - self.last[1]) * self.batch_size /
+                     (now - self.last[0]))
+    self.first = self.first or (now, done)
+    self.last = (now, done)
+
+  def epoch(self) -> float | None:
+    """Since the first mark; None before two marks."""
+    if self.first is None or self.last[1] == self.first[1]:
+      return None
+    return ((self.last[1] - self.first[1]) * self.batch_size /
+            (self.last[0] - self.first[0]))
+
+
 def _due(done: int, steps_per_epoch: int, train: ml_collections.ConfigDict
          ) -> tuple[bool, bool, bool]:
   """(log, validate, checkpoint) after `done` steps: validation closes each
@@ -292,23 +322,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if bar is None:
         bar = writer.progress(num_steps, step % num_steps,
                               f'epoch {epoch + 1}/{config.train.num_epochs}')
-        started, timed = None, 0
+        rates = StepRates(config.train.batch_size)
       state, metrics = p_train(state, next(batches))
       pending.append(metrics)
       bar.update()
-      if started is None:  # images/s from the end of the first step
-        jax.block_until_ready(metrics)
-        started = time.perf_counter()
-      else:
-        timed += 1
-      rate = (timed * config.train.batch_size /
-              (time.perf_counter() - started) if timed else None)
       done = step + 1
       log, validate, checkpoint = _due(done, num_steps, config.train)
+      if log or not rates.started:
+        jax.block_until_ready(metrics)  # images/s over finished steps only
+        rates.mark(done, time.perf_counter())
       if log:
         last = jax.tree.map(float, steps.unreplicate(metrics))
         bar.set_postfix(loss=f"{last['loss']:.3f}",
-                        acc=f"{last['accuracy']:.3f}", img_s=f'{rate or 0:.0f}')
+                        acc=f"{last['accuracy']:.3f}",
+                        img_s=f'{rates.window or 0:.0f}')
       if not checkpoint:
         continue
       progress.epoch_sums = _add_metrics(progress.epoch_sums, pending)
@@ -323,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       progress.train_seconds = seconds_before + time.perf_counter() - clock
       if validate:
         ranked = _end_epoch(writer, progress, config, num_steps,
-                            schedule(done - 1), rate, val_metrics,
+                            schedule(done - 1), rates.epoch(), val_metrics,
                             functools.partial(_sample_figure, splits['val'],
                                               val_out, config)
                             if config.train.num_sample_images else None)
@@ -336,23 +363,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if progress.stopped_early:
         break
     manager.wait_until_finished()
+    return _test_best(writer, manager, steps.unreplicate(state), progress,
+                      p_eval, splits['test'], config, num_steps)
 
-    # Test the best checkpoint and write the report.
-    best = checkpoints.best_kept(manager, progress.best_step, config.train)
-    best_state, _, _ = checkpoints.restore(manager, best,
-                                           steps.unreplicate(state))
-    test_metrics, predictions = inference.evaluate_records(
-        p_eval, steps.replicate(best_state), splits['test'], config)
-    test_metrics.update(checkpoint_step=best, best_epoch=best // num_steps,
-                        epochs_trained=progress.step // num_steps,
-                        stopped_early=progress.stopped_early,
-                        train_seconds=progress.train_seconds,
-                        training_rules=progress.training_rules)
-    writer.write(reporting.write_split_report, workdir / 'report', 'test',
-                 test_metrics, predictions, splits['test'], config,
-                 curves=files.read_jsonl(workdir / 'metrics.jsonl'))
-  writer.say(f'\nBest checkpoint: epoch {best // num_steps} (step {best}, '
-             f'{config.train.best_metric} {progress.best_value:.4f})')
+
+def _test_best(writer: reporting.Writer, manager, state, progress: Progress,
+               p_eval, records, config: ml_collections.ConfigDict,
+               steps_per_epoch: int) -> dict:
+  """Evaluates the best kept checkpoint on the test split, writes the
+  report and says where it is; the test metrics."""
+  workdir = writer.workdir
+  best = checkpoints.best_kept(manager, progress.best_step, config.train)
+  best_state, _, _ = checkpoints.restore(manager, best, state)
+  test_metrics, predictions = inference.evaluate_records(
+      p_eval, steps.replicate(best_state), records, config)
+  test_metrics.update(checkpoint_step=best,
+                      best_epoch=best // steps_per_epoch,
+                      epochs_trained=progress.step // steps_per_epoch,
+                      stopped_early=progress.stopped_early,
+                      train_seconds=progress.train_seconds,
+                      training_rules=progress.training_rules)
+  writer.write(reporting.write_split_report, workdir / 'report', 'test',
+               test_metrics, predictions, records, config,
+               curves=files.read_jsonl(workdir / 'metrics.jsonl'))
+  writer.say(f'\nBest checkpoint: epoch {best // steps_per_epoch} (step '
+             f'{best}, {config.train.best_metric} {progress.best_value:.4f})')
   writer.say(reporting.format_summary(test_metrics, 'test'))
   writer.say(f'\nFiles in {workdir}: report/ (summary.md, test_metrics.json, '
              'confusion_matrix.png, curves.png, va_scatter.png), '

@@ -8,7 +8,7 @@ stopping; the released val_set (balanced) is the test set.
       --config.data.root=/path/to/AffectNet --workdir=runs/resnet18_affectnet
 """
 
-from configs import default
+from fer_jax.configs import default
 
 
 def get_config():
@@ -22,7 +22,7 @@ def get_config():
   # is the usual occlusion augmentation (Zhong et al., 2020). Untested here.
   config.data.augment.erasing_prob = 0.25
   # The reference study fine-tuned ImageNet weights: point this at
-  # torchvision's resnet18-f37072fd.pth (README: pretrained weights).
+  # torchvision's resnet18-f37072fd.pth (docs/api.md: pretrained weights).
   config.model.init_from = ''
   # Class imbalance (Happy 47%, Contempt 1.3%): each image once per epoch,
   # with class-weighted cross-entropy by the effective number of samples

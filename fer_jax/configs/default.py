@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   # 'synthetic' (generated, in Layout A) | 'npy' (Layout A: the per-image
   # .npy release) | 'csv' (Layout B: training.csv, validation.csv) |
-  # 'folders' (ROOT/SET/<class name>/*.jpg). README: Data.
+  # 'folders' (ROOT/SET/<class name>/*.jpg). docs/datasets.md.
   config.data.layout = 'synthetic'
   config.data.root = ''                   # the data set; unused for synthetic
   config.data.train_source = ''           # '': train_set | training.csv | train
@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   # equally often (with replacement). AffectNet's imbalance (Happy 47%,
   # Contempt 1.3%) sank the reference study's ResNet18; on the synthetic
   # set 'balanced' beats 'uniform' with or without class-weighted CE
-  # (configs/ablations/imbalance.py; README: Ablation studies).
+  # (configs/ablations/imbalance.py; docs/ablations.md).
   config.data.sampler = 'balanced'
   config.data.num_workers = 0             # Grain worker processes (0: threads only)
   config.data.num_threads = 2             # decoding threads per process
@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   # its mirror (validation, test and --mode=evaluate/predict).
   config.eval.tta = 'none'                # 'none' | 'flip'
 
-  # --mode=predict (README: Predict). Faces are found by MediaPipe's
+  # --mode=predict (docs/predict_export.md). Faces are found by MediaPipe's
   # BlazeFace. 'blazeface_full' (full range, 192 px input) finds faces
   # from 5-8% to 70% of the picture's longer side; 'blazeface_short'
   # (short range, 128 px) from 12% to 90%: selfies and close-ups. 'none':

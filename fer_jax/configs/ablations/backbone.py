@@ -2,8 +2,8 @@
 
 From scratch by default (nothing can be downloaded here). Pretrained
 variants are added for the weights passed after the data set's name,
-torchvision's ImageNet files for instance (README: Models and pretrained
-weights):
+torchvision's ImageNet files for instance (docs/api.md: Models and
+pretrained weights):
 
   python main.py --mode=ablate --config=configs/ablations/backbone.py
   python main.py --mode=ablate \\
@@ -11,7 +11,7 @@ weights):
       --config.base.data.root=/path/to/AffectNet --workdir=runs/backbone_affectnet
 """
 
-from configs.ablations import ablation, base_config
+from fer_jax.configs.ablations import ablation, base_config
 
 
 def get_config(arg: str = 'synthetic'):

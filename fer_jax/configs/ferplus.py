@@ -18,7 +18,7 @@ accuracies (as reported): 88-92%.
       --workdir=runs/ferplus
 """
 
-from configs import fer2013
+from fer_jax.configs import fer2013
 
 
 def get_config():

@@ -3,14 +3,14 @@
 The synthetic train_set has AffectNet's class frequencies (Happy 47%,
 Contempt 1.3%) and the test split is balanced, as AffectNet's released
 val_set is; the per-class recall table shows what each remedy buys the
-rare classes. Under 15 minutes on a 2-core CPU (README: Ablation studies).
+rare classes. Under 15 minutes on a 2-core CPU (docs/ablations.md).
 
   python main.py --mode=ablate --config=configs/ablations/imbalance.py
   python main.py --mode=ablate --config=configs/ablations/imbalance.py:affectnet \\
       --config.base.data.root=/path/to/AffectNet --workdir=runs/imbalance_affectnet
 """
 
-from configs.ablations import ablation, base_config
+from fer_jax.configs.ablations import ablation, base_config
 
 
 def get_config(data: str = 'synthetic'):

@@ -1,12 +1,11 @@
 """Ablation configs: one base experiment, named variants of it, seeds.
 
-Each file's get_config() returns ablation(base, variants); README: Ablation
-studies.
+Each file's get_config() returns ablation(base, variants); docs/ablations.md.
 """
 
 import ml_collections
 
-from configs import default, resnet18_affectnet
+from fer_jax.configs import default, resnet18_affectnet
 
 
 def base_config(data: str) -> ml_collections.ConfigDict:

@@ -21,8 +21,8 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from fer_jax.configs import default
 from fer_jax.data import affectnet, index
+from fer_jax.configs import default
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('num_images', 290_000, 'Images in the set.')

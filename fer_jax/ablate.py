@@ -164,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     for i, one in enumerate(todo):
       print(f'\n=== run {i + 1} of {len(todo)}: {one.variant}, seed '
             f'{one.seed} ({one.workdir}) ===')
-      train_one(one)
+      train_one(one, workdir / 'compile_cache')
       spent = time.perf_counter() - start
       print(f'=== {i + 1} of {len(todo)} runs in {spent / 60:.1f} min; '
             f'about {spent / (i + 1) * (len(todo) - i - 1) / 60:.1f} min '
@@ -181,10 +181,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-def train_one(one: Run) -> None:
+def train_one(one: Run, compile_cache: Path | None = None) -> None:
   """Trains (or resumes) one run with --mode=train, in a process of its
   own, so that nothing it starts (Grain workers, threads, device memory)
-  outlives it; a failure's output ends in its error.txt."""
+  outlives it; a failure's output ends in its error.txt.
+
+  compile_cache: JAX's persistent compilation cache for the run, unless
+  JAX_COMPILATION_CACHE_DIR is set: the seeds of a variant compile the same
+  programs, so all but the first read them from disk.
+  """
   error_file = one.workdir / 'error.txt'
   with tempfile.TemporaryDirectory() as folder:
     config_file = Path(folder) / 'config.json'
@@ -196,6 +201,8 @@ def train_one(one: Run) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(PACKAGE.parent)] + [p for p in os.environ.get(
             'PYTHONPATH', '').split(os.pathsep) if p]))
+    if compile_cache is not None:
+      env.setdefault('JAX_COMPILATION_CACHE_DIR', str(compile_cache))
     with subprocess.Popen(command, stderr=subprocess.PIPE,
                           env=env) as process:
       try:

@@ -5,6 +5,7 @@ import ctypes
 import importlib
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -14,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_jax.configs.ablations import ablation
 from fer_jax import ablate, evaluation, files, steps
+from fer_jax.configs import default
+from fer_jax.configs.ablations import ablation
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from tests.conftest import ROOT, live_children, tiny_config
@@ -338,3 +340,37 @@ def test_docs_ten_line_ablation_config_plans(tmp_path):
   assert [(r.variant, r.config.model.hidden_size, r.config.model.dropout_rate)
           for r in runs[::3]] == [('linear', 0, 0.0), ('hidden', 256, 0.0),
                                   ('hidden_dropout', 256, 0.3)]
+
+
+def test_runs_share_a_compilation_cache_unless_one_is_set(tmp_path,
+                                                          monkeypatch):
+  """Each run's process gets the ablation's compile_cache/ (the seeds of a
+  variant compile the same programs), or the user's own cache, and the
+  fer_jax it was started from on its path."""
+  seen = []
+
+  class Child:
+    returncode = 0
+    stderr = type('Pipe', (), {'read1': lambda self, n: b''})()
+
+    def __init__(self, command, stderr, env):
+      seen.append((command, env))
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exception):
+      return False
+
+  monkeypatch.setattr(ablate.subprocess, 'Popen', Child)
+  one = ablate.Run('a', 0, tmp_path / 'a' / 'seed_0',
+                   default.get_config())
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  ablate.train_one(one, tmp_path / 'compile_cache')
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/mine')
+  ablate.train_one(one, tmp_path / 'compile_cache')
+  assert [env['JAX_COMPILATION_CACHE_DIR'] for _, env in seen] == [
+      str(tmp_path / 'compile_cache'), '/mine']
+  command, env = seen[0]
+  assert command[1:4] == ['-m', 'fer_jax.cli', '--mode=train']
+  assert env['PYTHONPATH'].split(os.pathsep)[0] == str(ROOT)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from benchmarks import compare, profile_step, torch_reference
-from fer_jax.configs import benchmark as benchmark_config
 from fer_jax import benchmark, hugepages
 from fer_jax.errors import UsageError
+from fer_jax.configs import benchmark as benchmark_config
 from tests.conftest import NUM_DEVICES, tiny_config
 
 KEYS = ('model', 'batch_size', 'image_size', 'dtype', 'num_devices',

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from fer_jax.configs import default
 from fer_jax import config_rules
 from fer_jax.config_rules import UsageError
+from fer_jax.configs import default
 from tests.conftest import NUM_DEVICES, ROOT
 
 

@@ -20,12 +20,12 @@ import safetensors.numpy
 import timm
 import torch
 
-from fer_jax.configs import default
 from fer_jax import import_model, inference, predict, steps
 from fer_jax import workdir as workdir_lib
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 from fer_jax.labels import EXPRESSIONS
+from fer_jax.configs import default
 from tests.conftest import tree_digest
 from tests.models.test_backbones import torch_reference
 from tools import convert_hsemotion

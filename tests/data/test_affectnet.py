@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fer_jax.configs import default
 from fer_jax.data import affectnet, index
+from fer_jax.configs import default
 
 LANDMARKS = np.arange(136, dtype=np.float64).reshape(68, 2) + 0.5
 

@@ -11,8 +11,8 @@ import torchvision.transforms.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 
-from fer_jax.configs import default
 from fer_jax.data import images
+from fer_jax.configs import default
 
 S = 32
 _WARP_FLAGS = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from fer_jax.configs import default
 from fer_jax.data import affectnet, faces, index, synthetic
 from fer_jax.labels import NUM_CLASSES
+from fer_jax.configs import default
 
 
 @pytest.fixture(scope='module')

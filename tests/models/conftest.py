@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fer_jax.configs import default
 from fer_jax import models
+from fer_jax.configs import default
 
 ARCHITECTURES = ('resnet18', 'efficientnet_b0')
 

@@ -14,6 +14,7 @@ import ml_collections
 
 from fer_jax import detect, labels, losses, metrics, models
 from fer_jax.data import LAYOUTS
+from fer_jax.data.fer2013 import FERPLUS_LABELS
 from fer_jax.errors import UsageError
 
 # Fields that change how long a run trains, or where and how fast it reads
@@ -191,7 +192,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
     except ValueError as e:
       raise UsageError(str(e)) from None
     _choice(config, 'data.rafdb_images', ('aligned', 'original'))
-    _choice(config, 'data.ferplus_labels', ('majority', 'probability'))
+    _choice(config, 'data.ferplus_labels', FERPLUS_LABELS)
   if data.layout != 'synthetic' and not data.root:
     raise UsageError('data.root: empty; point it at the data set '
                      '(--config.data.root=PATH)')

@@ -210,7 +210,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                             config.data.std_rgb)
   sums_of = functools.partial(losses.loss_sums,
                               label_smoothing=config.train.label_smoothing,
-                              weights=weights)
+                              weights=weights,
+                              multi_target=losses.is_multi_target(config.data))
   total = lambda sums: losses.normalise(
       sums, config.train.va_loss_weight,
       config.train.get('va_loss', 'mse'))['loss']
@@ -266,7 +267,8 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
   outputs = eval_outputs(model, eval_variables(state), batch['image'],
                          config)
   sums = jax.lax.psum(losses.loss_sums(
-      outputs, batch, config.train.label_smoothing, weights), AXIS)
+      outputs, batch, config.train.label_smoothing, weights,
+      losses.is_multi_target(config.data)), AXIS)
   return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
           'sums': sums}
 

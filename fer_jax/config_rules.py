@@ -14,6 +14,7 @@ import ml_collections
 
 from fer_jax import detect, labels, losses, metrics, models
 from fer_jax.data import LAYOUTS
+from fer_jax.data.fer2013 import FERPLUS_LABELS
 from fer_jax.errors import UsageError
 
 # Fields that change how long a run trains, or where and how fast it reads
@@ -191,7 +192,13 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
     except ValueError as e:
       raise UsageError(str(e)) from None
     _choice(config, 'data.rafdb_images', ('aligned', 'original'))
-    _choice(config, 'data.ferplus_labels', ('majority', 'probability'))
+    _choice(config, 'data.ferplus_labels', FERPLUS_LABELS)
+    if losses.is_multi_target(data) and train.label_smoothing:
+      # FERPlus's multi-target loss takes the best kept class, not a
+      # distribution a smoothing could spread.
+      raise UsageError(f'train.label_smoothing: {train.label_smoothing} '
+                       "does not apply to data.ferplus_labels="
+                       "'multi_target'; set it to 0")
   if data.layout != 'synthetic' and not data.root:
     raise UsageError('data.root: empty; point it at the data set '
                      '(--config.data.root=PATH)')

@@ -1,4 +1,5 @@
-"""Losses of the multitask model: cross-entropy and masked valence/arousal.
+"""Losses of the multitask model: cross-entropy (or FERPlus's multi-target
+loss) and masked valence/arousal.
 
 Losses are built from sums and counts so that a batch split over devices
 (or evaluation accumulated over batches) gives exactly the loss of the whole
@@ -17,13 +18,42 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   """Per-example softmax cross-entropy [B] with optional label smoothing.
 
   labels: int [B] (positions among the K logits) or target distributions
-  [B, K] (FERPlus's votes).
+  [B, K] (FERPlus's kept votes).
   """
-  num_classes = logits.shape[-1]
-  targets = (labels if labels.ndim == logits.ndim else
-             jax.nn.one_hot(labels, num_classes))
-  targets = targets * (1 - label_smoothing) + label_smoothing / num_classes
+  targets = _targets(logits, labels)
+  targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[-1]
   return -jnp.sum(targets * jax.nn.log_softmax(logits), axis=-1)
+
+
+def _targets(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """labels as targets [B, K]: one-hot if they are positions."""
+  return (labels if labels.ndim == logits.ndim else
+          jax.nn.one_hot(labels, logits.shape[-1]))
+
+
+# FERPlus's multi_target targets are 1 on the kept classes and this
+# elsewhere (its src/ferplus.py), so that no product t * p is exactly 0.
+MULTI_TARGET_EPSILON = 1e-3
+
+
+def multi_target_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """FERPlus's multi-target loss [B]: -log max_c t_c p_c, p = softmax.
+
+  labels as for cross_entropy; t is 1 where they are positive and
+  MULTI_TARGET_EPSILON elsewhere, so the loss rewards the most probable
+  of the kept classes, whichever it is. Computed from log-probabilities:
+  max_c (log t_c + log p_c) never takes the log of an underflowed p.
+  """
+  log_t = jnp.where(_targets(logits, labels) > 0, 0.0,
+                    jnp.log(MULTI_TARGET_EPSILON))
+  return -jnp.max(log_t + jax.nn.log_softmax(logits), axis=-1)
+
+
+def is_multi_target(data: ml_collections.ConfigDict) -> bool:
+  """Whether a run's expression loss is multi_target_loss (FERPlus's
+  data.ferplus_labels='multi_target'), else cross-entropy."""
+  return (data.get('layout') == 'ferplus' and
+          data.get('ferplus_labels') == 'multi_target')
 
 
 CLASS_WEIGHTS = ('none', 'inverse_frequency', 'effective_number')
@@ -70,18 +100,22 @@ def configured_class_weights(train: ml_collections.ConfigDict,
 
 
 def loss_sums(outputs: dict, batch: dict, label_smoothing: float = 0.0,
-              weights: np.ndarray | None = None) -> dict:
+              weights: np.ndarray | None = None,
+              multi_target: bool = False) -> dict:
   """Sums over the valid examples of a batch (shard), and their counts.
 
-  With class weights, each example's cross-entropy is scaled by its class's
-  (its label's) weight; the mean stays over examples (count), not over weights.
+  The expression loss ('ce') is cross-entropy, or multi_target_loss when
+  multi_target. With class weights, each example's loss is scaled by its
+  class's (its label's) weight; the mean stays over examples (count), not
+  over weights.
   """
   mask = batch['mask'].astype(jnp.float32)
   va_mask = mask * batch['va_mask'].astype(jnp.float32)
-  # FERPlus's vote distributions, where the batch has them (data.ferplus_
-  # labels='probability'); else the labels.
-  ce = cross_entropy(outputs['logits'], batch.get('soft', batch['label']),
-                     label_smoothing)
+  # FERPlus's targets, where the batch has them (data.ferplus_labels other
+  # than 'majority', in training); else the labels.
+  targets = batch.get('soft', batch['label'])
+  ce = (multi_target_loss(outputs['logits'], targets) if multi_target else
+        cross_entropy(outputs['logits'], targets, label_smoothing))
   if weights is not None:
     ce = ce * jnp.asarray(weights)[batch['label']]
   pred, true = outputs['va'], batch['va']

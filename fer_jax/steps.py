@@ -19,8 +19,11 @@ AXIS = 'batch'  # the pmap axis: BatchNorm statistics and gradients span it
 # the rules it started with. 2: a frozen backbone's optimiser state kept
 # as initialised, class weights of mean 1 per example, EMA with a warm-up
 # and averaged BatchNorm statistics, the head in float32 under bfloat16.
-# 3: while the backbone is frozen, SAM perturbs the head alone.
-TRAINING_RULES = 3
+# 3: while the backbone is frozen, SAM perturbs the head alone. 4: FERPlus's
+# label modes as FERPlus's own scripts make them (fer_jax/data/fer2013.py:
+# FERPLUS_RULES); 'probability' was the vote distribution as the target,
+# under a rule of its own for which rows to keep.
+TRAINING_RULES = 4
 
 
 def rules_of(record: dict) -> int:
@@ -210,7 +213,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                             config.data.std_rgb)
   sums_of = functools.partial(losses.loss_sums,
                               label_smoothing=config.train.label_smoothing,
-                              weights=weights)
+                              weights=weights,
+                              multi_target=losses.is_multi_target(config.data))
   total = lambda sums: losses.normalise(
       sums, config.train.va_loss_weight,
       config.train.get('va_loss', 'mse'))['loss']
@@ -266,7 +270,8 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
   outputs = eval_outputs(model, eval_variables(state), batch['image'],
                          config)
   sums = jax.lax.psum(losses.loss_sums(
-      outputs, batch, config.train.label_smoothing, weights), AXIS)
+      outputs, batch, config.train.label_smoothing, weights,
+      losses.is_multi_target(config.data)), AXIS)
   return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
           'sums': sums}
 

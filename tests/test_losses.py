@@ -81,6 +81,52 @@ def test_cross_entropy_over_k_classes_with_labels_or_vote_distributions(
                                                   rel=1e-5)
 
 
+def reference_multi_target(logits: np.ndarray, kept: np.ndarray) -> np.ndarray:
+  """FERPlus's multi-target loss in float64: -log max(t * p), t 1 on the
+  kept classes and 0.001 elsewhere, as its src/ferplus.py and train.py."""
+  t = (1 - 0.001) * (kept > 0) + 0.001
+  logits = logits.astype(np.float64)
+  p = np.exp(logits - logits.max(1, keepdims=True))
+  p = p / p.sum(1, keepdims=True)
+  return -np.log(np.max(t * p, axis=1))
+
+
+@pytest.mark.parametrize('scale', [1.0, 40.0])
+def test_multi_target_loss_matches_float64_reference(scale):
+  """Kept sets of one to three classes as distributions (FERPlus's kept
+  votes) or labels; at scale 40 the kept classes' probabilities underflow
+  in float32 and the loss is the floor's, still finite."""
+  rng = np.random.default_rng(int(scale))
+  n, k = 64, 8
+  logits = (rng.normal(0, 1, (n, k)) * scale).astype(np.float32)
+  kept = np.zeros((n, k))
+  for row, size in zip(kept, rng.integers(1, 4, n)):
+    row[rng.choice(k, size, replace=False)] = rng.integers(2, 6, size)
+  soft = (kept / kept.sum(1, keepdims=True)).astype(np.float32)
+  got = losses.multi_target_loss(jnp.asarray(logits), jnp.asarray(soft))
+  want = reference_multi_target(logits, kept)
+  if scale > 1:  # some rows' kept classes all have probability 0 in float32
+    p32 = np.asarray(jax.nn.softmax(jnp.asarray(logits)))
+    assert (np.where(kept > 0, p32, 0).max(1) == 0).any()
+  assert np.isfinite(got).all()
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  labels = soft.argmax(1)
+  np.testing.assert_allclose(
+      losses.multi_target_loss(jnp.asarray(logits), jnp.asarray(labels)),
+      reference_multi_target(logits, np.eye(k)[labels]), rtol=1e-5,
+      atol=1e-5)
+  # loss_sums takes it for the expression loss when asked.
+  mask = rng.random(n) > 0.2
+  batch = {'label': jnp.asarray(labels.astype(np.int32)),
+           'soft': jnp.asarray(soft), 'va': jnp.zeros((n, 2)),
+           'mask': jnp.asarray(mask), 'va_mask': jnp.zeros(n, bool)}
+  sums = losses.loss_sums({'logits': jnp.asarray(logits),
+                           'va': jnp.zeros((n, 2))}, batch,
+                          multi_target=True)
+  assert float(losses.normalise(sums, 1.0)['ce_loss']) == pytest.approx(
+      want[mask].mean(), rel=1e-5)
+
+
 def test_all_masked_va_gives_zero_va_loss_not_nan():
   b = random_batch(np.random.default_rng(3), 16, va_mask_rate=1.1)
   got = jax_loss(b, 0.0, va_weight=1.0)

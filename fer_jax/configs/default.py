@@ -46,7 +46,14 @@ def get_config() -> ml_collections.ConfigDict:
   # names: 'Neutral,Happy,Sad,Surprise,Fear,Disgust,Anger'.
   config.data.classes = ''
   config.data.rafdb_images = 'aligned'    # rafdb: 'aligned' (100 px) | 'original'
-  config.data.ferplus_labels = 'majority'  # ferplus: 'majority' | 'probability'
+  # ferplus: FERPlus's training modes, as its own scripts (Barsoum et al.,
+  # 2016): 'majority' | 'probability' (a label drawn each epoch from the
+  # kept votes) | 'crossentropy' (the kept votes as the target) |
+  # 'multi_target' (every class with 30% of the votes; loss -log max t p).
+  # Val and test are always majority. data.sampler='balanced' and
+  # train.class_weights count each training image once, under its label:
+  # the class with the most kept votes.
+  config.data.ferplus_labels = 'majority'
   # 72 px, not 64: XLA's own convolutions run ResNet18 4x slower when its
   # last stage is 2x2 (48-64 px) than at 3x3 (72 px). model.kernels='cpu'
   # removes that (BENCHMARKS.md); README's results were measured at 72 px.

@@ -4,9 +4,12 @@ ROOT/fer2013new.csv (the votes) beside ROOT/fer2013.csv (the pixels), rows
 in the same order, or the folders FERPlus's script generates from them
 (ROOT/FER2013Train/, FER2013Valid/, FER2013Test/ with their label.csv);
 FER2013's Training, PublicTest and PrivateTest splits.
-data.ferplus_labels: 'majority' (the standard protocol) or 'probability'
-(cross-entropy against the vote distribution); validation and test are
-always scored on the majority label.
+data.ferplus_labels: the paper's four training modes, as its own scripts
+make them: 'majority' (the standard protocol), 'probability' (a label
+drawn each epoch from the kept votes), 'crossentropy' (the kept votes as
+the target) or 'multi_target' (every expression with 30% of the votes,
+loss -log max(t * p)); validation and test are always scored on the
+majority label (docs/datasets.md).
 
 The recipe follows the FERPlus paper (Barsoum et al., 2016) and its
 repository (github.com/microsoft/FERPlus): 64 px, momentum SGD (0.9) at

@@ -12,6 +12,10 @@ FER2013Valid/ and FER2013Test/, each with its PNGs and a label.csv (no
 header) whose rows are 'fer0000000.png,"(0, 0, 48, 48)",4,0,0,1,3,2,0,0,0,0':
 the image, its face box (always the whole image; not read) and the 10
 votes. There a row's path is its image.
+
+Which votes make a training row's label and target is FERPlus's own
+choice of four (data.ferplus_labels, vote_label); validation and test
+are labelled by majority.
 """
 
 import csv
@@ -44,6 +48,18 @@ FERPLUS_COLUMNS = ('Usage', 'Image name') + VOTE_COLUMNS
 # Each vote column's canonical code: 8 expressions, 11 Unknown, 10 No-Face.
 VOTE_CODES = (0, 1, 3, 2, 6, 5, 4, 7, 11, 10)
 NO_FACE, NO_MAJORITY = 10, 12
+# data.ferplus_labels: FERPlus's training modes (its src/ferplus.py and
+# src/train.py, github.com/microsoft/FERPlus at ae2128ab).
+FERPLUS_LABELS = ('majority', 'probability', 'crossentropy', 'multi_target')
+# The version of those rules, part of the index's cache key: 1 had a
+# 'probability' mode of its own (the vote distribution as the target,
+# under another rule for which rows to keep).
+FERPLUS_RULES = 2
+# FERPlus's fixed shares: probability and crossentropy take top columns
+# until they hold 75% of the votes or 3 columns; multi_target keeps the
+# columns with 30% of the votes.
+LEADING_SHARE, LEADING_COLUMNS = 0.75, 3
+MULTI_TARGET_SHARE = 0.3
 _LAYOUT = ('FER2013 needs ROOT/fer2013.csv; FERPlus also '
            'ROOT/fer2013new.csv')
 # FERPlus's folders (its generate_training_data.py) and their splits.
@@ -197,41 +213,82 @@ def parse_votes(fields: dict, where: str) -> np.ndarray:
 
 
 def without_outliers(counts: np.ndarray) -> np.ndarray:
-  """The counts with single votes removed (the FERPlus paper's outliers)."""
+  """The counts (float64) with single votes removed (the FERPlus paper's
+  outliers)."""
+  counts = np.asarray(counts, np.float64)  # FERPlus's thresholds: float64
   return np.where(counts > 1, counts, 0)
 
 
-def majority_code(counts: np.ndarray) -> int:
-  """The column with more than half the votes, else No-Majority."""
-  counts = without_outliers(counts)
+def majority_votes(counts: np.ndarray) -> np.ndarray | None:
+  """The top column's votes alone, when it holds more than half of them."""
   top = int(np.argmax(counts))
-  return VOTE_CODES[top] if counts[top] > counts.sum() / 2 else NO_MAJORITY
+  if counts[top] <= counts.sum() / 2:
+    return None
+  kept = np.zeros_like(counts)
+  kept[top] = counts[top]
+  return kept
 
 
-def probability_label(counts: np.ndarray) -> tuple[int, np.ndarray | None]:
-  """The top expression's code and the 8 expressions' votes (canonical order).
+def leading_votes(counts: np.ndarray) -> np.ndarray | None:
+  """The votes of the top columns, taken a tied group at a time from the
+  highest count down, until they hold LEADING_SHARE of the votes or
+  LEADING_COLUMNS columns.
 
-  Kept only when an expression has the most votes: a tie with unknown or
-  NF drops the row as Unknown or No-Face; no votes left, as No-Majority.
+  An unknown or NF column in a group ends the taking: it is taken itself
+  only if no expression came before it (so the row is dropped). None when
+  what was taken holds at most half of the votes or more than
+  LEADING_COLUMNS columns (a group of ties can overshoot them).
   """
-  counts = without_outliers(counts)
-  if not counts.any():
-    return NO_MAJORITY, None
-  for column in (8, 9):  # unknown, NF
-    if counts[column] == counts.max():
-      return VOTE_CODES[column], None
-  votes = np.zeros(NUM_CLASSES, np.float32)
-  votes[list(VOTE_CODES[:NUM_CLASSES])] = counts[:NUM_CLASSES]
-  return int(np.argmax(votes)), votes  # ties: the first in canonical order
+  total, kept = counts.sum(), np.zeros_like(counts)
+  for count in np.unique(counts[counts > 0])[::-1]:
+    if (kept.sum() >= LEADING_SHARE * total or
+        np.count_nonzero(kept) >= LEADING_COLUMNS):
+      break
+    tied = np.flatnonzero(counts == count)
+    expressions = tied[tied < NUM_CLASSES]
+    kept[expressions] = count
+    if len(expressions) < len(tied):
+      if not kept.any():
+        kept[tied[len(expressions)]] = count
+      break
+  if kept.sum() <= total / 2 or np.count_nonzero(kept) > LEADING_COLUMNS:
+    return None
+  return kept
 
 
-def vote_label(fields: dict, where: str, mode: str
+def multi_target_votes(counts: np.ndarray) -> np.ndarray | None:
+  """The votes of every column with at least MULTI_TARGET_SHARE of them,
+  when together they hold more than half."""
+  kept = np.where(counts >= MULTI_TARGET_SHARE * counts.sum(), counts, 0)
+  return kept if kept.sum() > counts.sum() / 2 else None
+
+
+# What each data.ferplus_labels mode keeps of a row's votes (without
+# outliers): probability draws its label from the distribution that
+# crossentropy trains on, so the two keep the same rows.
+KEPT_VOTES = {'majority': majority_votes, 'probability': leading_votes,
+              'crossentropy': leading_votes,
+              'multi_target': multi_target_votes}
+
+
+def vote_label(counts: np.ndarray, mode: str
                ) -> tuple[int, np.ndarray | None]:
-  """A row's code, and its votes in probability mode (parse_votes' fields)."""
-  counts = parse_votes(fields, where)
-  if mode == 'probability':
-    return probability_label(counts)
-  return majority_code(counts), None
+  """A row's code and, unless in majority mode, the votes its target is
+  made of (the 8 expressions, canonical order), as FERPlus's mode has them.
+
+  The code is the kept column with the most votes, the first in
+  VOTE_COLUMNS' order on a tie; a row the mode's rule rejects is
+  No-Majority.
+  """
+  kept = KEPT_VOTES[mode](without_outliers(counts))
+  if kept is None:
+    return NO_MAJORITY, None
+  code = VOTE_CODES[int(np.argmax(kept))]
+  if mode == 'majority' or code >= NUM_CLASSES:
+    return code, None
+  votes = np.zeros(NUM_CLASSES, np.float32)
+  votes[list(VOTE_CODES[:NUM_CLASSES])] = kept[:NUM_CLASSES]
+  return code, votes
 
 
 def parse_ferplus_row(job: tuple) -> dict:
@@ -244,7 +301,7 @@ def parse_ferplus_row(job: tuple) -> dict:
       # script writes no file for them: every such row of the release has
       # all 10 votes on NF, so they are dropped as No-Face.
       return row(where, NO_FACE)
-    code, votes = vote_label(fields, where, mode)
+    code, votes = vote_label(parse_votes(fields, where), mode)
     if code >= NUM_CLASSES:
       return row(where, code)  # dropped: the pixels do not matter
     pixels = parse_pixels(pixel_text, pixel_where)
@@ -286,8 +343,8 @@ def parse_label_row(job: tuple) -> dict:
     return row(where, error=f'{where}: no image name')
   image = str(Path(folder) / name)
   try:
-    code, votes = vote_label(dict(zip(VOTE_COLUMNS, values[-10:])), where,
-                             mode)
+    code, votes = vote_label(parse_votes(
+        dict(zip(VOTE_COLUMNS, values[-10:])), where), mode)
   except ValueError as e:
     return row(image, error=str(e))
   if code >= NUM_CLASSES:
@@ -318,6 +375,7 @@ def _index_folders(root: Path, mode: str, data: ml_collections.ConfigDict
       raise FileNotFoundError(f'{root / folder / LABEL_FILE}: file not '
                               f'found ({_FERPLUS_LAYOUTS})')
   settings = {'layout': 'ferplus_folders', 'ferplus_labels': mode,
+              'ferplus_rules': FERPLUS_RULES,
               'version': index_lib.INDEX_VERSION,
               'check_images': data.check_images}
   files = [entry for folder in FOLDERS.values() for entry in sorted(
@@ -338,14 +396,14 @@ def index_ferplus(root: Path, data: ml_collections.ConfigDict
   """The indexes of FERPlus's splits: {'train', 'val', 'test'}, from
   fer2013new.csv and fer2013.csv or, without them, FERPlus's folders.
 
-  data.ferplus_labels: 'majority' (codes by majority vote) or
-  'probability' (train keeps the top expression's rows with their votes,
-  for the loss to fit the distribution; val and test stay majority).
+  data.ferplus_labels: one of FERPLUS_LABELS, for train (vote_label: the
+  rows FERPlus's mode keeps, their codes and the votes their targets are
+  made of); val and test are labelled by majority in every mode.
   """
   mode = data.ferplus_labels
-  if mode not in ('majority', 'probability'):
-    raise ValueError(f"data.ferplus_labels: {mode!r} is not 'majority' or "
-                     "'probability'")
+  if mode not in FERPLUS_LABELS:
+    raise ValueError(f'data.ferplus_labels: {mode!r} is not one of '
+                     f"{', '.join(map(repr, FERPLUS_LABELS))}")
   new_path, fer_path = root / 'fer2013new.csv', root / 'fer2013.csv'
   if not new_path.is_file() and (
       root / FOLDERS['train'] / LABEL_FILE).is_file():
@@ -354,7 +412,7 @@ def index_ferplus(root: Path, data: ml_collections.ConfigDict
     if not path.is_file():
       raise FileNotFoundError(f'{path}: file not found ({_FERPLUS_LAYOUTS})')
   settings = {'layout': 'ferplus', 'version': index_lib.INDEX_VERSION,
-              'ferplus_labels': mode}
+              'ferplus_labels': mode, 'ferplus_rules': FERPLUS_RULES}
 
   def build() -> dict[str, list]:
     jobs = ferplus_jobs(new_path, fer_path, mode)

@@ -3,10 +3,12 @@
 Batches are dicts of NumPy arrays with a leading device axis:
 images uint8 [D, B/D, H, W, 3], label int32 [D, B/D], va float32
 [D, B/D, 2], va_mask bool [D, B/D] and mask bool [D, B/D] (False on the
-padding that completes the last evaluation batch). Normalisation happens on
-the device. With several processes, B is a process's share of the global
-batch and D its local devices: process p reads the p-th 1/P of every
-global training batch, and the p-th contiguous 1/P of an evaluated split.
+padding that completes the last evaluation batch); soft float32
+[D, B/D, K], the targets, where the records have them (FERPlus).
+Normalisation happens on the device. With several processes, B is a
+process's share of the global batch and D its local devices: process p
+reads the p-th 1/P of every global training batch, and the p-th
+contiguous 1/P of an evaluated split.
 """
 
 import concurrent.futures
@@ -58,7 +60,7 @@ def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
   example = {'image': load_image(record, data) if image is None else image,
              'label': record['label'], 'va': record['va'],
              'va_mask': record['va_mask'], 'mask': np.True_}
-  if 'soft' in record:  # target distributions (FERPlus's votes)
+  if 'soft' in record:  # targets (FERPlus's kept votes, or a drawn label)
     example['soft'] = record['soft']
   return example
 
@@ -109,22 +111,45 @@ def balanced_indices(labels: np.ndarray, num_samples: int,
   return rng.choice(len(labels), size=num_samples, replace=True, p=p)
 
 
+def drawn_labels(soft: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """One class per row of soft [N, K], drawn with the row's probabilities
+  (a class of probability 0 never)."""
+  cumulative = np.cumsum(soft, axis=1, dtype=np.float64)
+  threshold = rng.random(len(soft)) * cumulative[:, -1]
+  return np.argmax(cumulative > threshold[:, None], axis=1)
+
+
+def draws_labels(data: ml_collections.ConfigDict) -> bool:
+  """Whether training draws each example's label every epoch from its
+  target distribution (FERPlus's data.ferplus_labels='probability')."""
+  return (data.get('layout') == 'ferplus' and
+          data.get('ferplus_labels') == 'probability')
+
+
 class RunOrder:
   """The examples of a whole training run: i is epoch i // E's (i % E)-th.
 
   Each epoch's order depends on (seed, epoch) alone: a permutation
   (data.sampler 'uniform') or E draws with replacement, every class equally
-  likely ('balanced', for class imbalance). It is drawn when first needed,
-  in each worker process, so the source stays light to send to them.
+  likely by the records' labels ('balanced', for class imbalance). With
+  draw_labels, each record's target for the epoch is the one-hot of a
+  class drawn from its distribution (records.soft), also by (seed, epoch)
+  alone, in a stream of its own. Both are drawn when first needed, in each
+  worker process, so the source stays light to send to them.
   """
 
   def __init__(self, records: Records, sampler: str, seed: int,
-               num_epochs: int, examples_per_epoch: int):
+               num_epochs: int, examples_per_epoch: int,
+               draw_labels: bool = False):
     if sampler not in ('uniform', 'balanced'):
       raise ValueError(f"data.sampler: {sampler!r} is not 'uniform' or "
                        "'balanced'")
+    if draw_labels and records.soft is None:
+      raise ValueError('data.ferplus_labels: probability needs the '
+                       'training records\' target distributions')
     self.records, self.sampler, self.seed = records, sampler, seed
     self.num_epochs, self.examples_per_epoch = num_epochs, examples_per_epoch
+    self.draw_labels = draw_labels
     self._orders = {}
 
   def __len__(self) -> int:
@@ -141,14 +166,32 @@ class RunOrder:
       return rng.permutation(n)[:self.examples_per_epoch]
     return balanced_indices(self.records.labels, self.examples_per_epoch, rng)
 
+  def epoch_labels(self, epoch: int) -> np.ndarray:
+    """Each record's class drawn for epoch `epoch` (0-based), [N]."""
+    # (seed, epoch, 1): its own stream, so the order is the one the same
+    # seed gives without drawing.
+    rng = np.random.default_rng([self.seed, epoch, 1])
+    return drawn_labels(self.records.soft, rng)
+
+  def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The epoch's order and drawn labels, kept for it and the one before."""
+    drawn = self._orders.get(epoch)  # threads may race here: both compute
+    if drawn is None:
+      drawn = (self.epoch_order(epoch),
+               self.epoch_labels(epoch) if self.draw_labels else None)
+      self._orders = {epoch: drawn, **{
+          k: v for k, v in self._orders.items() if k == epoch - 1}}
+    return drawn
+
   def __getitem__(self, i: int) -> dict:
     epoch, position = divmod(int(i), self.examples_per_epoch)
-    order = self._orders.get(epoch)  # threads may race here: both compute
-    if order is None:
-      order = self.epoch_order(epoch)
-      self._orders = {epoch: order, **{
-          k: v for k, v in self._orders.items() if k == epoch - 1}}
-    return self.records[int(order[position])]
+    order, labels = self._epoch(epoch)
+    index = int(order[position])
+    record = self.records[index]
+    if labels is not None:  # the drawn class as the target, one-hot
+      record['soft'] = np.zeros_like(record['soft'])
+      record['soft'][labels[index]] = 1
+    return record
 
 
 def _process_batch_size(batch_size: int, field: str, num_devices: int,
@@ -169,7 +212,8 @@ def train_batches(records: Records, config: ml_collections.ConfigDict,
   train.num_epochs x steps_per_epoch batches; no batch spans two epochs.
   Batch k depends only on (train.seed, k): the iterator's state
   (get_state / set_state, saved in checkpoints) or start_step resumes a run
-  exactly. Augmentation draws from a generator Grain seeds per example.
+  exactly. Augmentation draws from a generator Grain seeds per example;
+  FERPlus's probability mode draws each epoch's labels (RunOrder).
   With several processes, process_index's rows of each global batch.
   """
   batch_size = config.train.batch_size
@@ -181,7 +225,7 @@ def train_batches(records: Records, config: ml_collections.ConfigDict,
                      f'{len(records)} training examples')
   source = RunOrder(records.without_landmarks(), config.data.sampler,
                     config.train.seed, config.train.num_epochs,
-                    steps * batch_size)
+                    steps * batch_size, draws_labels(config.data))
   load = functools.partial(_load_augmented,
                            data=ml_collections.FrozenConfigDict(config.data))
   # Grain seeds each example's augmentation by its index in the whole run,

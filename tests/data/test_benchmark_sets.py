@@ -253,21 +253,26 @@ def test_fer2013_missing_file_or_columns_raise_naming_the_file(tmp_path):
 
 # (Usage, Image name, votes in fer2013new.csv's column order (neutral,
 # happiness, surprise, sadness, anger, disgust, fear, contempt, unknown,
-# NF), the label by majority, by probability). Each worked by hand.
+# NF), the label by majority, by probability and crossentropy). Each
+# worked by hand.
 VOTE_ROWS = [
+    # Probability: 6 of the 8 votes left are 75%: neutral alone is kept.
     ('Training', 'a.png', '6,2,1,1,0,0,0,0,0,0', 'Neutral', 'Neutral'),
     # 4 of the 7 votes left: more than half.
     ('Training', 'b.png', '4,3,1,1,1,0,0,0,0,0', 'Neutral', 'Neutral'),
-    # 3 of 8: no majority; the tied top (surprise, sadness): Sad comes
-    # first in the canonical order.
-    ('Training', 'c.png', '0,0,3,3,2,1,1,0,0,0', 'No-Majority', 'Sad'),
+    # 3 of 8: no majority; probability keeps the tied top (surprise,
+    # sadness), 6 of 8, labelled by the first in FERPlus's column order.
+    ('Training', 'c.png', '0,0,3,3,2,1,1,0,0,0', 'No-Majority', 'Surprise'),
     ('Training', 'd.png', '2,0,0,0,0,0,0,0,7,1', 'Unknown', 'Unknown'),
     ('Training', 'e.png', '0,0,0,0,0,0,0,0,0,10', 'No-Face', 'No-Face'),
     ('Training', '', '0,0,0,0,0,0,0,0,0,10', 'No-Face', 'No-Face'),
-    # An expression tied with unknown: never kept.
-    ('Training', 'g.png', '4,0,0,0,0,0,0,0,4,2', 'No-Majority', 'Unknown'),
+    # An expression tied with unknown: probability keeps the expression
+    # alone, 4 of 10 votes, not more than half.
+    ('Training', 'g.png', '4,0,0,0,0,0,0,0,4,2', 'No-Majority',
+     'No-Majority'),
     ('Training', 'h.png', '0,0,0,0,0,0,0,0,0,0', 'error', 'error'),
     ('Training', 'i.png', '5,0,0,0,-1,0,0,0,0,0', 'error', 'error'),
+    # Probability: 6 of 10, then unknown and NF tied: the taking stops.
     ('Training', 'j.png', '0,0,0,0,0,0,0,6,2,2', 'Contempt', 'Contempt'),
     # Every vote a single: none left.
     ('Training', 'k.png', '1,1,1,1,1,1,1,1,1,1', 'No-Majority',
@@ -284,11 +289,12 @@ VOTE_ROWS = [
     ('PrivateTest', 'r.png', '0,0,0,10,0,0,0,0,0,0', 'error', 'error'),
 ]
 SPLIT_OF = {'Training': 'train', 'PublicTest': 'val', 'PrivateTest': 'test'}
-# The probability mode's stored votes (canonical order, singles removed).
-EXPECTED_VOTES = {'a.png': [6, 2, 0, 0, 0, 0, 0, 0],
+# The votes probability and crossentropy keep (canonical order).
+EXPECTED_VOTES = {'a.png': [6, 0, 0, 0, 0, 0, 0, 0],
                   'b.png': [4, 3, 0, 0, 0, 0, 0, 0],
-                  'c.png': [0, 0, 3, 3, 0, 0, 2, 0],
+                  'c.png': [0, 0, 3, 3, 0, 0, 0, 0],
                   'j.png': [0, 0, 0, 0, 0, 0, 0, 6]}
+DISTRIBUTION_MODES = ('probability', 'crossentropy')
 
 
 @pytest.fixture
@@ -307,7 +313,7 @@ def ferplus_root(tmp_path) -> Path:
   return tmp_path
 
 
-@pytest.mark.parametrize('mode', ['majority', 'probability'])
+@pytest.mark.parametrize('mode', ['majority', *DISTRIBUTION_MODES])
 def test_ferplus_vote_rules(ferplus_root, mode):
   indexes = fer2013.index_ferplus(ferplus_root, data_config(
       ferplus_root, ferplus_labels=mode))
@@ -447,7 +453,7 @@ def test_ferplus_folder_rows_keep_their_label_csv_format(ferplus_folders):
   assert lines[0] == 'a.png,"(0, 0, 48, 48)",6,2,1,1,0,0,0,0,0,0'
 
 
-@pytest.mark.parametrize('mode', ['majority', 'probability'])
+@pytest.mark.parametrize('mode', ['majority', *DISTRIBUTION_MODES])
 def test_ferplus_folders_vote_rules(ferplus_folders, mode):
   root, lines = ferplus_folders
   indexes = fer2013.index_ferplus(root, data_config(root,
@@ -476,7 +482,7 @@ def test_ferplus_folders_vote_rules(ferplus_folders, mode):
           records.soft, expected / expected.sum(1, keepdims=True))
 
 
-@pytest.mark.parametrize('mode', ['majority', 'probability'])
+@pytest.mark.parametrize('mode', ['majority', *DISTRIBUTION_MODES])
 def test_ferplus_folders_label_as_the_csvs_they_come_from(
     ferplus_root, ferplus_folders, mode):
   folders_root, _ = ferplus_folders
@@ -655,7 +661,7 @@ def test_odd_ferplus_files_never_raise_anything_else(tmp_path):
         ','.join(fer2013.FERPLUS_COLUMNS) + '\n' + ''.join(
             f'{u},{n},{v}\n' for u, n, v in zip(
                 usages, ('a.png', '', 'c.png'), votes)))
-  for mode in ('majority', 'probability'):
+  for mode in fer2013.FERPLUS_LABELS:
     outcomes = fuzz(tmp_path / mode, write, lambda root: (
         fer2013.index_ferplus(root, data_config(root, ferplus_labels=mode))),
         ['fer2013new.csv', 'fer2013.csv'])
@@ -668,7 +674,7 @@ def test_odd_ferplus_label_csvs_never_raise_anything_else(tmp_path):
           ('PrivateTest', 'c.png', [BOX, *'0,0,0,0,7,2,1,0,0,0'.split(',')])]
   images = {name: png(f) for (_, name, _), f in zip(rows, faces(3))}
   files = [f'{folder}/label.csv' for folder in FOLDER_OF.values()]
-  for mode in ('majority', 'probability'):
+  for mode in fer2013.FERPLUS_LABELS:
     outcomes = fuzz(tmp_path / mode, lambda root: write_folders(
         root, rows, images), lambda root: fer2013.index_ferplus(
             root, data_config(root, ferplus_labels=mode)), files)
@@ -706,14 +712,14 @@ def test_fer2013_pixels_become_grey_rgb_batches_of_the_configured_size(
                                 images.resize(face[7], 32))
 
 
-def test_ferplus_probability_batches_carry_the_vote_distributions(
+def test_ferplus_crossentropy_batches_carry_the_kept_vote_distributions(
     ferplus_root):
   from fer_jax.configs import default
   from fer_jax import data
   from fer_jax.data import pipeline
   config = default.get_config()
   config.data.update(layout='ferplus', root=str(ferplus_root),
-                     ferplus_labels='probability', image_size=16,
+                     ferplus_labels='crossentropy', image_size=16,
                      index_cache_dir=str(ferplus_root / 'index'),
                      index_processes=1, on_error='skip')
   config.train.update(batch_size=2, num_epochs=1)
@@ -723,5 +729,5 @@ def test_ferplus_probability_batches_carry_the_vote_distributions(
   soft, label = batch['soft'][0], batch['label'][0]
   assert soft.shape == (2, 8)
   np.testing.assert_allclose(soft.sum(1), 1, rtol=1e-6)
-  # The label is a top vote (ties, as c.png's, go to the canonical first).
+  # The label is a top vote (ties, as c.png's, go to FERPlus's first column).
   np.testing.assert_array_equal(soft[np.arange(2), label], soft.max(1))

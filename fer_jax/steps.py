@@ -19,11 +19,10 @@ AXIS = 'batch'  # the pmap axis: BatchNorm statistics and gradients span it
 # the rules it started with. 2: a frozen backbone's optimiser state kept
 # as initialised, class weights of mean 1 per example, EMA with a warm-up
 # and averaged BatchNorm statistics, the head in float32 under bfloat16.
-# 3: while the backbone is frozen, SAM perturbs the head alone. 4: FERPlus's
-# label modes as FERPlus's own scripts make them (fer_jax/data/fer2013.py:
-# FERPLUS_RULES); 'probability' was the vote distribution as the target,
-# under a rule of its own for which rows to keep.
-TRAINING_RULES = 4
+# 3: while the backbone is frozen, SAM perturbs the head alone. (FERPlus's
+# label modes have their own number, fer2013.FERPLUS_RULES, checked by
+# workdir.decide for the runs they concern.)
+TRAINING_RULES = 3
 
 
 def rules_of(record: dict) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 
 from fer_jax import config_rules, files
 from fer_jax.config_rules import UsageError
-from fer_jax.data import relative_paths
+from fer_jax.data import fer2013, relative_paths
 from fer_jax.data.index import Records
 
 FRESH, RESUME, FINISHED = 'fresh', 'resume', 'finished'
@@ -78,6 +78,7 @@ def decide(workdir: Path, config: ml_collections.ConfigDict
         'config.')
   changed = config_rules.changes(saved, config)
   if not test_report(workdir).exists():
+    _check_ferplus_rules(workdir, saved)
     return RESUME, changed
   report = read_json(test_report(workdir))
   trained = report.get('epochs_trained')
@@ -112,6 +113,26 @@ def _split_arrays(splits: dict[str, Records], root: str) -> dict:
   return arrays
 
 
+def _check_ferplus_rules(workdir: Path, saved: dict) -> None:
+  """Refuses to go on with a FERPlus run whose soft labels were made under
+  other rules than this fer_jax's (its data_report.json records them; runs
+  from before the rules were numbered record none). Majority labels have
+  not changed."""
+  data = saved['data']
+  if data.get('layout') != 'ferplus' or data.get(
+      'ferplus_labels', 'majority') == 'majority':
+    return
+  path = workdir / 'data_report.json'
+  rules = read_json(path).get('ferplus_rules', 1) if path.exists() else 1
+  if rules != fer2013.FERPLUS_RULES:
+    raise UsageError(
+        f"{workdir}: its FERPlus labels (data.ferplus_labels="
+        f"{data['ferplus_labels']!r}) were made under FERPlus rules {rules} "
+        f'and this fer_jax makes them under rules {fer2013.FERPLUS_RULES} '
+        '(other rows kept, other targets: docs/datasets.md); one run under '
+        'two rules would mean neither. Use a new --workdir.')
+
+
 def write_record(workdir: Path, config: ml_collections.ConfigDict,
                  splits: dict[str, Records], data_report: dict,
                  model_summary: str) -> None:
@@ -119,6 +140,8 @@ def write_record(workdir: Path, config: ml_collections.ConfigDict,
   splits.npz, then config.json (last: its presence makes the workdir a
   run)."""
   workdir = Path(workdir)
+  if config.data.layout == 'ferplus':  # how its labels were made
+    data_report = {**data_report, 'ferplus_rules': fer2013.FERPLUS_RULES}
   files.write_text(workdir / 'model_summary.txt', model_summary + '\n')
   files.write_json(workdir / 'data_report.json', data_report)
   files.write_npz(workdir / 'splits.npz',

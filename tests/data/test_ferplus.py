@@ -2,7 +2,8 @@
 labels probability mode draws each epoch, and runs of the old rules."""
 
 import csv
-import dataclasses
+import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_jax import checkpoints, labels, losses, steps, training
+from fer_jax import labels, losses, steps, training
+from fer_jax import workdir as workdir_lib
 from fer_jax.config_rules import UsageError
 from fer_jax.data import fer2013, index, pipeline
 from fer_jax.data.index import Records
@@ -297,26 +299,30 @@ def test_probability_batches_draw_one_hot_labels_again_each_epoch_and_on_resume(
 
 # Runs under the old rules ----------------------------------------------------
 
-@dataclasses.dataclass
-class Rules3Progress(checkpoints.Progress):
-  """A fresh run's progress as the fer_jax of training rules 3 began it."""
-  training_rules: int = 3
-
-
 def test_resume_of_a_run_under_the_old_probability_rules_is_refused(
-    ferplus_root, tmp_path, monkeypatch):
+    ferplus_root, tmp_path):
+  """A soft-label run started before FERPlus's rules were followed (its
+  data_report.json records no ferplus_rules) is refused by name on resume;
+  one of this fer_jax resumes."""
   config = ferplus_config(ferplus_root, tmp_path, 'probability')
   config.train.num_epochs = 1
   workdir = tmp_path / 'run'
-  with monkeypatch.context() as old:
-    old.setattr(steps, 'TRAINING_RULES', 3)
-    old.setattr(training, 'Progress', Rules3Progress)
-    training.train_and_evaluate(config, str(workdir))
+  training.train_and_evaluate(config, str(workdir))
   shutil.rmtree(workdir / 'report')  # killed before its test report
-  with pytest.raises(UsageError, match=(
-      rf'{workdir}: step \d+ was trained under training rules 3 and this '
-      'fer_jax trains under rules 4')):
+  assert workdir_lib.decide(workdir, config)[0] == workdir_lib.RESUME
+  report = json.loads((workdir / 'data_report.json').read_text())
+  assert report.pop('ferplus_rules') == fer2013.FERPLUS_RULES
+  (workdir / 'data_report.json').write_text(json.dumps(report))
+  with pytest.raises(UsageError, match=re.escape(
+      f"{workdir}: its FERPlus labels (data.ferplus_labels='probability') "
+      f'were made under FERPlus rules 1 and this fer_jax makes them under '
+      f'rules {fer2013.FERPLUS_RULES}')):
     training.train_and_evaluate(config, str(workdir))
+  config.data.ferplus_labels = 'majority'  # majority's rule is unchanged
+  config_json = json.loads((workdir / 'config.json').read_text())
+  config_json['data']['ferplus_labels'] = 'majority'
+  (workdir / 'config.json').write_text(json.dumps(config_json))
+  assert workdir_lib.decide(workdir, config)[0] == workdir_lib.RESUME
 
 
 def test_multi_target_runs_train_on_ferplus_loss(ferplus_root, tmp_path):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import fer_jax
-from fer_jax import data, evaluation, files, inference, models, predict, steps
+from fer_jax import (data, evaluation, files, inference, models, predict,
+                     steps, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 from fer_jax.labels import EXPRESSIONS
@@ -113,6 +114,19 @@ def test_explicit_data_fields_win_and_are_named(finished):
                       / 'test_metrics.json').read_text())
   assert saved['data_differs_from_training'] == {
       'data.validation': ['holdout', 'released']}
+
+
+def test_the_runs_data_includes_the_changes_its_sessions_logged(finished):
+  """A resumed session that changed a data field (a data set moved to
+  another root, say) logged it: an evaluation reads the latest value."""
+  _, workdir, _ = finished
+  files.append_jsonl(workdir / workdir_lib.CHANGE_LOG, {
+      'time': '2025-01-01T00:00:00+00:00',
+      'changes': {'data.on_error': ['raise', 'skip'],
+                  'train.num_epochs': [2, 3]}})
+  config, changed = inference.evaluation_config(None, workdir, {})
+  assert config.data.on_error == 'skip' and changed == {}
+  assert config.train.num_epochs == 2  # config.json's: not data
 
 
 @pytest.mark.parametrize('data, message', [

@@ -247,6 +247,25 @@ def test_an_8_class_model_on_7_class_folders_never_predicts_contempt(
   assert result['accuracy'] == pytest.approx(want)
 
 
+def test_class_folders_are_matched_to_the_model_by_name(folders_run,
+                                                        tmp_path):
+  """The 7-folder run on other class folders (the same layout): on 6 of
+  its classes, scored over those 6; with Contempt, refused in one line."""
+  _, workdir, _ = folders_run
+  six = SEVEN[:4] + SEVEN[5:]  # no Fear
+  root = write_folders(tmp_path / 'six', six, 5, 2)
+  result = evaluation.evaluate(None, str(workdir), 'test',
+                               data={'root': str(root)})
+  assert result['classes'] == list(six)
+  assert result['left_out_of_argmax'] == ['Fear']
+  assert np.shape(result['confusion_matrix']) == (6, 6)
+  assert result['num_examples'] == 12
+  root = write_folders(tmp_path / 'eight', labels.EXPRESSIONS, 5, 1)
+  with pytest.raises(UsageError, match=(
+      f"{workdir}: the model has no class 'Contempt' of this data set")):
+    evaluation.evaluate(None, str(workdir), 'test', data={'root': str(root)})
+
+
 def test_shared_classes_are_scored_from_their_logits_never_nan(
     config, seven_folders):
   """Contempt's logit 200 above the rest: every other class's float32

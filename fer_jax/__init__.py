@@ -50,6 +50,7 @@ def evaluate(*args, **kwargs) -> dict:
 def _evaluate(workdir: str, split: str = 'test',
               checkpoint_step: int | None = None, data: dict | None = None,
               *, tta: str | None = None) -> dict:
+  """evaluate's form: a workdir, and the data fields to change."""
   from fer_jax import evaluation, inference
   config = None
   if tta is not None:
@@ -61,6 +62,7 @@ def _evaluate(workdir: str, split: str = 'test',
 def _evaluate_config(config: 'ml_collections.ConfigDict', workdir: str,
                      split: str = 'test',
                      checkpoint_step: int | None = None) -> dict:
+  """evaluate's old form, as it read the data then: deprecated."""
   import warnings
   from fer_jax import config_rules, evaluation
   warnings.warn('fer_jax.evaluate(config, workdir, ...) is deprecated: '

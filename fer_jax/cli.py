@@ -85,6 +85,15 @@ def define_flags() -> None:
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
 
+def data_overrides() -> dict:
+  """The data fields the command line sets explicitly
+  (--config.data.<field>=...), by their name below data.: evaluate reads
+  every other from the run (a --config file chooses no data for it)."""
+  values = config_flags.get_override_values(FLAGS['config'])
+  return {field[len('data.'):]: value for field, value in values.items()
+          if field.startswith('data.')}
+
+
 def _quiet_libraries(record) -> bool:
   """Keeps INFO lines of fer_jax; libraries (Orbax, JAX) speak at WARNING.
 
@@ -151,7 +160,7 @@ def run_mode() -> None:
   elif FLAGS.mode == 'evaluate':
     from fer_jax import evaluation
     evaluation.evaluate(FLAGS.config, FLAGS.workdir, FLAGS.split,
-                        FLAGS.checkpoint_step)
+                        FLAGS.checkpoint_step, data_overrides())
   elif FLAGS.mode == 'predict':
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input=PATH')

@@ -38,6 +38,38 @@ INFERENCE_FIELDS = HOW_FIELDS + (
     'data.layout', 'data.train_source', 'data.released_source',
     'data.images_dir', 'eval.tta')
 
+# --mode=evaluate scores the run's own data: each data field comes from the
+# run but those set explicitly (--config.data.<field>=, fer_jax.evaluate's
+# data). An explicit value other than the run's is refused for the fields
+# of the face contract (the model is shown faces made as in training, or
+# its numbers say nothing about it) and for those of training only.
+FACE_FIELDS = ('data.face_margin', 'data.image_size', 'data.mean_rgb',
+               'data.std_rgb')
+TRAINING_DATA_FIELDS = ('data.sampler', 'data.augment')
+# The fields that say which data set is read: another one is scored in
+# its own label space.
+DATA_SET_FIELDS = ('data.layout', 'data.root', 'data.train_source',
+                   'data.released_source', 'data.class_folders')
+
+
+def check_evaluation_data(field: str, trained: Any, given: Any) -> None:
+  """UsageError for an explicit data field that an evaluation cannot take
+  (trained: the run's value; values as config.json holds them)."""
+  if given == trained:
+    return
+  if field in FACE_FIELDS:
+    raise UsageError(
+        f'{field}: {given!r} given, but the model was trained on faces made '
+        f'with {trained!r}; an evaluation makes faces as its training did '
+        f'({", ".join(FACE_FIELDS)} come from the run)')
+  if any(field == f or field.startswith(f'{f}.')
+         for f in TRAINING_DATA_FIELDS):
+    raise UsageError(f'{field}: a training setting, which an evaluation '
+                     'never reads (it reads each image once, unaugmented)')
+  if field == 'data.synthetic.regenerate' and given:
+    raise UsageError(f"{field}: an evaluation reads the run's data set; it "
+                     'never draws it again')
+
 
 # Layouts without valence/arousal labels: every VA metric is None.
 NO_VA_LAYOUTS = ('folders', 'rafdb', 'fer2013', 'ferplus')
@@ -45,10 +77,14 @@ NO_VA_LAYOUTS = ('folders', 'rafdb', 'fer2013', 'ferplus')
 
 def as_json(config: ml_collections.ConfigDict) -> dict:
   """A config as its config.json reads back: plain dicts, tuples as lists,
-  data.classes as the names of the label space (not '' or a preset)."""
+  data.classes as the names of the label space (not '' or a preset; as
+  given where they cannot be read, which check() refuses)."""
   tree = json.loads(json.dumps(config.to_dict()))
   if 'classes' in tree.get('data', {}):
-    tree['data']['classes'] = ','.join(labels.run_classes(config))
+    try:
+      tree['data']['classes'] = ','.join(labels.run_classes(config))
+    except ValueError:  # e.g. class folders not found: named by check()
+      pass
   return tree
 
 

@@ -2,6 +2,8 @@
 evaluation, and the predictions and metrics of a split."""
 
 import dataclasses
+import functools
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -10,9 +12,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import (checkpoints, config_rules, distributed, labels, losses,
-                     metrics, models, steps, workdir as workdir_lib)
+from fer_jax import (checkpoints, config_rules, distributed, files, labels,
+                     losses, metrics, models, steps, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
+from fer_jax.configs import default as default_config
 from fer_jax.data import pipeline
 from fer_jax.data.index import Records
 
@@ -39,24 +42,99 @@ def trained_config(config: ml_collections.ConfigDict, workdir: Path
   return config
 
 
-def data_classes(command_line: ml_collections.ConfigDict, workdir: Path
-                 ) -> tuple[str, ...] | None:
-  """The label space of the data that an evaluation of workdir's run
-  reads, where it is not the run's: data.classes given on the command
-  line, or the layout's own where the command line's layout has another
-  label space than the run's (a cross-dataset evaluation). None: the
-  run's."""
-  saved = workdir_lib.read_json(Path(workdir) / 'config.json')['data']
-  layout = command_line.data.layout
+def run_data(workdir: Path) -> dict:
+  """The data fields the run in workdir trained on, flat ('data.root'):
+  its config.json's, with the changes its resumed sessions logged (a data
+  set moved to another root, say)."""
+  workdir = Path(workdir)
+  saved = workdir_lib.read_json(workdir / 'config.json')
+  fields = config_rules.flatten({'data': saved['data']})
+  log = workdir / workdir_lib.CHANGE_LOG
+  for entry in files.read_jsonl(log) if log.exists() else []:
+    fields.update({k: new for k, (_, new) in entry['changes'].items()
+                   if k in fields})
+  return fields
+
+
+def _plain(value):
+  """A value as config.json holds it (tuples as lists)."""
+  return json.loads(json.dumps(value))
+
+
+def evaluation_config(config: ml_collections.ConfigDict | None,
+                      workdir: Path, data: dict
+                      ) -> tuple[ml_collections.ConfigDict, dict]:
+  """The config of an evaluation of workdir's run, and {data field:
+  (the run's value, this evaluation's)} where they differ.
+
+  Model, training and every data field come from the run (run_data), but
+  the data fields that `data` sets ({name below data.: value}, e.g.
+  {'layout': 'rafdb', 'root': PATH}); config_rules.check_evaluation_data
+  refuses some. data['classes'] is the data set's label space, not the
+  model's (data_classes). config gives the inference settings
+  (train.eval_batch_size, eval.tta, predict) and no data; None: the run's.
+  """
+  given = config
+  config = trained_config(
+      default_config.get_config() if given is None else given, workdir)
+  if given is None:  # the run's inference settings too
+    config = config_rules.merged(
+        workdir_lib.read_json(Path(workdir) / 'config.json'), config,
+        keep=())
+  trained = run_data(workdir)
+  config = config_rules.merged(trained, config, keep=())
+  have = config_rules.flatten(config_rules.as_json(config))
+  changed = {}
+  for name, value in (data or {}).items():
+    field = f'data.{name}'
+    if name == 'classes':
+      continue
+    if field not in have:
+      raise UsageError(f'{field}: not a data field of this run\'s config')
+    value = _plain(value)
+    config_rules.check_evaluation_data(field, have[field], value)
+    if value != have[field]:
+      changed[field] = (have[field], value)
+      config = config_rules.merged({field: value}, config, keep=())
+  config.data.synthetic.regenerate = False
+  _note_unread(given, trained, data or {})
+  return config, changed
+
+
+def _note_unread(config: ml_collections.ConfigDict | None, trained: dict,
+                 data: dict) -> None:
+  """Logs the data fields of config (the command line's) that differ from
+  the run's and were not given explicitly: never read, and said so."""
+  if config is None:
+    return
+  flat = config_rules.flatten(config_rules.as_json(config))
+  unread = sorted(k for k, v in flat.items() if k in trained and
+                  trained[k] != v and k != 'data.classes' and
+                  k.split('.', 1)[1] not in data)
+  if unread:
+    logging.info('The run\'s own data is scored: the command line\'s '
+                 'config is not read for data (%s differ from the run\'s); '
+                 '--config.data.<field>=... sets one', ', '.join(unread))
+
+
+def data_classes(config: ml_collections.ConfigDict, data: dict,
+                 changed: dict) -> tuple[str, ...]:
+  """The label space of the data an evaluation reads (config and changed:
+  evaluation_config's): data['classes'] where given; the run's where the
+  data set is the run's; else the data set's own (its layout's preset, or
+  the classes its class folders have)."""
+  spec = (data or {}).get('classes')
+  other_set = any(f in changed for f in config_rules.DATA_SET_FIELDS)
   try:
-    if command_line.data.get('classes', '').strip():
-      return labels.parse_classes(command_line.data.classes, layout)
+    if spec is not None and str(spec).strip():
+      return labels.parse_classes(spec, config.data.layout)
+    if spec is not None or other_set:
+      own = config.copy_and_resolve_references()
+      own.data.classes = ''
+      return labels.run_classes(own)
   except ValueError as e:
     raise UsageError(str(e)) from None
-  if labels.LAYOUT_PRESETS.get(layout) != labels.LAYOUT_PRESETS.get(
-      saved['layout']):
-    return labels.parse_classes('', layout)
-  return None
+  return labels.run_classes(config)
 
 
 def _require_checkpoints(workdir: Path) -> None:
@@ -145,29 +223,70 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
   return steps.replicate(state), p_eval, step
 
 
+def eval_step(state: steps.TrainState, batch: dict, *, model, config:
+              ml_collections.ConfigDict, weights: np.ndarray | None) -> dict:
+  """steps.eval_step's outputs and the logits they come from
+  (log-probabilities under flip test-time augmentation): a data set with
+  fewer classes than the model is scored from them (shared_probabilities).
+  """
+  outputs = steps.eval_outputs(model, steps.eval_variables(state),
+                               batch['image'], config)
+  sums = jax.lax.psum(losses.loss_sums(
+      outputs, batch, config.train.label_smoothing, weights), steps.AXIS)
+  return {'probs': jax.nn.softmax(outputs['logits']),
+          'logits': outputs['logits'], 'va': outputs['va'], 'sums': sums}
+
+
+def pmap_eval(config: ml_collections.ConfigDict,
+              weights: np.ndarray | None = None) -> Callable:
+  """eval_step of the run's model, pmapped over the local devices."""
+  model = models.create_model(config.model, axis_name=steps.AXIS,
+                              num_classes=len(labels.run_classes(config)))
+  return jax.pmap(functools.partial(eval_step, model=model, config=config,
+                                    weights=weights), axis_name=steps.AXIS)
+
+
+def shared_probabilities(logits: np.ndarray, columns: np.ndarray
+                         ) -> np.ndarray:
+  """Probabilities [N, len(columns)] over the model's classes at columns
+  only: a softmax of their logits alone.
+
+  From the logits, shifted by their maximum, not by renormalising the
+  model's probabilities: where a left-out class takes all the mass, the
+  others' probabilities underflow to 0 and 0 / 0 would be NaN.
+  """
+  shared = np.asarray(logits, np.float64)[:, columns]
+  shared = np.exp(shared - shared.max(axis=1, keepdims=True))
+  return (shared / shared.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def predict_records(p_eval: Callable, state: steps.TrainState,
                     records: Records, config: ml_collections.ConfigDict
                     ) -> dict:
-  """Probabilities [N, K], valence/arousal [N, 2] and loss sums of a split.
+  """Probabilities [N, K], valence/arousal [N, 2] and loss sums of a split
+(and the logits [N, K] where p_eval gives them: eval_step).
 
   Outputs stream to the host batch by batch, so no split's logits are held
   on the device. With several processes each evaluates its share and all
   receive every prediction (the sums are already over all devices).
   """
-  probs, va, sums = [], [], None
+  rows, sums = {}, None
   for batch in pipeline.eval_batches(records, config, jax.local_device_count(),
                                      jax.process_index(), jax.process_count()):
     out = steps.local_values(p_eval(state, batch))
     keep = batch['mask'].reshape(-1)
-    probs.append(out['probs'].reshape(-1, out['probs'].shape[-1])[keep])
-    va.append(out['va'].reshape(-1, 2)[keep])
+    for key in ('probs', 'logits', 'va'):  # logits: from eval_step only
+      if key in out:
+        rows.setdefault(key, []).append(
+            out[key].reshape(-1, out[key].shape[-1])[keep])
     batch_sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64),
                               out['sums'])
     sums = batch_sums if sums is None else jax.tree.map(
         np.add, sums, batch_sums)
-  return {'probs': distributed.gather_rows(np.concatenate(probs), len(records)),
-          'va': distributed.gather_rows(np.concatenate(va), len(records)),
-          'sums': sums}
+  gathered = {key: distributed.gather_rows(np.concatenate(values),
+                                           len(records))
+              for key, values in rows.items()}
+  return {**gathered, 'sums': sums}
 
 
 def evaluate_records(p_eval: Callable, state: steps.TrainState,
@@ -179,7 +298,8 @@ def evaluate_records(p_eval: Callable, state: steps.TrainState,
   classes: the label space of records, if not the run's (a cross-dataset
   evaluation): each must be one of the run's, matched by name. The model's
   other classes are left out of the argmax, and the probabilities are
-  renormalised over classes; the losses stay the model's own.
+  those of the softmax over classes' logits (shared_probabilities; p_eval
+  must then be eval_step's); the losses stay the model's own.
   """
   model_classes = labels.run_classes(config)
   classes = classes or model_classes
@@ -187,8 +307,10 @@ def evaluate_records(p_eval: Callable, state: steps.TrainState,
   out = predict_records(p_eval, state, dataclasses.replace(
       records, labels=columns[records.labels].astype(np.int32)), config)
   if classes != model_classes:
-    probs = out['probs'][:, columns]
-    out['probs'] = probs / probs.sum(1, keepdims=True)
+    if 'logits' not in out:
+      raise ValueError('scoring other classes than the model\'s needs the '
+                       'logits: an eval step of inference.pmap_eval')
+    out['probs'] = shared_probabilities(out['logits'], columns)
   result = metrics.compute_metrics(records.labels, out['probs'].argmax(-1),
                                    records.va, out['va'], records.va_mask,
                                    classes)

@@ -4,7 +4,8 @@ Every data set's labels are read into canonical codes: 0-7 the expressions
 below (AffectNet's codes), past them the reasons a row carries no
 expression (EXTRA_CODES, dropped and counted by name). A run's label space
 (`data.classes`) is a tuple of canonical names in the head's order: a
-preset, or the names given comma-separated; '' takes the layout's own.
+preset, or the names given comma-separated; '' takes the data set's own:
+its layout's preset, or for class folders the classes that have a folder.
 """
 
 EXPRESSIONS = ('Neutral', 'Happy', 'Sad', 'Surprise', 'Fear', 'Disgust',
@@ -34,10 +35,11 @@ PRESETS = {
     'ferplus': ('Neutral', 'Happy', 'Surprise', 'Sad', 'Anger', 'Disgust',
                 'Fear', 'Contempt'),
 }
+# The layouts' own label spaces; class folders ('folders') have the classes
+# that have a folder (run_classes).
 LAYOUT_PRESETS = {'synthetic': 'affectnet8', 'npy': 'affectnet8',
-                  'csv': 'affectnet8', 'folders': 'affectnet8',
-                  'rafdb': 'rafdb', 'fer2013': 'fer2013',
-                  'ferplus': 'ferplus'}
+                  'csv': 'affectnet8', 'rafdb': 'rafdb',
+                  'fer2013': 'fer2013', 'ferplus': 'ferplus'}
 
 
 def parse_classes(spec: str, layout: str) -> tuple[str, ...]:
@@ -67,8 +69,19 @@ def parse_classes(spec: str, layout: str) -> tuple[str, ...]:
 
 def run_classes(config) -> tuple[str, ...]:
   """The label space of a run's config (ml_collections; data.classes and
-  data.layout; configs from before data.classes: AffectNet's 8)."""
-  return parse_classes(config.data.get('classes', ''), config.data.layout)
+  data.layout; configs from before data.classes: AffectNet's 8).
+
+  data.classes '' on class folders: the classes that have a folder under
+  data.root (ValueError naming the folders where fewer than 2 have).
+  """
+  spec = config.data.get('classes', '')
+  if (isinstance(spec, str) and not spec.strip() and
+      config.data.layout == 'folders'):
+    # The space is in the folders: read by the data module (imported here,
+    # when needed, as it imports this one).
+    from fer_jax import data as data_lib
+    return data_lib.folder_classes(config.data)
+  return parse_classes(spec, config.data.layout)
 
 
 def code_name(code: int) -> str:

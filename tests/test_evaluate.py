@@ -2,17 +2,21 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from fer_jax import data, evaluation, files, inference, models, predict, steps
+import fer_jax
+from fer_jax import (data, evaluation, files, inference, models, predict,
+                     steps, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.data import pipeline
 from fer_jax.labels import EXPRESSIONS
-from tests.conftest import NUM_DEVICES, tree_digest
+from tests.conftest import NUM_DEVICES, ROOT, tree_digest
 from tests.test_label_spaces import RAFDB, write_rafdb
 
 
@@ -74,18 +78,108 @@ def test_evaluate_and_predict_leave_the_record_as_training_wrote_it(
       'flip'
 
 
-def test_evaluate_uses_the_trained_model_settings(finished):
-  # A command line that differs in model or image size still evaluates the
-  # checkpoint as it was trained.
+def test_evaluate_uses_the_trained_model_settings_and_data(finished):
+  # A command line that differs in model, image size or data still
+  # evaluates the checkpoint as it was trained, on the run's own data: a
+  # config's data section is not read, only data set explicitly.
   config, workdir, metrics = finished
   other = config.copy_and_resolve_references()
   other.model.va_activation = 'none'
   other.data.image_size = 48
   other.data.validation = 'released'  # would swap val and test
+  other.data.layout, other.data.root = 'folders', str(workdir / 'none')
   other.train.optimizer = 'sgd'       # another optimiser state to restore
   other.train.num_epochs = 1
   result = evaluation.evaluate(other, str(workdir), 'test')
   assert result['accuracy'] == pytest.approx(metrics['accuracy'])
+  assert result['data_set'] == 'synthetic'
+  assert result['data_differs_from_training'] == {}
+
+
+def test_explicit_data_fields_win_and_are_named(finished):
+  """data.validation='released' given: the test split is then the held-out
+  part of train_set, training's validation images; the report names the
+  field, and what training had."""
+  config, workdir, _ = finished
+  first = files.read_jsonl(workdir / 'metrics.jsonl')[0]
+  result = evaluation.evaluate(config, str(workdir), 'test',
+                               checkpoint_step=first['step'],
+                               data={'validation': 'released',
+                                     'on_error': 'raise'})  # the run's
+  assert result['data_differs_from_training'] == {
+      'data.validation': ['holdout', 'released']}
+  assert result['num_examples'] == first['val_num_examples']
+  assert result['accuracy'] == pytest.approx(first['val_accuracy'])
+  saved = json.loads((workdir / 'report' / 'eval' / f"test-step{first['step']}"
+                      / 'test_metrics.json').read_text())
+  assert saved['data_differs_from_training'] == {
+      'data.validation': ['holdout', 'released']}
+
+
+def test_the_runs_data_includes_the_changes_its_sessions_logged(finished):
+  """A resumed session that changed a data field (a data set moved to
+  another root, say) logged it: an evaluation reads the latest value."""
+  _, workdir, _ = finished
+  files.append_jsonl(workdir / workdir_lib.CHANGE_LOG, {
+      'time': '2025-01-01T00:00:00+00:00',
+      'changes': {'data.on_error': ['raise', 'skip'],
+                  'train.num_epochs': [2, 3]}})
+  config, changed = inference.evaluation_config(None, workdir, {})
+  assert config.data.on_error == 'skip' and changed == {}
+  assert config.train.num_epochs == 2  # config.json's: not data
+
+
+@pytest.mark.parametrize('data, message', [
+    ({'face_margin': 0.3}, 'data.face_margin: 0.3 given, but the model was '
+     'trained on faces made with 0.1; an evaluation makes faces as its '
+     'training did'),
+    ({'image_size': 48}, 'data.image_size: 48 given, but the model was '
+     'trained on faces made with 32'),
+    ({'mean_rgb': (0.5, 0.5, 0.5)}, r'data.mean_rgb: \[0.5, 0.5, 0.5\] given'),
+    ({'augment.flip': False}, 'data.augment.flip: a training setting'),
+    ({'sampler': 'uniform'}, 'data.sampler: a training setting'),
+    ({'synthetic.regenerate': True}, 'data.synthetic.regenerate: an '
+     "evaluation reads the run's data set"),
+    ({'shuffle': True}, "data.shuffle: not a data field of this run's "
+     'config'),
+    ({'classes': 'Happy,Bored'}, "data.classes: 'Bored' is not an "
+     'expression')])
+def test_data_fields_an_evaluation_cannot_take_are_refused(trained, data,
+                                                           message):
+  config, workdir, _ = trained
+  with pytest.raises(UsageError, match=message):
+    evaluation.evaluate(config, str(workdir), 'test', data=data)
+
+
+def test_main_refuses_an_explicit_face_field_in_one_line(trained, tmp_path):
+  """--config.data.<field>= reaches evaluate: a face margin the model was
+  not trained with is refused, not silently replaced by the run's."""
+  _, workdir, _ = trained
+  run = subprocess.run(
+      [sys.executable, str(ROOT / 'main.py'), '--mode=evaluate',
+       f'--workdir={workdir}', '--config.data.face_margin=0.3'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert run.stderr.strip().splitlines()[-1] == (
+      'fer_jax: data.face_margin: 0.3 given, but the model was trained on '
+      'faces made with 0.1; an evaluation makes faces as its training did '
+      '(data.face_margin, data.image_size, data.mean_rgb, data.std_rgb come '
+      'from the run)')
+
+
+def test_the_old_call_warns_and_the_new_one_scores_the_runs_data(finished):
+  config, workdir, _ = finished
+  first = files.read_jsonl(workdir / 'metrics.jsonl')[0]
+  with pytest.warns(DeprecationWarning, match=r'fer_jax.evaluate\(config, '
+                    r'workdir, ...\) is deprecated'):
+    old = fer_jax.evaluate(config, str(workdir), 'val',
+                           checkpoint_step=first['step'])
+  new = fer_jax.evaluate(str(workdir), 'val', first['step'])
+  assert old['accuracy'] == new['accuracy'] == pytest.approx(
+      first['val_accuracy'])
+  flip = fer_jax.evaluate(str(workdir), split='val', tta='flip',
+                          checkpoint_step=first['step'])
+  assert flip['tta'] == 'flip' and new['tta'] == 'none'
 
 
 def test_unknown_split_step_and_workdir_are_named(trained, tmp_path):
@@ -146,9 +240,8 @@ def test_cross_dataset_evaluation_maps_classes_by_name(finished, tmp_path):
   record."""
   config, workdir, metrics = finished
   root = write_rafdb(tmp_path / 'raf-basic', train_per_class=3)
-  cross = config.copy_and_resolve_references()
-  cross.data.layout, cross.data.root = 'rafdb', str(root)
-  result = evaluation.evaluate(cross, str(workdir), 'test')
+  result = evaluation.evaluate(config, str(workdir), 'test', data={
+      'layout': 'rafdb', 'root': str(root)})
   assert result['classes'] == list(RAFDB)
   assert result['model_classes'] == list(EXPRESSIONS)
   assert result['left_out_of_argmax'] == ['Contempt']
@@ -160,8 +253,8 @@ def test_cross_dataset_evaluation_maps_classes_by_name(finished, tmp_path):
       'class_mapping'] == result['class_mapping']
   # Independently: the model's 8 probabilities, argmax over RAF-DB's
   # classes only, in RAF-DB's positions.
-  data_config = inference.trained_config(cross, workdir)
-  data_config.data.classes = 'rafdb'
+  data_config = inference.trained_config(config, workdir)
+  data_config.data.update(layout='rafdb', root=str(root), classes='rafdb')
   records = data.load_splits(data_config)[0]['test']
   state, p_eval, _ = inference.restore(config, workdir, None)
   probs = inference.predict_records(p_eval, state, records, config)['probs']

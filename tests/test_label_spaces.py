@@ -4,17 +4,20 @@ cross-dataset evaluation between label spaces."""
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+import scipy.special
 from PIL import Image
 from sklearn import metrics as skm
 
-from fer_jax import (data, evaluation, export, inference, labels, predict,
-                     training)
+from fer_jax import (data, evaluation, export, inference, labels, losses,
+                     predict, training)
 from fer_jax.config_rules import UsageError
-from tests.conftest import command_line, tiny_config
+from tests.conftest import ROOT, command_line, tiny_config
 
 RAFDB = labels.PRESETS['rafdb']
 
@@ -122,12 +125,12 @@ def test_a_class_the_model_lacks_is_refused_then_left_out(rafdb_run,
   """The 7-class model on the synthetic AffectNet (8 classes): refused in
   one line; with data.classes=affectnet7 it is scored on those 7."""
   _, workdir, _ = rafdb_run
-  config = tiny_config(data_cache)
+  synthetic = {'layout': 'synthetic', 'synthetic.cache_dir': str(data_cache)}
   with pytest.raises(UsageError, match="the model has no class 'Contempt' "
                      'of this data set'):
-    evaluation.evaluate(config, str(workdir), 'test')
-  config.data.classes = 'affectnet7'
-  result = evaluation.evaluate(config, str(workdir), 'test')
+    evaluation.evaluate(None, str(workdir), 'test', data=synthetic)
+  result = evaluation.evaluate(None, str(workdir), 'test', data=dict(
+      synthetic, classes='affectnet7'))
   assert result['classes'] == list(labels.EXPRESSIONS[:7])
   assert result['left_out_of_argmax'] == []
   assert result['class_mapping'] == {c: RAFDB.index(c)
@@ -135,6 +138,173 @@ def test_a_class_the_model_lacks_is_refused_then_left_out(rafdb_run,
   report = json.loads(next((workdir / 'report' / 'eval').glob(
       'test-synthetic-7classes-step*/data_report.json')).read_text())
   assert report['test']['dropped_classes'] == {'Contempt': 4}
+
+
+# Class folders: their own label space -----------------------------------
+
+SEVEN = labels.EXPRESSIONS[:7]  # every class folder but Contempt's
+
+
+def write_folders(root: Path, classes: tuple[str, ...] = SEVEN,
+                  train_per_class: int = 4, test_per_class: int = 3
+                  ) -> Path:
+  """A class-folders set, ROOT/{train,test}/<class>/*.jpg, each face's
+  colour saying its class."""
+  seed = 0
+  for split, per_class in (('train', train_per_class),
+                           ('test', test_per_class)):
+    for name in classes:
+      folder = root / split / name.lower()
+      folder.mkdir(parents=True, exist_ok=True)
+      for _ in range(per_class):
+        seed += 1
+        (folder / f'{seed:04d}.jpg').write_bytes(
+            face(labels.EXPRESSIONS.index(name) + 1, seed))
+  return root
+
+
+@pytest.fixture(scope='module')
+def seven_folders(tmp_path_factory) -> Path:
+  return write_folders(tmp_path_factory.mktemp('sets') / 'seven')
+
+
+@pytest.fixture(scope='module')
+def folders_run(tmp_path_factory, seven_folders):
+  """A finished one-epoch run on 7 class folders, data.classes left ''."""
+  config = tiny_config(tmp_path_factory.mktemp('cache'))
+  config.data.layout, config.data.root = 'folders', str(seven_folders)
+  config.train.num_epochs = 1
+  workdir = tmp_path_factory.mktemp('folders_run')
+  return config, workdir, training.train_and_evaluate(config, str(workdir))
+
+
+def test_a_folders_run_has_the_classes_of_its_folders(folders_run):
+  """Seven class folders: a 7-way head and a 7-class record, not
+  AffectNet's 8 with an empty Contempt."""
+  config, workdir, metrics = folders_run
+  assert json.loads((workdir / 'config.json').read_text())['data'][
+      'classes'] == ','.join(SEVEN)
+  assert json.loads((workdir / 'data_report.json').read_text())[
+      'classes'] == list(SEVEN)
+  state, _, _ = inference.restore_state(config, workdir, None)
+  assert state.params['head']['expression']['kernel'].shape[-1] == 7
+  assert metrics['classes'] == list(SEVEN)
+
+
+def test_main_evaluates_a_folders_run_on_its_own_data_alone(folders_run,
+                                                            tmp_path):
+  """`--mode=evaluate --workdir=RUN` and nothing else: the run's own test
+  split (21 images) in its own 7 classes, not the default config's
+  generated set."""
+  _, workdir, metrics = folders_run
+  run = subprocess.run([sys.executable, str(ROOT / 'main.py'),
+                        '--mode=evaluate', f'--workdir={workdir}'],
+                       cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  step = metrics['checkpoint_step']
+  saved = json.loads((workdir / 'report' / 'eval' / f'test-step{step}' /
+                      'test_metrics.json').read_text())
+  assert saved['num_examples'] == 21 == metrics['num_examples']
+  assert saved['classes'] == list(SEVEN)
+  assert np.shape(saved['confusion_matrix']) == (7, 7)
+  assert saved['confusion_matrix'] == metrics['confusion_matrix']
+  assert saved['data_set'] == 'folders-seven'
+  assert saved['data_differs_from_training'] == {}
+  assert not (tmp_path / 'data').exists()  # no set generated
+  assert ('Data: folders-seven at ' in run.stdout and '7 classes (Neutral, '
+          'Happy, Sad, Surprise, Fear, Disgust, Anger)' in run.stdout)
+
+
+def test_an_8_class_model_on_7_class_folders_never_predicts_contempt(
+    finished, seven_folders):
+  """The AffectNet-8 run scored on the 7 class folders: a 7 x 7 report
+  in a folder that names the set; Contempt is out of the argmax."""
+  config, workdir, metrics = finished
+  result = evaluation.evaluate(config, str(workdir), 'test', data={
+      'layout': 'folders', 'root': str(seven_folders)})
+  assert result['classes'] == list(SEVEN)
+  assert result['left_out_of_argmax'] == ['Contempt']
+  assert np.shape(result['confusion_matrix']) == (7, 7)
+  assert result['num_examples'] == 21
+  assert result['data_set'] == 'folders-seven'
+  assert result['data_differs_from_training'] == {
+      'data.classes': [','.join(labels.EXPRESSIONS), ','.join(SEVEN)],
+      'data.layout': ['synthetic', 'folders'],
+      'data.root': ['', str(seven_folders)]}
+  folder = (workdir / 'report' / 'eval' /
+            f"test-folders-seven-7classes-step{metrics['checkpoint_step']}")
+  assert json.loads((folder / 'test_metrics.json').read_text())[
+      'classes'] == list(SEVEN)
+  # Independently: the model's 8 probabilities, argmax over the 7.
+  data_config = inference.trained_config(config, workdir)
+  data_config.data.update(layout='folders', root=str(seven_folders),
+                          classes='affectnet7')
+  records = data.load_splits(data_config)[0]['test']
+  state, p_eval, _ = inference.restore(config, workdir, None)
+  probs = inference.predict_records(p_eval, state, records, config)['probs']
+  want = np.mean(probs[:, :7].argmax(1) == records.labels)
+  assert result['accuracy'] == pytest.approx(want)
+
+
+def test_class_folders_are_matched_to_the_model_by_name(folders_run,
+                                                        tmp_path):
+  """The 7-folder run on other class folders (the same layout): on 6 of
+  its classes, scored over those 6; with Contempt, refused in one line."""
+  _, workdir, _ = folders_run
+  six = SEVEN[:4] + SEVEN[5:]  # no Fear
+  root = write_folders(tmp_path / 'six', six, 5, 2)
+  result = evaluation.evaluate(None, str(workdir), 'test',
+                               data={'root': str(root)})
+  assert result['classes'] == list(six)
+  assert result['left_out_of_argmax'] == ['Fear']
+  assert np.shape(result['confusion_matrix']) == (6, 6)
+  assert result['num_examples'] == 12
+  root = write_folders(tmp_path / 'eight', labels.EXPRESSIONS, 5, 1)
+  with pytest.raises(UsageError, match=(
+      f"{workdir}: the model has no class 'Contempt' of this data set")):
+    evaluation.evaluate(None, str(workdir), 'test', data={'root': str(root)})
+
+
+def test_shared_classes_are_scored_from_their_logits_never_nan(
+    config, seven_folders):
+  """Contempt's logit 200 above the rest: every other class's float32
+  probability underflows to 0. Their softmax over their own logits still
+  finds each true class, as a float64 softmax does."""
+  records = data.load_splits(dict_config(config, layout='folders',
+                                         root=str(seven_folders),
+                                         classes='affectnet7'))[0]['test']
+
+  def p_eval(state, batch):
+    true = np.asarray(batch['label'])  # [devices, per device]
+    logits = np.where(np.arange(8) == true[..., None], 1.0, 0.0)
+    logits[..., 7] = 200.0
+    logits = logits.astype(np.float32)
+    outputs = {'logits': logits.reshape(-1, 8), 'va': np.zeros(
+        (true.size, 2), np.float32)}
+    flat = {k: np.asarray(batch[k]).reshape(-1, *np.shape(batch[k])[2:])
+            for k in ('label', 'va', 'va_mask', 'mask')}
+    sums = losses.loss_sums(outputs, flat)
+    return {'probs': np.asarray(jax.nn.softmax(logits)), 'logits': logits,
+            'va': np.zeros(true.shape + (2,), np.float32),
+            'sums': {k: np.broadcast_to(np.asarray(v), (true.shape[0],
+                                                        *np.shape(v)))
+                     for k, v in sums.items()}}
+
+  result, out = inference.evaluate_records(p_eval, None, records, config,
+                                           SEVEN)
+  assert not np.isnan(out['probs']).any()
+  assert result['accuracy'] == 1.0
+  want = scipy.special.softmax(out['logits'][:, :7].astype(np.float64), 1)
+  np.testing.assert_allclose(out['probs'], want, rtol=1e-6)
+  assert (out['probs'].argmax(1) == records.labels).all()
+
+
+def dict_config(config, **data):
+  """config with the given data fields."""
+  config = config.copy_and_resolve_references()
+  config.data.update(data)
+  return config
 
 
 def test_bad_rows_are_counted_by_reason_or_refused_in_one_line(tmp_path):

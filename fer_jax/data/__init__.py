@@ -81,13 +81,33 @@ def dataset_root(config: ml_collections.ConfigDict) -> Path:
   return Path(config.data.root)
 
 
+def source_name(data: ml_collections.ConfigDict, which: str) -> str:
+  """The folder or file of one released set: which is 'train' or
+  'released' (data.train_source, data.released_source or the layout's)."""
+  layout = 'npy' if data.layout == 'synthetic' else data.layout
+  return data.get(f'{which}_source') or DEFAULT_SOURCES[layout][
+      which == 'released']
+
+
+def folder_classes(data: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The own label space of a class-folders data set: the classes with a
+  folder in its train or released set (folders.own_classes)."""
+  if not data.root:
+    raise ValueError('data.root: empty; point it at the data set '
+                     '(--config.data.root=PATH)')
+  if not Path(data.root).is_dir():
+    raise ValueError(f'data.root: {data.root} is not a folder')
+  return folders.own_classes(
+      [Path(data.root) / source_name(data, which)
+       for which in ('train', 'released')], data.class_folders)
+
+
 def _index_source(config: ml_collections.ConfigDict, root: Path,
                   which: str) -> dict:
   """The index of one released set: which is 'train' or 'released'."""
   data = config.data
   layout = 'npy' if data.layout == 'synthetic' else data.layout
-  name = data.get(f'{which}_source') or DEFAULT_SOURCES[layout][
-      which == 'released']
+  name = source_name(data, which)
   if layout == 'npy':
     return affectnet.index_npy(root / name, data)
   if layout == 'csv':

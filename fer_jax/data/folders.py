@@ -5,7 +5,8 @@ A folder's name is matched, case-insensitively, against the expression
 names and their usual variants (CLASS_ALIASES), or against
 data.class_folders ('1:surprise,2:fear,...', for sets numbered like
 RAF-DB's). Images in an unknown folder, or outside any folder, are errors:
-never a guessed label.
+never a guessed label. The set's own label space (data.classes '') is the
+classes that have a folder holding an image, in canonical order.
 """
 
 import os
@@ -16,6 +17,7 @@ import ml_collections
 from fer_jax.data import index as index_lib
 from fer_jax.data.index import IMAGE_SUFFIXES, row
 from fer_jax.labels import CLASS_ALIASES, EXPRESSIONS
+
 
 def class_map(spec: str) -> dict[str, int]:
   """Folder name -> class: the aliases, or data.class_folders' pairs."""
@@ -30,6 +32,43 @@ def class_map(spec: str) -> dict[str, int]:
                        f'{sorted(CLASS_ALIASES)}')
     mapping[folder.lower()] = CLASS_ALIASES[name.lower()]
   return mapping
+
+
+def _holds_an_image(folder: str) -> bool:
+  """Whether folder or one below it holds an image file (stops at the
+  first: a class folder of AffectNet's size is not listed whole)."""
+  for entry in os.scandir(folder):
+    if entry.is_dir() and _holds_an_image(entry.path):
+      return True
+    if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+      return True
+  return False
+
+
+def own_classes(set_dirs: list[Path], class_folders: str
+                ) -> tuple[str, ...]:
+  """The label space of class-folder sets: the classes with a folder
+  holding an image in any of them, in canonical order (EXPRESSIONS).
+
+  An empty folder is no class: a head unit that no image trains would
+  only lower macro F1. Unknown folders are left to index_folders, which
+  names their images.
+  """
+  classes = class_map(class_folders)
+  codes = set()
+  for set_dir in set_dirs:
+    if set_dir.is_dir():
+      codes.update(classes[entry.name.lower()]
+                   for entry in os.scandir(set_dir)
+                   if entry.is_dir() and entry.name.lower() in classes
+                   and _holds_an_image(entry.path))
+  if len(codes) < 2:
+    found = ', '.join(EXPRESSIONS[c] for c in sorted(codes)) or 'none'
+    raise ValueError(
+        f'{", ".join(map(str, set_dirs))}: class folders with images: '
+        f'{found}; a label space needs 2 (class folders need '
+        'SET/<class name>/*.jpg)')
+  return tuple(EXPRESSIONS[c] for c in sorted(codes))
 
 
 def parse_folder_row(job: tuple) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fer_jax import labels
-from fer_jax.data import fer2013, index, rafdb
+from fer_jax.data import fer2013, index, pipeline, rafdb
 from tests.data.test_affectnet import data_config, jpeg, truncated_jpeg
 
 BOM = '\ufeff'
@@ -77,16 +77,122 @@ def test_rafdb_labels_and_splits_from_the_list_file(tmp_path):
   assert train.pixels is None and train.soft is None
 
 
-def test_rafdb_original_images(tmp_path):
-  write_rafdb(tmp_path, RAFDB_LIST, {f'{s}.jpg': jpeg() for s in RAFDB_STEMS},
-              folder='original')
-  indexes = rafdb.index_rafdb(tmp_path, data_config(
-      tmp_path, rafdb_images='original'))
+def photo(box: tuple[int, int, int, int], size=(200, 160)) -> bytes:
+  """A blue photo whose face box (x1, y1, x2, y2) is red."""
+  pixels = np.zeros((size[1], size[0], 3), np.uint8)
+  pixels[...] = (20, 40, 220)
+  x1, y1, x2, y2 = box
+  pixels[y1:y2, x1:x2] = (230, 30, 20)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, 'JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def write_boxes(root: Path, boxes: dict[str, str]) -> Path:
+  """RAF-DB's box files, Annotation/boundingbox/<stem>_boundingbox.txt,
+  holding text as given (the release: 'x1 y1 x2 y2 ')."""
+  folder = root / 'Annotation' / 'boundingbox'
+  folder.mkdir(parents=True, exist_ok=True)
+  for stem, text in boxes.items():
+    (folder / f'{stem}_boundingbox.txt').write_text(text)
+  return folder
+
+
+FACE_BOX = (60, 40, 120, 100)  # x1 y1 x2 y2: 60 x 60 px
+
+
+def original_rafdb(root: Path) -> Path:
+  """RAFDB_LIST's photos, each with its face box file."""
+  write_rafdb(root, RAFDB_LIST, {f'{s}.jpg': photo(FACE_BOX)
+                                 for s in RAFDB_STEMS}, folder='original')
+  return write_boxes(root, {s: '60.0 40.0 120.0 100.0 \n'
+                            for s in RAFDB_STEMS})
+
+
+def test_rafdb_original_photos_are_cropped_by_their_boxes(tmp_path):
+  original_rafdb(tmp_path)
+  data = data_config(tmp_path, rafdb_images='original', image_size=40,
+                     face_margin=0.0)
+  indexes = rafdb.index_rafdb(tmp_path, data)
   train, _ = read(indexes, 'train', 'raise')
   assert train.paths[0] == str(
       tmp_path / 'Image' / 'original' / 'train_00001.jpg')
+  np.testing.assert_array_equal(train.boxes, [[60, 40, 60, 60]] * 4)
+  # The face alone, then the margin: a square of 60 x (1 + 2 x 0.5) px
+  # around the box's centre, the face its middle half (a quarter of it).
+  face = pipeline.load_image(train[0], data).astype(int)
+  assert (np.abs(face - (230, 30, 20)).max(-1) < 40).mean() > 0.95
+  data.face_margin = 0.5
+  wider = pipeline.load_image(train[0], data).astype(int)
+  red = np.abs(wider - (230, 30, 20)).max(-1) < 60
+  assert red[15:25, 15:25].all() and not red[:8, :8].any()
+  assert red.mean() == pytest.approx(0.25, abs=0.03)
   with pytest.raises(ValueError, match="data.rafdb_images: 'both'"):
     rafdb.index_rafdb(tmp_path, data_config(tmp_path, rafdb_images='both'))
+
+
+def test_rafdb_original_without_box_files_is_refused_in_one_line(tmp_path):
+  write_rafdb(tmp_path, RAFDB_LIST, {f'{s}.jpg': photo(FACE_BOX)
+                                     for s in RAFDB_STEMS}, folder='original')
+  with pytest.raises(FileNotFoundError) as refused:
+    rafdb.index_rafdb(tmp_path, data_config(tmp_path,
+                                            rafdb_images='original'))
+  assert str(refused.value) == (
+      f'{tmp_path / "Annotation" / "boundingbox"}: not found '
+      "(data.rafdb_images='original' crops each photo by its face box, "
+      'ROOT/Annotation/boundingbox/<name>_boundingbox.txt as RAF-DB ships '
+      "them; without them use 'aligned')")
+  # The aligned faces need none.
+  write_rafdb(tmp_path, RAFDB_LIST, aligned(*RAFDB_STEMS))
+  read(rafdb.index_rafdb(tmp_path, data_config(tmp_path)), 'train', 'raise')
+
+
+def test_rafdb_bad_box_files_are_row_errors_naming_them(tmp_path):
+  folder = original_rafdb(tmp_path)
+  at = lambda stem: folder / f'{stem}_boundingbox.txt'
+  write_boxes(tmp_path, {
+      'train_00001': '',                          # empty
+      'train_00002': '60.0 40.0 120.0',           # truncated
+      'train_00003': '60 40 120 100 7',           # a fifth field
+      'train_00004': '60 40 x 100',               # not a number
+      'test_0001': '120 40 60 100',               # x2 < x1
+      'test_0002': '60 40 60 100',                # no width
+      'test_0003': '300 200 400 260'})            # outside the photo
+  at_line = lambda line: f'{tmp_path / rafdb.LIST_FILE}:{line}'
+  indexes = rafdb.index_rafdb(tmp_path, data_config(
+      tmp_path, rafdb_images='original'))
+  train, report = read(indexes, 'train')
+  images = tmp_path / 'Image' / 'original'
+  assert len(train) == 0
+  assert reasons(report) == {
+      str(images / 'train_00001.jpg'):
+          f'{at_line(1)}: {at("train_00001")}: expected "x1 y1 x2 y2", '
+          'found 0 fields',
+      str(images / 'train_00002.jpg'):
+          f'{at_line(2)}: {at("train_00002")}: expected "x1 y1 x2 y2", '
+          'found 3 fields',
+      str(images / 'train_00003.jpg'):
+          f'{at_line(4)}: {at("train_00003")}: expected "x1 y1 x2 y2", '
+          'found 5 fields',
+      str(images / 'train_00004.jpg'):
+          f"{at_line(9)}: {at('train_00004')}: 'x' is not a number"}
+  test, report = read(indexes, 'test')
+  assert [Path(p).name for p in test.paths] == ['test_0004.jpg']
+  assert reasons(report) == {
+      str(images / 'test_0001.jpg'):
+          f'{at_line(5)}: {at("test_0001")}: face box [120.0, 40.0, 60.0, '
+          '100.0] (x1 y1 x2 y2) has no area',
+      str(images / 'test_0002.jpg'):
+          f'{at_line(6)}: {at("test_0002")}: face box [60.0, 40.0, 60.0, '
+          '100.0] (x1 y1 x2 y2) has no area',
+      str(images / 'test_0003.jpg'):
+          f'{at_line(7)}: {at("test_0003")}: face box [300.0, 200.0, 400.0, '
+          '260.0] (x1 y1 x2 y2) lies outside the 200x160 image'}
+  (folder / 'test_0004_boundingbox.txt').unlink()
+  test, report = read(rafdb.index_rafdb(tmp_path, data_config(
+      tmp_path, rafdb_images='original')), 'test')
+  assert reasons(report)[str(images / 'test_0004.jpg')] == (
+      f'{at_line(8)}: {at("test_0004")}: face box file missing')
 
 
 def test_rafdb_bad_lines_are_row_errors_naming_list_file_and_line(tmp_path):

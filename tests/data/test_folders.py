@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fer_jax.configs import default
-from fer_jax import data
+from fer_jax import config_rules, data, labels
+from fer_jax.config_rules import UsageError
 from fer_jax.data import folders, index
 from tests.data.test_affectnet import (csv_row, data_config, jpeg,
                                        truncated_jpeg, write_csv,
@@ -70,6 +71,44 @@ def test_numbered_folders_map_through_class_folders(tmp_path):
     read(tmp_path / 'train', class_folders='2:bored')
 
 
+def test_a_folders_set_has_the_classes_of_its_folders(tmp_path):
+  """data.classes '': the classes with a folder holding an image, in train
+  or test, in canonical order; an empty folder or an unknown one is no
+  class."""
+  make_folders(tmp_path / 'train', {'sad/a.jpg': 1, 'Happy/b.jpg': 1,
+                                    'angry/deeper/c.jpg': 1, 'bored/d.jpg': 1})
+  make_folders(tmp_path / 'test', {'surprised/e.jpg': 1})
+  (tmp_path / 'train' / 'contempt').mkdir()
+  (tmp_path / 'train' / 'fear' / 'notes').mkdir(parents=True)
+  (tmp_path / 'train' / 'fear' / 'notes' / 'readme.txt').write_text('x')
+  config = split_config(tmp_path, 'folders', tmp_path)
+  assert labels.run_classes(config) == ('Happy', 'Sad', 'Surprise', 'Anger')
+  config.data.classes = 'affectnet8'  # chosen: as named
+  assert labels.run_classes(config) == labels.EXPRESSIONS
+  config.data.update(classes='', class_folders='sad:fear,happy:neutral')
+  assert labels.run_classes(config) == ('Neutral', 'Fear')
+  config.data.class_folders = 'happy:happy'
+  with pytest.raises(ValueError, match=(
+      rf'{tmp_path / "train"}, {tmp_path / "test"}: class folders with '
+      'images: Happy; a label space needs 2')):
+    labels.run_classes(config)
+  config.data.root = str(tmp_path / 'elsewhere')
+  with pytest.raises(ValueError, match='data.root: .*elsewhere is not a '
+                     'folder'):
+    labels.run_classes(config)
+
+
+def test_a_folders_run_records_the_names_of_its_classes(tmp_path):
+  """config.json holds the names, so the run keeps its space whatever the
+  folders hold later; a config check names a set without classes."""
+  make_folders(tmp_path / 'train', {'neutral/a.jpg': 1, 'fear/b.jpg': 1})
+  config = split_config(tmp_path, 'folders', tmp_path)
+  assert config_rules.as_json(config)['data']['classes'] == 'Neutral,Fear'
+  config.data.root = str(tmp_path / 'train' / 'fear')
+  with pytest.raises(UsageError, match='class folders with images: none'):
+    config_rules.check(config, None)
+
+
 # Splits of every layout ---------------------------------------------------
 
 def split_config(tmp_path: Path, layout: str, root: Path):
@@ -126,7 +165,8 @@ def test_csv_and_folder_layouts_split_like_the_npy_one(tmp_path,
     splits, report = data.load_splits(config)
     released = 'test' if validation == 'holdout' else 'val'
     held = 'val' if validation == 'holdout' else 'test'
-    assert splits[released].labels.tolist() == [3], layout
+    assert [report['classes'][k] for k in splits[released].labels] == [
+        'Surprise'], layout  # the folders' own space: Neutral, Happy, Surprise
     assert len(splits['train']) == 6 and len(splits[held]) == 2, layout
     assert np.bincount(splits[held].labels).tolist() == [1, 1], layout
     assert report[released]['num_examples'] == 1

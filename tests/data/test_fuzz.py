@@ -1,6 +1,6 @@
 """Seeded fuzzing of the readers of outside input that the benchmark sets'
 tests do not cover: AffectNet's CSV and .npy annotations, class folders,
-and predict's images and videos. Each damaged input gives its result or is
+RAF-DB's face box files, and predict's images and videos. Each damaged input gives its result or is
 named with a reason; nothing raises anything else."""
 
 import collections
@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from fer_jax import predict, video
-from fer_jax.data import affectnet, folders
+from fer_jax.data import affectnet, folders, rafdb
 from tests.conftest import tiny_config
 from tests.data.test_affectnet import (csv_row, data_config, jpeg,
                                        write_csv, write_sample)
@@ -75,6 +75,87 @@ def test_odd_class_folders_never_raise_anything_else(tmp_path):
     outcomes[check_outcome(lambda: {'train': folders.index_folders(
         root, data_config(root.parent))}, files)] += 1
   assert sum(outcomes.values()) == 20, outcomes
+
+
+# RAF-DB's face box files: one kind of damage each, and whether it must be
+# refused (None: a damage that may leave a usable box).
+_GOOD_BOX = '60.0 40.0 120.0 100.0 '
+
+
+BOX_DAMAGES = ('good', 'empty', 'truncated', 'fields', 'not a number',
+               'degenerate', 'negative', 'outside', 'mutated')
+
+
+def odd_box(kind: str, rng: np.random.Generator) -> tuple[bytes, bool | None]:
+  """A box file with one kind of damage, and whether its row must be an
+  error (None: either)."""
+  numbers = [float(v) for v in _GOOD_BOX.split()]
+  if kind == 'good':
+    text, bad = _GOOD_BOX + rng.choice(['', '\n', '\r\n']), False
+  elif kind == 'empty':
+    text, bad = rng.choice(['', ' ', '\n', '\ufeff']), True
+  elif kind == 'truncated':
+    text, bad = _GOOD_BOX[:rng.integers(1, len(_GOOD_BOX) - 1)], None
+  elif kind == 'fields':
+    count = int(rng.choice([1, 2, 3, 5, 8]))
+    text, bad = ' '.join(['50'] * count), True
+  elif kind == 'not a number':
+    numbers = [str(v) for v in numbers]
+    numbers[rng.integers(4)] = str(rng.choice(
+        ['x', 'nan', 'inf', '1,5', '0x10', '--3', '\xff', 'None']))
+    text, bad = ' '.join(numbers), True
+  elif kind == 'degenerate':  # no width or height, or corners swapped
+    x1, y1, x2, y2 = numbers
+    text, bad = ' '.join(map(str, rng.choice([
+        [x1, y1, x1, y2], [x1, y1, x2, y1], [x2, y1, x1, y2],
+        [x1, y2, x2, y1], [x2, y2, x1, y1]]))), True
+  elif kind == 'negative':  # left of and above the photo
+    text, bad = '-90 -80 -30 -20', True
+  elif kind == 'outside':
+    text, bad = str(rng.choice(['200 40 260 100', '60 160 120 220',
+                                '1e9 1e9 2e9 2e9'])), True
+  else:
+    text, bad = mutate(_GOOD_BOX.encode(), rng).decode('latin-1'), None
+  return text.encode('latin-1' if kind == 'mutated' else 'utf-8'), bad
+
+
+def test_odd_rafdb_box_files_never_raise_anything_else(tmp_path):
+  """RAF-DB's original photos with damaged face box files: every row
+  keeps a box of area inside its photo or names the box file; each kind
+  of damage tried 7 times, and counted."""
+  from tests.data.test_benchmark_sets import photo, write_boxes, write_rafdb
+  rng = np.random.default_rng(4)
+  refused, outcomes = collections.Counter(), collections.Counter()
+  for case in range(7 * len(BOX_DAMAGES)):
+    root = tmp_path / f'case{case}'
+    write_rafdb(root, 'train_00001.jpg 4\ntest_0001.jpg 2\n',
+                {f'{s}.jpg': photo((60, 40, 120, 100))
+                 for s in ('train_00001', 'test_0001')}, folder='original')
+    kind = BOX_DAMAGES[case % len(BOX_DAMAGES)]
+    content, bad = odd_box(kind, rng)
+    box = write_boxes(root, {'test_0001': _GOOD_BOX}) / (
+        'train_00001_boundingbox.txt')
+    box.write_bytes(content)
+    build = lambda: rafdb.index_rafdb(root, data_config(
+        root, rafdb_images='original'))
+    outcomes[check_outcome(build, [root / rafdb.LIST_FILE, box])] += 1
+    train = build()['train']
+    error = str(train['error'][0])
+    if bad is not None:
+      assert bool(error) == bad, (kind, content, error)
+    if error:
+      assert error.startswith(f'{root / rafdb.LIST_FILE}:1: {box}: '), error
+      refused[kind] += 1
+    else:
+      x, y, w, h = train['box'][0]
+      assert w > 0 and h > 0 and x < 200 and y < 160 and x + w > 0 and (
+          y + h > 0), (kind, content)
+  assert outcomes == {'ok': 7 * len(BOX_DAMAGES)}, outcomes
+  assert {k: refused[k] for k in BOX_DAMAGES} == {
+      'good': 0, 'empty': 7, 'truncated': refused['truncated'], 'fields': 7,
+      'not a number': 7, 'degenerate': 7, 'negative': 7, 'outside': 7,
+      'mutated': refused['mutated']}
+  assert refused['truncated'] >= 3 and refused['mutated'] >= 1, refused
 
 
 def photo_cases(folder: Path) -> list[Path]:

@@ -159,7 +159,7 @@ def test_train_and_evaluate_are_the_modes_calls(trained):
   assert fer_jax.train(config, str(workdir))['accuracy'] == metrics[
       'accuracy']
   with pytest.raises(UsageError, match="--split: 'dev'"):
-    fer_jax.evaluate(config, str(workdir), 'dev')
+    fer_jax.evaluate(str(workdir), 'dev')
   # Plain functions, not the modules of the same concern.
   assert inspect.isfunction(fer_jax.train) and inspect.isfunction(
       fer_jax.evaluate)

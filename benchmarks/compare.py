@@ -4,8 +4,9 @@ Each configuration (model x dtype x image size x batch) runs as child
 processes that alternate, JAX then PyTorch, for --rounds rounds, so slow
 drifts of a shared machine hit both alike; each side's fastest median over
 the rounds is kept. Both run with the memory pages that main.py gives
-itself (docs/performance.md: memory pages). Prints one line per configuration with JAX
-img/s over PyTorch's (eager and compiled) and writes compare.json to --out.
+itself (docs/performance.md: memory pages). Prints one line per
+configuration with JAX img/s over PyTorch's (eager and compiled) and
+writes compare.json to --out.
 
   python benchmarks/compare.py                      # CPU: 32 x 112 px, float32
   python benchmarks/compare.py --image_sizes 224 --batch_sizes 256 \\

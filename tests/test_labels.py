@@ -1,11 +1,10 @@
 """Label spaces: presets, names and the classes a run keeps."""
 
 import numpy as np
-import pytest
 
 from fer_jax import config_rules, labels
-from fer_jax.data import index
 from fer_jax.configs import default
+from fer_jax.data import index
 
 
 def test_presets_names_and_variants_give_canonical_names_in_order():

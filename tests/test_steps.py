@@ -1,7 +1,6 @@
 """The pmapped train step: it learns, and sharding does not change it."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -10,8 +10,12 @@ their validation metric) and every `train.checkpoint_every_steps` steps.
 The latest `train.keep_checkpoints` and the best are kept; among equal
 values the best is the earliest, the rule the loop's progress follows, so
 the best step recorded and the checkpoint kept are the same one.
+
+Each checkpoint gets its manifests of checksums once Orbax has committed
+it, and every restore checks its files against them (manifests.py).
 """
 
+import concurrent.futures
 import copy
 import dataclasses
 import json
@@ -26,8 +30,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
-from fer_jax import distributed
+from fer_jax import distributed, manifests
 from fer_jax.config_rules import UsageError
+from fer_jax.manifests import DamagedCheckpoint
 from fer_jax.steps import TRAINING_RULES
 
 
@@ -73,8 +78,74 @@ class Progress:
     return cls(**{k: v for k, v in meta.items() if k in names})
 
 
+class Manager(ocp.CheckpointManager):
+  """Orbax's CheckpointManager, whose checkpoints get their manifests."""
+
+  def __init__(self, *args, **kwargs):
+    self.verified = set()  # steps whose files verify
+    self._signing = None   # the manifest of the step saved last
+    self._signer = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix='checkpoint_manifest')
+    super().__init__(*args, **kwargs)
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    """Orbax's save; each process's manifest follows the commit, written
+    in the background as Orbax commits, so that a crash long after the
+    save does not leave the checkpoint without it."""
+    self.wait_until_finished()
+    if distributed.is_primary():
+      # Before the checkpoint: from here on, one without manifests is
+      # known incomplete.
+      manifests.mark(Path(self.directory), step)
+    saved = super().save(step, *args, **kwargs)
+    if saved:
+      self._signing = self._signer.submit(self._sign, step)
+    return saved
+
+  def _sign(self, step: int) -> None:
+    """Writes this process's manifest of step once Orbax has committed it."""
+    ocp.CheckpointManager.wait_until_finished(self)  # Orbax's, not ours
+    manifests.write(Path(self.directory) / str(step), jax.process_index(),
+                    jax.process_count())
+
+  def wait_until_finished(self) -> None:
+    """Orbax's, then the manifest of the step saved last."""
+    signing, self._signing = self._signing, None
+    try:
+      super().wait_until_finished()
+    finally:
+      if signing is not None:
+        signing.result()
+
+  def close(self) -> None:
+    """Orbax's, once the last manifest is written."""
+    super().close()
+    self._signer.shutdown()
+
+  def _get_metrics(self, step: int) -> Any:
+    """Orbax's, with an unparsable metrics file read as none: Orbax reads
+    every checkpoint's when the manager starts, and would fail there; the
+    checkpoint's verification names it as damage."""
+    try:
+      return super()._get_metrics(step)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+      logging.warning('%s/%d/metrics/metrics is unreadable (%s)',
+                      self.directory, step, _describe(e))
+      return None
+
+
+def verify(manager: Manager, step: int, item: str | None = None) -> None:
+  """Checks every file of step's checkpoint (or of one of its items)
+  against its manifests; DamagedCheckpoint names the first that differs
+  or is missing."""
+  if step not in manager.verified:
+    manifests.check(Path(manager.directory), step, item)
+    if item is None:
+      manager.verified.add(step)
+
+
 def create_manager(workdir: Path, config: ml_collections.ConfigDict,
-                   read_only: bool = False) -> ocp.CheckpointManager:
+                   read_only: bool = False) -> Manager:
   """The manager of workdir/checkpoints."""
   train = config.train
   policy = checkpoint_managers.AnyPreservationPolicy([
@@ -87,9 +158,8 @@ def create_manager(workdir: Path, config: ml_collections.ConfigDict,
       best_mode=train.best_mode, preservation_policy=policy,
       read_only=read_only, create=not read_only,
       cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(Path(workdir).absolute() / 'checkpoints',
-                               options=options,
-                               item_names=('state', 'meta', 'data'))
+  return Manager(Path(workdir).absolute() / 'checkpoints', options=options,
+                 item_names=('state', 'meta', 'data'))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
@@ -107,9 +177,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict,
       data=ocp.args.JsonSave(copy.deepcopy(data))), metrics=metrics)
 
 
-def restore(manager: ocp.CheckpointManager, step: int,
+def restore(manager: Manager, step: int,
             template: Any) -> tuple[Any, dict, dict | None]:
-  """The state (shaped like template, on the host), meta and data of a step.
+  """The state (shaped like template, on the host), meta and data of a
+  step whose files verify (DamagedCheckpoint names one that does not).
 
   data is None for checkpoints from before it was saved.
   """
@@ -120,7 +191,15 @@ def restore(manager: ocp.CheckpointManager, step: int,
   has_data = (Path(manager.directory) / str(step) / 'data').exists()
   if has_data:
     items['data'] = ocp.args.JsonRestore()
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  # The files are verified after Orbax's read (before any of it is
+  # returned), and where it fails on damage, to name the file.
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as error:
+    if is_damaged(error):
+      verify(manager, step)
+    raise
+  verify(manager, step)
   return restored.state, restored.meta, restored.data if has_data else None
 
 
@@ -151,8 +230,8 @@ def is_damaged(error: BaseException) -> bool:
   """Whether error (or what it was raised from) shows the checkpoint's files
   missing, truncated or unparsable, not a failure to read them."""
   while error is not None:
-    if isinstance(error, (FileNotFoundError, json.JSONDecodeError,
-                          UnicodeDecodeError)):
+    if isinstance(error, (DamagedCheckpoint, FileNotFoundError,
+                          json.JSONDecodeError, UnicodeDecodeError)):
       return True
     if isinstance(error, KeyError) and 'not found in the checkpoint' in str(
         error):
@@ -200,35 +279,53 @@ def _stop(where: str, error: Exception | None) -> None:
   raise error
 
 
+def _read_everywhere(manager: ocp.CheckpointManager,
+                     read: Callable[[int], Any], step: int
+                     ) -> tuple[Any, bool]:
+  """(read(step), True) where it reads in every process; (None, False),
+  with a warning, where it shows the checkpoint damaged in any. A
+  UsageError from read is raised at once; any other error that persists
+  (see _read_retrying) and does not show the checkpoint damaged stops
+  every process, with nothing moved."""
+  where = f'{manager.directory}/{step}'
+  value, error = _read_retrying(read, step, where)
+  failed = error is not None and not is_damaged(error)
+  # Every process resumes from the same step, or the steps' collectives
+  # would pair different work.
+  if not distributed.everyone(not failed):
+    _stop(where, error if failed else None)
+  if distributed.everyone(error is None):
+    return value, True
+  logging.warning('%s is unreadable (%s)', where,
+                  _describe(error) if error else 'in another process')
+  return None, False
+
+
 def latest_complete(manager: ocp.CheckpointManager,
                     read: Callable[[int], Any]) -> tuple[int, Any, list]:
   """(step, read(step)) of the latest checkpoint that reads in every
   process, and the later steps that did not as they are damaged, each with
-  a warning. A UsageError from read (the same in every process) is raised
-  at once; any other error that persists (see _read_retrying) and does not
-  show the checkpoint damaged stops every process, with none set aside.
+  a warning (see _read_everywhere).
 
   (None, None, []) without checkpoints; UsageError naming the folder when
   none reads.
   """
   broken = []
   for step in sorted(manager.all_steps(), reverse=True):
-    where = f'{manager.directory}/{step}'
-    value, error = _read_retrying(read, step, where)
-    failed = error is not None and not is_damaged(error)
-    # Every process resumes from the same step, or the steps' collectives
-    # would pair different work.
-    if not distributed.everyone(not failed):
-      _stop(where, error if failed else None)
-    if distributed.everyone(error is None):
+    value, complete = _read_everywhere(manager, read, step)
+    if complete:
       return step, value, broken
-    logging.warning('%s is unreadable (%s)', where,
-                    _describe(error) if error else 'in another process')
     broken.append(step)
   if broken:
     raise UsageError(f'{manager.directory}: no checkpoint is complete '
                      f'(steps {sorted(broken)} are unreadable)')
   return None, None, []
+
+
+def sound(manager: Manager, step: int) -> bool:
+  """Whether step's files verify in every process (a warning names the
+  first that does not)."""
+  return _read_everywhere(manager, lambda s: verify(manager, s), step)[1]
 
 
 def set_aside(workdir: Path, steps: list[int]) -> None:
@@ -267,23 +364,38 @@ def best_kept(manager: ocp.CheckpointManager, recorded: int | None,
   return step
 
 
-def best_step(manager: ocp.CheckpointManager,
-              train: ml_collections.ConfigDict) -> int:
-  """The best step as the run's latest readable progress records it."""
-  step, meta, _ = latest_complete(manager, lambda s: read_meta(manager, s))
+def _verified_meta(manager: Manager, step: int) -> dict:
+  """The meta item of a step, its files verified."""
+  verify(manager, step, 'meta')
+  return read_meta(manager, step)
+
+
+def best_step(manager: Manager, train: ml_collections.ConfigDict) -> int:
+  """The best step as the run's latest readable progress records it;
+  where that checkpoint is damaged, the newest sound one, with a warning."""
+  step, meta, _ = latest_complete(manager,
+                                  lambda s: _verified_meta(manager, s))
   if step is None:
     raise UsageError(f'{manager.directory}: no checkpoint; train first '
                      '(python main.py --workdir=...)')
-  return best_kept(manager, meta.get('best_step'), train)
+  best = best_kept(manager, meta.get('best_step'), train)
+  if sound(manager, best):
+    return best
+  newest, _, _ = latest_complete(manager, lambda s: verify(manager, s))
+  logging.warning('%s/%d, the best checkpoint, is damaged; using step %d, '
+                  'the newest sound one', manager.directory, best, newest)
+  return newest
 
 
-def checkpoint_step(manager: ocp.CheckpointManager, requested: int | None,
+def checkpoint_step(manager: Manager, requested: int | None,
                     train: ml_collections.ConfigDict) -> int:
-  """The requested step if it exists, else the best one."""
+  """The requested step if it exists and its files verify
+  (DamagedCheckpoint names one that does not), else the best one."""
   if requested is None:
     return best_step(manager, train)
   steps = manager.all_steps()
   if requested not in steps:
     raise UsageError(f'--checkpoint_step: {requested} not in '
                      f'{manager.directory} (has {sorted(steps)})')
+  verify(manager, requested)
   return requested

@@ -160,9 +160,10 @@ def _finished(writer: reporting.Writer, workdir: Path) -> dict:
 def _restore_latest(workdir: Path, config: ml_collections.ConfigDict,
                     template: steps.TrainState, steps_per_epoch: int,
                     resumable: bool):
-  """(state, progress, data item, step, unreadable later steps) of the
-  latest complete checkpoint; (template, Progress(), None, None, []) if
-  there is none or not resumable (no checkpoints folder)."""
+  """(state, progress, data item, step, unreadable steps) of the latest
+  complete checkpoint; the unreadable ones are those after it, and the
+  best step it records if damaged. (template, Progress(), None, None, [])
+  if there is none or not resumable (no checkpoints folder)."""
   if not resumable:
     return template, Progress(), None, None, []
   reader = checkpoints.create_manager(workdir, config, read_only=True)
@@ -180,13 +181,19 @@ def _restore_latest(workdir: Path, config: ml_collections.ConfigDict,
 
   try:
     step, restored, broken = checkpoints.latest_complete(reader, read)
+    if step is None:
+      return template, Progress(), None, None, []
+    state, meta, saved_data = restored
+    progress = Progress.from_meta(meta, steps_per_epoch)
+    # The best checkpoint is tested at the end: a damaged one is set aside
+    # now, and the best of those kept is tested instead.
+    best = progress.best_step
+    if (best != step and best in reader.all_steps() and
+        not checkpoints.sound(reader, best)):
+      broken.append(best)
   finally:
     reader.close()
-  if step is None:
-    return template, Progress(), None, None, []
-  state, meta, saved_data = restored
-  return (state, Progress.from_meta(meta, steps_per_epoch), saved_data, step,
-          broken)
+  return state, progress, saved_data, step, broken
 
 
 def _where(step: int, steps_per_epoch: int) -> str:

@@ -497,11 +497,10 @@ def tasks(ablated, tmp_path_factory):
     trainers = _children(seen['killed_holder']['pid'])
     os.kill(seen['killed_holder']['pid'], signal.SIGKILL)
     killed.communicate(timeout=300)
-    for pid in trainers:  # returns once the trainer has ended too
-      os.waitpid(pid, 0)
+    seen['trainers_ended'] = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                              for pid in trainers]
   finally:
     prctl(36, 0, 0, 0, 0)
-  seen['trainers'] = trainers
   seen['killed_lock'] = json.loads((interrupted / 'lock.json').read_text())
   seen['killed_status'] = ablate.run_status(ablate.Run(
       'balanced', 1, interrupted, config.base), 2.0)
@@ -568,8 +567,9 @@ def test_collect_only_then_reports_two_finished_and_the_rest_not_run(tasks):
 def test_a_task_killed_with_sigkill_leaves_a_stale_lock_taken_over(tasks):
   run = tasks['workdir'] / 'balanced' / 'seed_1'
   holder = tasks['killed_holder']
-  # The lock outlived its holder, whose training ended with it.
-  assert tasks['killed_lock'] == holder and tasks['trainers']
+  # The lock outlived its holder, whose training was killed with it.
+  assert tasks['killed_lock'] == holder
+  assert tasks['trainers_ended'] == [-signal.SIGKILL]
   assert tasks['killed_status'] == 'interrupted'
   assert any(f"taking over the lock of {holder['host']} (pid "
              f"{holder['pid']}" in m and 'has ended' in m

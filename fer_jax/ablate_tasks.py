@@ -228,6 +228,21 @@ eval "$line"
 '''
 
 
+def _plan_message(workdir: Path, num_runs: int, collect: str) -> str:
+  """How to run the planned tasks, and to write the tables afterwards."""
+  commands = shlex.quote(str(workdir / COMMANDS_FILE))
+  return (f'{num_runs} runs planned as tasks; nothing trained.\n'
+          f'  {workdir / COMMANDS_FILE}: one command line per run, to run '
+          f'from any folder; with GNU parallel, for instance:\n'
+          f'    parallel -j 4 < {commands}\n'
+          f'  {workdir / SLURM_FILE}: a SLURM job array of them; fill in '
+          f'its #SBATCH placeholders, then:\n'
+          f'    sbatch {shlex.quote(str(workdir / SLURM_FILE))}\n'
+          'Each task writes the tables as it ends; to write them from '
+          'whatever has finished:\n'
+          f'    {collect}')
+
+
 def write_plan(workdir: Path, config: ml_collections.ConfigDict,
                runs: list[Run], chosen: list[Run],
                config_args: list[str] | None) -> list[str]:
@@ -250,17 +265,9 @@ def write_plan(workdir: Path, config: ml_collections.ConfigDict,
                                                     for line in lines))
   files.write_text(workdir / SLURM_FILE, slurm_script(
       workdir, len(lines), config.ablate.devices_per_run))
-  where = Path(workdir).absolute()
-  print(f'{len(lines)} runs planned as tasks, nothing trained:\n'
-        f'  {where / COMMANDS_FILE}: one command line per run, to run from '
-        f'any folder; e.g. with GNU parallel:\n'
-        f'    parallel -j 4 < {shlex.quote(str(where / COMMANDS_FILE))}\n'
-        f'  {where / SLURM_FILE}: a SLURM job array of them; fill in its '
-        f'#SBATCH placeholders, then:\n'
-        f'    sbatch {shlex.quote(str(where / SLURM_FILE))}\n'
-        'Each task writes the tables when it ends; to write them from '
-        'whatever has finished:\n'
-        f"    {command_line(config_args, workdir, '--config.ablate.collect_only=True')}",
+  collect = command_line(config_args, workdir,
+                         '--config.ablate.collect_only=True')
+  print(_plan_message(Path(workdir).absolute(), len(lines), collect),
         flush=True)
   return lines
 

@@ -6,8 +6,8 @@ trained by `main.py --mode=train` in a process of its own: a finished one
 from its checkpoints, one that another process is training is left to it
 (run_lock.py), and one that fails leaves error.txt and does not stop the
 others. The tables gather them from the runs' own test reports
-(ablate_tables.py); the runs as tasks for a scheduler, or several at once
-on one host: ablate_tasks.py.
+(ablate_tables.py); the runs as tasks for a scheduler: ablate_tasks.py;
+several at once on one host: ablate_processes.py.
 """
 
 import copy
@@ -22,8 +22,8 @@ from pathlib import Path
 import ml_collections
 from absl import logging
 
-from fer_jax import (ablate_tasks, config_rules, files, run_lock, steps,
-                     workdir as workdir_lib)
+from fer_jax import (ablate_processes, ablate_tasks, config_rules, files,
+                     run_lock, steps, workdir as workdir_lib)
 from fer_jax.ablate_tables import write_settled_tables
 from fer_jax.ablate_tasks import Run, run_status
 from fer_jax.config_rules import UsageError
@@ -134,15 +134,15 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   todo = [] if ablate.collect_only else sorted(
       (one for one, s in zip(runs, statuses) if s != 'finished' and
        one in chosen), key=lambda one: list(ablate.seeds).index(one.seed))
-  slots = ablate_tasks.device_slots(ablate, len(todo),
-                                    ablate_tasks.visible_gpus())
+  slots = ablate_processes.device_slots(ablate, len(todo),
+                                    ablate_processes.visible_gpus())
   files.write_json(workdir / 'ablation_config.json',
                    config_rules.as_json(config))
   print(f'Ablation in {workdir}: {len(runs)} runs; ' + ', '.join(
       f'{statuses.count(s)} {s}' for s in dict.fromkeys(statuses)),
         flush=True)
   if len(slots) > 1:
-    ablate_tasks.train_parallel(todo, slots, workdir / 'compile_cache',
+    ablate_processes.train_parallel(todo, slots, workdir / 'compile_cache',
                                 ablate.stale_lock_hours, ablate.metrics[0])
   else:
     train_serially(todo, workdir / 'compile_cache', ablate.stale_lock_hours)
@@ -175,7 +175,7 @@ def train_serially(todo: list[Run], compile_cache: Path,
   """Trains the runs one after another, each while holding its lock."""
   start = time.perf_counter()
   for i, one in enumerate(todo):
-    if not ablate_tasks.claim(one, stale_lock_hours):
+    if not ablate_processes.claim(one, stale_lock_hours):
       continue
     print(f'\n=== run {i + 1} of {len(todo)}: {one.variant}, seed '
           f'{one.seed} ({one.workdir}) ===', flush=True)
@@ -199,17 +199,17 @@ def train_one(one: Run, compile_cache: Path | None = None) -> None:
   """
   error_file = one.workdir / 'error.txt'
   with tempfile.TemporaryDirectory() as folder:
-    command, env = ablate_tasks.child_command(
+    command, env = ablate_processes.child_command(
         one, Path(folder) / 'config.json', compile_cache)
     with subprocess.Popen(
         command, stderr=subprocess.PIPE, env=env,
-        preexec_fn=ablate_tasks.ends_with_this_process()) as process:
+        preexec_fn=ablate_processes.ends_with_this_process()) as process:
       try:
         tail = b''
         while chunk := process.stderr.read1(1 << 16):
           sys.stderr.buffer.write(chunk)  # its log and progress bars, live
           sys.stderr.buffer.flush()
-          tail = (tail + chunk)[-ablate_tasks.ERROR_TAIL_BYTES:]
+          tail = (tail + chunk)[-ablate_processes.ERROR_TAIL_BYTES:]
       except BaseException:  # Ctrl-C, a closed terminal: the run stops too
         process.kill()
         raise

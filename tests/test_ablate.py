@@ -26,7 +26,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fer_jax import ablate, ablate_tasks, evaluation, files, run_lock, steps
+from fer_jax import (ablate, ablate_processes, evaluation, files, run_lock,
+                     steps)
 from fer_jax.configs import default
 from fer_jax.configs.ablations import ablation
 from fer_jax.config_rules import UsageError
@@ -642,7 +643,7 @@ def test_bad_task_settings_are_refused_in_one_line_before_anything(
 
 
 def test_gpus_are_split_between_the_runs_trained_at_once(monkeypatch):
-  slots = lambda parallel, per_run, runs, gpus: ablate_tasks.device_slots(
+  slots = lambda parallel, per_run, runs, gpus: ablate_processes.device_slots(
       ml_collections.ConfigDict({'parallel_runs': parallel,
                                  'devices_per_run': per_run}), runs, gpus)
   eight = [str(i) for i in range(8)]
@@ -655,9 +656,9 @@ def test_gpus_are_split_between_the_runs_trained_at_once(monkeypatch):
     slots(3, 3, 9, eight)
   monkeypatch.delenv('JAX_PLATFORMS', raising=False)
   monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,5,-1,6')
-  assert ablate_tasks.visible_gpus() == ['3', '5']  # CUDA stops at -1
+  assert ablate_processes.visible_gpus() == ['3', '5']  # CUDA stops at -1
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  assert ablate_tasks.visible_gpus() == []
+  assert ablate_processes.visible_gpus() == []
 
 
 def test_ctrl_c_stops_every_parallel_run_and_frees_its_folder(
@@ -679,12 +680,12 @@ def test_ctrl_c_stops_every_parallel_run_and_frees_its_folder(
 
   def ctrl_c(seconds):
     raise KeyboardInterrupt
-  monkeypatch.setattr(ablate_tasks, 'child_command', sleeper)
-  monkeypatch.setattr(ablate_tasks.subprocess, 'Popen', popen)
-  monkeypatch.setattr(ablate_tasks, 'time', types.SimpleNamespace(
+  monkeypatch.setattr(ablate_processes, 'child_command', sleeper)
+  monkeypatch.setattr(ablate_processes.subprocess, 'Popen', popen)
+  monkeypatch.setattr(ablate_processes, 'time', types.SimpleNamespace(
       perf_counter=lambda: 0.0, sleep=ctrl_c))
   with pytest.raises(KeyboardInterrupt):
-    ablate_tasks.train_parallel(runs, ['0', '1'], tmp_path / 'cache', 2.0,
+    ablate_processes.train_parallel(runs, ['0', '1'], tmp_path / 'cache', 2.0,
                                 'accuracy')
   assert [env['CUDA_VISIBLE_DEVICES'] for _, env in started] == ['0', '1']
   assert [process.returncode for process, _ in started] == [

@@ -50,7 +50,8 @@ def _record() -> dict:
 
 def describe(holder: dict) -> str:
   """'in progress on HOST (pid P)'."""
-  return f"in progress on {holder.get('host')} (pid {holder.get('pid')})"
+  return (f"in progress on {holder.get('host', 'another host')} "
+          f"(pid {holder.get('pid', '?')})")
 
 
 def _alive(holder: dict) -> bool:
@@ -108,23 +109,25 @@ def holder(folder: Path, stale_hours: float) -> dict | None:
   return found[1]
 
 
-def _set_aside(path: Path, text: str) -> None:
-  """Removes the lock at path if it is still the one read as text. Moved
-  aside first, in one step: of two processes taking over the same stale
-  lock, one moves it; the other then moves the first one's fresh lock,
-  sees that it is not the stale one, and puts it back."""
+def _set_aside(path: Path, text: str) -> bool:
+  """Removes the lock at path if it is still the one read as text; whether
+  it was. Moved aside first, in one step: of two processes taking over the
+  same stale lock, one moves it; the other then moves the first one's
+  fresh lock, sees that it is not the stale one, and puts it back."""
   aside = path.with_name(f'.{path.name}.{socket.gethostname()}.'
                          f'{os.getpid()}.stale')
   try:
     os.rename(path, aside)
   except FileNotFoundError:
-    return
-  if aside.read_text() != text:
+    return False
+  stale = aside.read_text() == text
+  if not stale:
     try:
       os.link(aside, path)
     except FileExistsError:
       pass
   aside.unlink()
+  return stale
 
 
 def take(folder: Path, stale_hours: float) -> dict | None:
@@ -145,10 +148,10 @@ def take(folder: Path, stale_hours: float) -> dict | None:
     reason = stale_reason(old, age, stale_hours)
     if reason is None:
       return old
-    logging.warning('%s: taking over the lock of %s (pid %s, since %s): %s',
-                    folder, old.get('host'), old.get('pid'),
-                    old.get('start_time'), reason)
-    _set_aside(path, old_text)
+    if _set_aside(path, old_text):
+      logging.warning('%s: taking over the lock of %s (pid %s, since %s): '
+                      '%s', folder, old.get('host'), old.get('pid'),
+                      old.get('start_time'), reason)
   found = _read(path)
   return found[1] if found else {}
 

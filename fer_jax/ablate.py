@@ -201,9 +201,8 @@ def train_one(one: Run, compile_cache: Path | None = None) -> None:
   with tempfile.TemporaryDirectory() as folder:
     command, env = ablate_processes.child_command(
         one, Path(folder) / 'config.json', compile_cache)
-    with subprocess.Popen(
-        command, stderr=subprocess.PIPE, env=env,
-        preexec_fn=ablate_processes.ends_with_this_process()) as process:
+    with ablate_processes.popen(command, stderr=subprocess.PIPE,
+                                env=env) as process:
       try:
         tail = b''
         while chunk := process.stderr.read1(1 << 16):

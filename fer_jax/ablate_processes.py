@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,8 @@ from fer_jax.config_rules import UsageError
 POLL_SECONDS = 1.0
 ERROR_TAIL_BYTES = 1 << 16  # the end of a failed run's output, in error.txt
 _PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith('linux') else None
+# Looked up here: the child calls it between fork and exec.
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith('linux') else None
 
 
 def visible_gpus() -> list[str]:
@@ -90,15 +92,27 @@ def ends_with_this_process() -> Callable[[], None] | None:
   """A preexec_fn that has the kernel kill the child when this process
   ends, SIGKILL included: a run must not train on once its lock's holder
   is gone (Linux; None elsewhere)."""
-  if _LIBC is None:
+  if _PRCTL is None:
     return None
   parent = os.getpid()
 
   def preexec() -> None:
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it ended before the line above
       os._exit(1)
   return preexec
+
+
+def popen(command: list[str], **options) -> subprocess.Popen:
+  """subprocess.Popen of a run's training, which ends with this process."""
+  with warnings.catch_warnings():
+    # JAX warns of any fork once its backend runs (in a notebook that
+    # calls ablate.run, say); this child only sets its death signal, then
+    # execs.
+    warnings.filterwarnings('ignore', r'os\.fork\(\) was called',
+                            RuntimeWarning)
+    return subprocess.Popen(command, preexec_fn=ends_with_this_process(),
+                            **options)
 
 
 def claim(one: Run, stale_hours: float) -> bool:
@@ -128,9 +142,8 @@ def _start(one: Run, devices: str | None, folder: Path,
                  f'{socket.gethostname()}, devices: {devices or "all"} '
                  '===\n'.encode())
     output.flush()
-    process = subprocess.Popen(command, stdout=output,
-                               stderr=subprocess.STDOUT, env=env,
-                               preexec_fn=ends_with_this_process())
+    process = popen(command, stdout=output, stderr=subprocess.STDOUT,
+                    env=env)
     start = output.tell()
   print(f'started  {one.name}' + (f' on GPUs {devices}' if devices else '')
         + f'; its output: {log}', flush=True)

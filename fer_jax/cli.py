@@ -194,11 +194,18 @@ def run_ablation() -> None:
       distributed.cluster_environment() in ('SLURM', 'Open MPI'))):
     raise app.UsageError('--mode=ablate runs in one process (its runs may '
                          'not); several processes train and evaluate')
+  filename = config_flags.get_config_filename(FLAGS['config'])
   workdir = FLAGS.workdir if FLAGS['workdir'].present else os.path.join(
       'runs', 'ablations', os.path.splitext(os.path.basename(
-          config_flags.get_config_filename(FLAGS['config'])))[0])
-  from fer_jax import ablate
-  ablate.run(FLAGS.config, workdir)
+          filename.partition(':')[0]))[0])
+  import signal
+  from fer_jax import ablate, ablate_tasks
+
+  def stop(signum, frame):  # scancel, a job's time limit, GNU parallel
+    raise SystemExit(128 + signum)  # as Ctrl-C: its runs stop, locks go
+  signal.signal(signal.SIGTERM, stop)
+  ablate.run(FLAGS.config, workdir, ablate_tasks.config_flags(
+      filename, config_flags.get_override_values(FLAGS['config'])))
 
 
 def run() -> None:

@@ -36,22 +36,50 @@ def process_umask() -> int:
 _UMASK = process_umask()
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-  """Writes data to path atomically, creating the folder."""
-  path = Path(path)
+def _written(path: Path, data: bytes, suffix: str) -> str:
+  """A temporary file beside path (.<name>.<random><suffix>) holding data,
+  on disk; creates the folder."""
   path.parent.mkdir(parents=True, exist_ok=True)
   handle, temporary = tempfile.mkstemp(dir=path.parent,
-                                       prefix=f'.{path.name}.', suffix='.tmp')
+                                       prefix=f'.{path.name}.', suffix=suffix)
   try:
     os.fchmod(handle, 0o666 & ~_UMASK)
     with os.fdopen(handle, 'wb') as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+  except BaseException:
+    Path(temporary).unlink(missing_ok=True)
+    raise
+  return temporary
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+  """Writes data to path atomically, creating the folder."""
+  path = Path(path)
+  temporary = _written(path, data, '.tmp')
+  try:
     os.replace(temporary, path)
   except BaseException:
     Path(temporary).unlink(missing_ok=True)
     raise
+
+
+def create_new(path: Path, data: bytes) -> bool:
+  """Writes data to path whole if no file is there, in one step; False if
+  one is. A hard link of a complete file: readers never see it half
+  written, and link() is exclusive on NFS too, where O_EXCL may not be.
+  Its temporary file is not a .tmp: training's remove_leftovers would take
+  it from under another process's lock attempt."""
+  path = Path(path)
+  temporary = _written(path, data, '.new')
+  try:
+    os.link(temporary, path)
+    return True
+  except FileExistsError:
+    return False
+  finally:
+    Path(temporary).unlink(missing_ok=True)
 
 
 def remove_leftovers(folder: Path) -> list[Path]:

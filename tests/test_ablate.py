@@ -1,26 +1,39 @@
 """--mode=ablate: runs, skips, resumes, records failures and collects."""
 
+import contextlib
+import copy
 import csv
 import ctypes
 import importlib
+import io
 import json
+import logging as python_logging
 import math
 import os
+import re
+import shlex
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
-from fer_jax import ablate, evaluation, files, steps
+from fer_jax import (ablate, ablate_processes, evaluation, files, run_lock,
+                     steps)
 from fer_jax.configs import default
 from fer_jax.configs.ablations import ablation
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
-from tests.conftest import ROOT, live_children, tiny_config
+from tests.conftest import (ROOT, live_children, tiny_config,
+                            tree_digest)
 
 VARIANTS = {'balanced': {},
             'weighted': {'data.sampler': 'uniform',
@@ -353,8 +366,8 @@ def test_runs_share_a_compilation_cache_unless_one_is_set(tmp_path,
     returncode = 0
     stderr = type('Pipe', (), {'read1': lambda self, n: b''})()
 
-    def __init__(self, command, stderr, env):
-      seen.append((command, env))
+    def __init__(self, command, stderr, env, **options):
+      seen.append((command, env, options))
 
     def __enter__(self):
       return self
@@ -369,8 +382,406 @@ def test_runs_share_a_compilation_cache_unless_one_is_set(tmp_path,
   ablate.train_one(one, tmp_path / 'compile_cache')
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/mine')
   ablate.train_one(one, tmp_path / 'compile_cache')
-  assert [env['JAX_COMPILATION_CACHE_DIR'] for _, env in seen] == [
+  assert [env['JAX_COMPILATION_CACHE_DIR'] for _, env, _ in seen] == [
       str(tmp_path / 'compile_cache'), '/mine']
-  command, env = seen[0]
+  command, env, options = seen[0]
   assert command[1:4] == ['-m', 'fer_jax.cli', '--mode=train']
   assert env['PYTHONPATH'].split(os.pathsep)[0] == str(ROOT)
+  # The run ends with the process that holds its lock, even if killed.
+  assert callable(options['preexec_fn'])
+
+
+# The runs as tasks: command lines, locks, several at once.
+
+def _with(config, **ablate_fields):
+  """A copy of an ablation config with ablate fields set."""
+  config = copy.deepcopy(config)
+  for name, value in ablate_fields.items():
+    config.ablate[name] = value
+  return config
+
+
+def _read_until(process: subprocess.Popen, text: str) -> None:
+  """Reads the process's stdout until a line holds text."""
+  for line in process.stdout:
+    if text in line:
+      return
+  raise AssertionError(f'{process.args}: ended without {text!r}')
+
+
+def _children(pid: int) -> list[int]:
+  """The processes whose parent is pid."""
+  found = []
+  for stat in Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      found.append(int(stat.parent.name))
+  return found
+
+
+def _interrupt_at_step_4(source: Path, run: Path) -> None:
+  """run: a copy of source's run as if killed after its step-4 checkpoint."""
+  shutil.copytree(source, run)
+  shutil.rmtree(run / 'report')
+  for step in (run / 'checkpoints').iterdir():
+    if step.name.isdigit() and int(step.name) > 4:
+      shutil.rmtree(step)
+  (run / 'metrics.jsonl').unlink()
+
+
+class _Warnings(python_logging.Handler):
+  """The warnings fer_jax logs meanwhile."""
+
+  def __init__(self):
+    super().__init__(python_logging.WARNING)
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope='module')
+def tasks(ablated, tmp_path_factory):
+  """The tiny ablation as tasks, step by step: planned from Python; its
+  first two command lines run at once from another folder, while a third
+  process comes to the first one's run (the first is stopped meanwhile,
+  so that it surely holds it); collect_only; the third line killed with
+  SIGKILL as it resumes a run interrupted at step 4; parallel_runs=2 over
+  the rest. A dict of what each step left."""
+  config, serial, _ = ablated
+  workdir = tmp_path_factory.mktemp('tasks')
+  elsewhere = tmp_path_factory.mktemp('elsewhere')
+  logs = tmp_path_factory.mktemp('task_logs')
+  seen = {'workdir': workdir, 'serial': serial}
+  assert ablate.run(_with(config, plan_only=True), str(workdir)) == []
+  seen['after_plan'] = sorted(p.name for p in workdir.iterdir())
+  lines = (workdir / 'commands.txt').read_text().splitlines()
+  seen['lines'] = lines
+
+  start = lambda line, name: subprocess.Popen(
+      line, shell=True, cwd=elsewhere, stdout=subprocess.PIPE, text=True,
+      stderr=open(logs / name, 'w'), start_new_session=True)
+  first, second = start(lines[0], 'first'), start(lines[1], 'second')
+  _read_until(first, '=== run 1 of 1: balanced, seed 0')
+  run = workdir / 'balanced' / 'seed_0'
+  seen['holder'] = json.loads((run / 'lock.json').read_text())
+  seen['holder_is_first'] = os.getpgid(seen['holder']['pid']) == first.pid
+  os.killpg(first.pid, signal.SIGSTOP)
+  try:
+    before = tree_digest(run)
+    seen['third'] = subprocess.run(lines[0], shell=True, cwd=elsewhere,
+                                   capture_output=True, text=True,
+                                   timeout=300)
+    seen['third_left_it'] = tree_digest(run) == before
+  finally:
+    os.killpg(first.pid, signal.SIGCONT)
+  for task in (first, second):
+    task.communicate(timeout=300)
+  seen['returncodes'] = [first.returncode, second.returncode]
+  seen['locks_left'] = sorted(workdir.rglob('lock.json'))
+
+  seen['collected'] = ablate.run(_with(config, collect_only=True),
+                                 str(workdir))
+
+  interrupted = workdir / 'balanced' / 'seed_1'
+  _interrupt_at_step_4(serial / 'balanced' / 'seed_1', interrupted)
+  prctl = ctypes.CDLL(None).prctl
+  prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: its orphans come here
+  try:
+    killed = start(lines[2], 'killed')
+    _read_until(killed, 'Resuming from the checkpoint of step 4')
+    seen['killed_holder'] = json.loads(
+        (interrupted / 'lock.json').read_text())
+    trainers = _children(seen['killed_holder']['pid'])
+    os.kill(seen['killed_holder']['pid'], signal.SIGKILL)
+    killed.communicate(timeout=300)
+    seen['trainers_ended'] = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+                              for pid in trainers]
+  finally:
+    prctl(36, 0, 0, 0, 0)
+  seen['killed_lock'] = json.loads((interrupted / 'lock.json').read_text())
+  seen['killed_status'] = ablate.run_status(ablate.Run(
+      'balanced', 1, interrupted, config.base), 2.0)
+
+  warnings = _Warnings()
+  python_logging.getLogger('absl').addHandler(warnings)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+      seen['rows'] = ablate.run(_with(config, parallel_runs=2), str(workdir))
+  finally:
+    python_logging.getLogger('absl').removeHandler(warnings)
+  seen['parallel_out'], seen['warnings'] = out.getvalue(), warnings.messages
+  return seen
+
+
+def test_plan_only_writes_a_command_line_per_run_and_an_array_as_long(
+    tasks, tmp_path):
+  workdir, lines = tasks['workdir'], tasks['lines']
+  assert tasks['after_plan'] == ['commands.txt', 'plan_config.json',
+                                 'slurm_array.sh']  # nothing trained
+  assert len(lines) == 4
+  for line, run in zip(lines, ['balanced:0', 'weighted:0', 'balanced:1',
+                               'weighted:1']):  # seed by seed
+    args = shlex.split(line)
+    assert args[0] == 'env' and args[1].split(os.pathsep)[0] == (
+        f'PYTHONPATH={ROOT}')
+    assert args[2:6] == [sys.executable, '-m', 'fer_jax.cli', '--mode=ablate']
+    assert args[-2:] == [f'--config.ablate.only={run}',
+                         f'--workdir={workdir}']
+  script = (workdir / 'slurm_array.sh').read_text()
+  assert '\n#SBATCH --array=0-3\n' in script
+  assert '\n#SBATCH --gres=gpu:1\n' in script
+  assert '\n##SBATCH --partition=' in script and '\n##SBATCH --time=' in script
+  # Task 2 of the array runs line 3 (here an `env` that shows its
+  # arguments stands in for the real one).
+  (tmp_path / 'env').write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+  (tmp_path / 'env').chmod(0o755)
+  shown = subprocess.run(
+      ['bash', str(workdir / 'slurm_array.sh')], capture_output=True,
+      text=True, check=True, env={**os.environ, 'SLURM_ARRAY_TASK_ID': '2',
+                                  'PATH': f"{tmp_path}:{os.environ['PATH']}"})
+  assert shown.stdout.splitlines() == shlex.split(lines[2])[1:]
+
+
+def test_two_task_lines_at_once_and_a_third_process_that_skips_their_run(
+    tasks):
+  holder, third = tasks['holder'], tasks['third']
+  assert tasks['holder_is_first']
+  assert holder['host'] == socket.gethostname() and holder['start_time']
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert (f"skipped  balanced:0: in progress on {holder['host']} "
+          f"(pid {holder['pid']})") in third.stdout
+  assert tasks['third_left_it']
+  assert tasks['returncodes'] == [0, 0]
+  assert tasks['locks_left'] == []
+
+
+def test_collect_only_then_reports_two_finished_and_the_rest_not_run(tasks):
+  assert [(r['variant'], r['seed'], r['status'])
+          for r in tasks['collected']] == [
+      ('balanced', 0, 'finished'), ('balanced', 1, 'not run'),
+      ('weighted', 0, 'finished'), ('weighted', 1, 'not run')]
+
+
+def test_a_task_killed_with_sigkill_leaves_a_stale_lock_taken_over(tasks):
+  run = tasks['workdir'] / 'balanced' / 'seed_1'
+  holder = tasks['killed_holder']
+  # The lock outlived its holder, whose training was killed with it.
+  assert tasks['killed_lock'] == holder
+  assert tasks['trainers_ended'] == [-signal.SIGKILL]
+  assert tasks['killed_status'] == 'interrupted'
+  assert any(f"taking over the lock of {holder['host']} (pid "
+             f"{holder['pid']}" in m and 'has ended' in m
+             for m in tasks['warnings'])
+  log = (run / 'train.log').read_text()
+  assert 'Resuming from the checkpoint of step' in log
+  resumed = json.loads((run / 'report' / 'test_metrics.json').read_text())
+  original = json.loads((tasks['serial'] / 'balanced' / 'seed_1' / 'report' /
+                         'test_metrics.json').read_text())
+  assert resumed['accuracy'] == original['accuracy']
+  assert resumed['confusion_matrix'] == original['confusion_matrix']
+  assert resumed['valence_ccc'] == pytest.approx(original['valence_ccc'],
+                                                 abs=1e-6)
+
+
+def test_parallel_runs_finish_the_rest_as_the_serial_ablation_did(tasks):
+  workdir, out = tasks['workdir'], tasks['parallel_out']
+  assert {r['status'] for r in tasks['rows']} == {'finished'}
+  for run in ('balanced:1', 'weighted:1'):
+    variant, seed = run.split(':')
+    log = workdir / variant / f'seed_{seed}' / 'train.log'
+    assert f'started  {run}; its output: {log}' in out
+    assert re.search(rf'finished {run}: accuracy \d\.\d{{4}} \(', out)
+    assert 'epoch 1: train loss' in log.read_text()
+  assert out.count('\nstarted  ') == 2
+  parallel = read_csv(workdir / 'ablation.csv')
+  serial = read_csv(tasks['serial'] / 'ablation.csv')
+  skip = ('workdir', 'train_seconds')
+  assert [list(row) for row in parallel] == [list(row) for row in serial]
+  for ours, theirs in zip(parallel, serial):
+    for key in ours:
+      if key in skip:
+        continue
+      if ours[key] != theirs[key]:  # float32 rounding after a resume
+        assert float(ours[key]) == pytest.approx(float(theirs[key]),
+                                                 abs=1e-6), key
+
+
+def test_bad_task_settings_are_refused_in_one_line_before_anything(
+    data_cache, tmp_path, monkeypatch):
+  config = tiny_ablation(data_cache)
+  workdir = tmp_path / 'ablation'
+  refused = lambda **fields: ablate.run(_with(config, **fields),
+                                        str(workdir))
+  cases = [
+      ({'parallel_runs': 0}, r'^ablate.parallel_runs: 0 is below 1$'),
+      ({'devices_per_run': 0}, r'^ablate.devices_per_run: 0 is below 1$'),
+      ({'stale_lock_hours': 0.0}, r'^ablate.stale_lock_hours: 0.0 is not'),
+      ({'only': 'balanced:0,nope:1'}, r"^ablate.only: 'nope:1': 'nope' is not "
+       r'one of the variants balanced, weighted$'),
+      ({'only': 'weighted:7'}, r"^ablate.only: 'weighted:7': '7' is not one "
+       r'of the seeds 0, 1$'),
+      ({'only': 'weighted'}, r"^ablate.only: 'weighted' is not variant:seed"),
+      ({'only': 'weighted:1, weighted:1'},
+       r"^ablate.only: 'weighted:1' is named twice$"),
+      ({'only': 'weighted:1', 'collect_only': True},
+       r'^ablate.collect_only trains nothing'),
+  ]
+  for fields, message in cases:
+    with pytest.raises(UsageError, match=message):
+      refused(**fields)
+  # More GPUs than this host sees (the tests' JAX_PLATFORMS=cpu aside).
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2')
+  with pytest.raises(UsageError, match=r'^ablate.parallel_runs=2 x '
+                     r'ablate.devices_per_run=2 asks for 4 GPUs for 4 runs; '
+                     r'this host has 3 \(0,1,2\)$'):
+    refused(parallel_runs=2, devices_per_run=2)
+  assert not workdir.exists()  # refused at the door
+
+
+def test_gpus_are_split_between_the_runs_trained_at_once(monkeypatch):
+  slots = lambda parallel, per_run, runs, gpus: ablate_processes.device_slots(
+      ml_collections.ConfigDict({'parallel_runs': parallel,
+                                 'devices_per_run': per_run}), runs, gpus)
+  eight = [str(i) for i in range(8)]
+  assert slots(8, 1, 9, eight) == eight
+  assert slots(4, 2, 9, eight) == ['0,1', '2,3', '4,5', '6,7']
+  assert slots(4, 2, 2, eight) == ['0,1', '2,3']  # no more than the runs
+  assert slots(1, 1, 9, eight) == [None]  # one at a time: every device
+  assert slots(3, 1, 9, []) == [None] * 3  # a CPU host: the cores, shared
+  with pytest.raises(UsageError, match='asks for 9 GPUs'):
+    slots(3, 3, 9, eight)
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,5,-1,6')
+  assert ablate_processes.visible_gpus() == ['3', '5']  # CUDA stops at -1
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert ablate_processes.visible_gpus() == []
+
+
+def test_ctrl_c_stops_every_parallel_run_and_frees_its_folder(
+    data_cache, tmp_path, monkeypatch, capsys):
+  """Two runs whose training sleeps, each on its own GPU; Ctrl-C comes
+  while they run."""
+  runs = ablate.plan(tiny_ablation(data_cache), tmp_path)[:2]
+  started = []
+
+  def sleeper(one, config_file, compile_cache):
+    return ([sys.executable, '-c', 'import time; time.sleep(300)'],
+            dict(os.environ))
+
+  real_popen = subprocess.Popen
+
+  def popen(command, **options):
+    started.append((real_popen(command, **options), options['env']))
+    return started[-1][0]
+
+  def ctrl_c(seconds):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(ablate_processes, 'child_command', sleeper)
+  monkeypatch.setattr(ablate_processes.subprocess, 'Popen', popen)
+  monkeypatch.setattr(ablate_processes, 'time', types.SimpleNamespace(
+      perf_counter=lambda: 0.0, sleep=ctrl_c))
+  with pytest.raises(KeyboardInterrupt):
+    ablate_processes.train_parallel(runs, ['0', '1'], tmp_path / 'cache', 2.0,
+                                'accuracy')
+  assert [env['CUDA_VISIBLE_DEVICES'] for _, env in started] == ['0', '1']
+  assert [process.returncode for process, _ in started] == [
+      -signal.SIGKILL] * 2
+  assert not list(tmp_path.rglob('lock.json'))
+  out = capsys.readouterr().out
+  for one in runs:
+    assert f'started  {one.name} on GPUs' in out
+    assert f'stopped  {one.name}; running the ablation again resumes it' in out
+
+
+def test_a_lock_is_kept_while_its_holder_may_train_and_taken_when_stale(
+    tmp_path):
+  folder, path = tmp_path / 'run', tmp_path / 'run' / run_lock.LOCK_FILE
+  assert run_lock.take(folder, 2.0) is None  # free: taken
+  mine = json.loads(path.read_text())
+  assert (mine['host'], mine['pid']) == (socket.gethostname(), os.getpid())
+  assert run_lock.holder(folder, 2.0) == mine
+  run_lock.release(folder)
+  assert not path.exists()
+
+  def held_by(**holder):
+    path.write_text(json.dumps(holder))
+    return run_lock.take(folder, 2.0)
+  # Another host's, refreshed 1 h ago: kept; 3 h ago: stale.
+  other = {'host': 'elsewhere', 'pid': 1, 'start_time': '2020-01-01'}
+  assert held_by(**other) == other
+  os.utime(path, (time.time() - 3600,) * 2)
+  assert run_lock.take(folder, 2.0) == other
+  os.utime(path, (time.time() - 3 * 3600,) * 2)
+  assert run_lock.take(folder, 2.0) is None
+  taken = json.loads(path.read_text())
+  assert (taken['host'], taken['pid']) == (socket.gethostname(), os.getpid())
+  run_lock.release(folder)
+  # This host's: kept while its process lives (this test's parent), not
+  # once the PID has ended or belongs to a process started since.
+  parent = {'host': socket.gethostname(), 'pid': os.getppid(),
+            'pid_start_ticks': run_lock._start_ticks(os.getppid())}
+  assert held_by(**parent) == parent
+  assert held_by(**{**parent, 'pid_start_ticks': 1}) is None
+  run_lock.release(folder)
+  ended = subprocess.Popen(['true'])
+  ended.wait()
+  assert held_by(host=socket.gethostname(), pid=ended.pid) is None
+  # Its holder refreshes it.
+  os.utime(path, (time.time() - 3600,) * 2)
+  run_lock.refresh_held()
+  assert time.time() - path.stat().st_mtime < 60
+  run_lock.release(folder)
+
+
+def test_a_plan_from_python_reads_back_into_the_same_runs(data_cache,
+                                                          tmp_path):
+  """configs/saved.py reads the plan's config; the fields that follow
+  another (the synthetic set's image size) follow it there too."""
+  config = ablation(tiny_config(data_cache), {
+      'small': {}, 'large': {'data.image_size': 40}}, seeds=(0,))
+  ablate.run(_with(config, plan_only=True), str(tmp_path))
+  saved = importlib.import_module('fer_jax.configs.saved').get_config(
+      str(tmp_path / 'plan_config.json'))
+  assert (saved.ablate.plan_only, saved.ablate.only) == (False, '')
+  as_json = lambda runs: [ablate.config_rules.as_json(r.config) for r in runs]
+  again = ablate.plan(saved, tmp_path)
+  assert as_json(again) == as_json(ablate.plan(config, tmp_path))
+  assert again[1].config.data.synthetic.image_size == 40
+
+
+def test_the_command_line_plans_tasks_that_load_its_config(tmp_path):
+  """Its --config file and overrides reach every line, with absolute
+  paths; the line's own flags load the same config from another folder."""
+  data = tmp_path / 'AffectNet'
+  data.mkdir()
+  workdir = tmp_path / 'ablation'
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--mode=ablate',
+       '--config=configs/ablations/imbalance.py:affectnet',
+       f'--workdir={workdir}', '--config.ablate.plan_only=True',
+       f'--config.base.data.root={data}', '--config.ablate.seeds=(3,4)',
+       '--config.ablate.only=none:4,balanced_sampler:3'],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = (workdir / 'commands.txt').read_text().splitlines()
+  assert [shlex.split(line)[-2] for line in lines] == [
+      '--config.ablate.only=balanced_sampler:3', '--config.ablate.only=none:4']
+  config_file = ROOT / 'configs' / 'ablations' / 'imbalance.py'
+  assert shlex.split(lines[0])[6:9] == [
+      f'--config={config_file}:affectnet',
+      f'--config.base.data.root={data}', '--config.ablate.seeds=(3, 4)']
+  assert '--array=0-1\n' in (workdir / 'slurm_array.sh').read_text()
+  collect = result.stdout.strip().splitlines()[-1].strip()
+  assert collect == lines[0].replace(
+      '--config.ablate.only=balanced_sampler:3',
+      '--config.ablate.collect_only=True')
+  done = subprocess.run(collect, shell=True, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert [(r['seed'], r['status']) for r in read_csv(
+      workdir / 'ablation.csv')] == [('3', 'not run'), ('4', 'not run')] * 3

@@ -55,4 +55,19 @@ def ablation(base: ml_collections.ConfigDict, variants: dict[str, dict],
                            'valence_ccc', 'arousal_ccc')
   # True: no training; the tables from the runs that have finished.
   config.ablate.collect_only = False
+  # True: no training; commands.txt (a command line per run) and
+  # slurm_array.sh (a SLURM job array of them) in the workdir.
+  config.ablate.plan_only = False
+  # 'variant:seed', or several comma-separated: train only those runs,
+  # then the tables from whatever has finished. '': every run.
+  config.ablate.only = ''
+  # Runs trained at once on this host, each in a process of its own.
+  config.ablate.parallel_runs = 1
+  # GPUs of each of them (CUDA_VISIBLE_DEVICES) when parallel_runs > 1; on
+  # a CPU host the runs share the cores.
+  config.ablate.devices_per_run = 1
+  # A run folder's lock, held while a process trains it, is refreshed every
+  # 5 minutes; held from another host and not refreshed for this long, its
+  # process is taken to be gone (on the same host its PID says so).
+  config.ablate.stale_lock_hours = 2.0
   return config

@@ -84,9 +84,8 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   data_config.data.classes = ','.join(classes)
   splits, data_report = data_lib.load_splits_all_processes(data_config)
   weights = _class_weights(config, workdir, data_report)
-  state, _, step = inference.restore(config, workdir, checkpoint_step,
-                                     weights)
-  p_eval = inference.pmap_eval(config, weights)  # with the logits
+  state, p_eval, step = inference.restore(config, workdir, checkpoint_step,
+                                          weights)
   result, predictions = inference.evaluate_records(
       p_eval, state, splits[split], config, classes)
   if classes != model_classes:  # stated in the report

@@ -2,7 +2,6 @@
 evaluation, and the predictions and metrics of a split."""
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 from typing import Callable
@@ -223,29 +222,6 @@ def restore(config: ml_collections.ConfigDict, workdir: Path,
   return steps.replicate(state), p_eval, step
 
 
-def eval_step(state: steps.TrainState, batch: dict, *, model, config:
-              ml_collections.ConfigDict, weights: np.ndarray | None) -> dict:
-  """steps.eval_step's outputs and the logits they come from
-  (log-probabilities under flip test-time augmentation): a data set with
-  fewer classes than the model is scored from them (shared_probabilities).
-  """
-  outputs = steps.eval_outputs(model, steps.eval_variables(state),
-                               batch['image'], config)
-  sums = jax.lax.psum(losses.loss_sums(
-      outputs, batch, config.train.label_smoothing, weights), steps.AXIS)
-  return {'probs': jax.nn.softmax(outputs['logits']),
-          'logits': outputs['logits'], 'va': outputs['va'], 'sums': sums}
-
-
-def pmap_eval(config: ml_collections.ConfigDict,
-              weights: np.ndarray | None = None) -> Callable:
-  """eval_step of the run's model, pmapped over the local devices."""
-  model = models.create_model(config.model, axis_name=steps.AXIS,
-                              num_classes=len(labels.run_classes(config)))
-  return jax.pmap(functools.partial(eval_step, model=model, config=config,
-                                    weights=weights), axis_name=steps.AXIS)
-
-
 def shared_probabilities(logits: np.ndarray, columns: np.ndarray
                          ) -> np.ndarray:
   """Probabilities [N, len(columns)] over the model's classes at columns
@@ -263,8 +239,8 @@ def shared_probabilities(logits: np.ndarray, columns: np.ndarray
 def predict_records(p_eval: Callable, state: steps.TrainState,
                     records: Records, config: ml_collections.ConfigDict
                     ) -> dict:
-  """Probabilities [N, K], valence/arousal [N, 2] and loss sums of a split
-(and the logits [N, K] where p_eval gives them: eval_step).
+  """Probabilities and logits [N, K], valence/arousal [N, 2] and loss sums
+  of a split.
 
   Outputs stream to the host batch by batch, so no split's logits are held
   on the device. With several processes each evaluates its share and all
@@ -275,10 +251,9 @@ def predict_records(p_eval: Callable, state: steps.TrainState,
                                      jax.process_index(), jax.process_count()):
     out = steps.local_values(p_eval(state, batch))
     keep = batch['mask'].reshape(-1)
-    for key in ('probs', 'logits', 'va'):  # logits: from eval_step only
-      if key in out:
-        rows.setdefault(key, []).append(
-            out[key].reshape(-1, out[key].shape[-1])[keep])
+    for key in ('probs', 'logits', 'va'):
+      rows.setdefault(key, []).append(
+          out[key].reshape(-1, out[key].shape[-1])[keep])
     batch_sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64),
                               out['sums'])
     sums = batch_sums if sums is None else jax.tree.map(
@@ -298,8 +273,8 @@ def evaluate_records(p_eval: Callable, state: steps.TrainState,
   classes: the label space of records, if not the run's (a cross-dataset
   evaluation): each must be one of the run's, matched by name. The model's
   other classes are left out of the argmax, and the probabilities are
-  those of the softmax over classes' logits (shared_probabilities; p_eval
-  must then be eval_step's); the losses stay the model's own.
+  those of the softmax over classes' logits (shared_probabilities); the
+  losses stay the model's own.
   """
   model_classes = labels.run_classes(config)
   classes = classes or model_classes
@@ -307,9 +282,6 @@ def evaluate_records(p_eval: Callable, state: steps.TrainState,
   out = predict_records(p_eval, state, dataclasses.replace(
       records, labels=columns[records.labels].astype(np.int32)), config)
   if classes != model_classes:
-    if 'logits' not in out:
-      raise ValueError('scoring other classes than the model\'s needs the '
-                       'logits: an eval step of inference.pmap_eval')
     out['probs'] = shared_probabilities(out['logits'], columns)
   result = metrics.compute_metrics(records.labels, out['probs'].argmax(-1),
                                    records.va, out['va'], records.va_mask,

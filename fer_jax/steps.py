@@ -260,19 +260,22 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module,
               config: ml_collections.ConfigDict,
               weights: np.ndarray | None) -> dict:
-  """Probabilities, valence/arousal and loss sums of one shard.
+  """Probabilities, the logits they come from, valence/arousal and loss
+  sums of one shard. (The logits score a data set with fewer classes than
+  the model: inference.shared_probabilities.)
 
   eval.tta 'flip': the image and its mirror, probabilities and
-  valence/arousal averaged (flip_average). With train.ema_decay > 0 the
-  averaged parameters and BatchNorm statistics are evaluated.
+  valence/arousal averaged (flip_average; the logits are log-probabilities
+  then). With train.ema_decay > 0 the averaged parameters and BatchNorm
+  statistics are evaluated.
   """
   outputs = eval_outputs(model, eval_variables(state), batch['image'],
                          config)
   sums = jax.lax.psum(losses.loss_sums(
       outputs, batch, config.train.label_smoothing, weights,
       losses.is_multi_target(config.data)), AXIS)
-  return {'probs': jax.nn.softmax(outputs['logits']), 'va': outputs['va'],
-          'sums': sums}
+  return {'probs': jax.nn.softmax(outputs['logits']),
+          'logits': outputs['logits'], 'va': outputs['va'], 'sums': sums}
 
 
 def eval_variables(state: TrainState) -> dict:

@@ -21,7 +21,7 @@ from typing import Callable
 import ml_collections
 
 from fer_jax import config_rules, files, run_lock, workdir as workdir_lib
-from fer_jax.ablate_tasks import PACKAGE, Run
+from fer_jax.ablate_tasks import SAVED_CONFIG, Run, python_path
 from fer_jax.config_rules import UsageError
 
 # How often parallel runs are looked at: runs take minutes to hours.
@@ -78,11 +78,9 @@ def child_command(one: Run, config_file: Path, compile_cache: Path | None
   (the seeds of a variant compile the same programs)."""
   files.write_json(config_file, config_rules.as_json(one.config))
   command = [sys.executable, '-m', 'fer_jax.cli', '--mode=train',
-             f"--config={PACKAGE / 'configs' / 'saved.py'}:{config_file}",
+             f'--config={SAVED_CONFIG}:{config_file}',
              f'--workdir={one.workdir}', '--num_processes=1']
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(PACKAGE.parent)] + [p for p in os.environ.get(
-          'PYTHONPATH', '').split(os.pathsep) if p]))
+  env = dict(os.environ, PYTHONPATH=python_path())
   if compile_cache is not None:
     env.setdefault('JAX_COMPILATION_CACHE_DIR', str(compile_cache))
   return command, env

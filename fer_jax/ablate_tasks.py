@@ -14,6 +14,7 @@ from fer_jax import config_rules, files, run_lock, workdir as workdir_lib
 from fer_jax.config_rules import UsageError
 
 PACKAGE = Path(__file__).resolve().parent
+SAVED_CONFIG = PACKAGE / 'configs' / 'saved.py'  # a config.json as config
 COMMANDS_FILE = 'commands.txt'
 SLURM_FILE = 'slurm_array.sh'
 # A plan made from Python (no config file to name): the ablation's config,
@@ -115,15 +116,20 @@ def config_flags(filename: str, overrides: dict) -> list[str]:
                   if field not in TASK_FIELDS]
 
 
+def python_path() -> str:
+  """PYTHONPATH for a process that runs this fer_jax (installed or not)
+  from any folder: its parent folder first, then this one's entries."""
+  paths = [str(PACKAGE.parent)] + [os.path.abspath(p) for p in os.environ.get(
+      'PYTHONPATH', '').split(os.pathsep) if p]
+  return os.pathsep.join(dict.fromkeys(paths))
+
+
 def command_line(config_args: list[str], workdir: Path, *flags: str) -> str:
   """A shell line that runs --mode=ablate with config_args and flags on
   the ablation in workdir, from any folder, with this interpreter and
   this fer_jax (installed or not)."""
-  paths = [str(PACKAGE.parent)] + [os.path.abspath(p) for p in os.environ.get(
-      'PYTHONPATH', '').split(os.pathsep) if p]
   return shlex.join([
-      'env', f'PYTHONPATH={os.pathsep.join(dict.fromkeys(paths))}',
-      sys.executable, '-m', 'fer_jax.cli', '--mode=ablate', *config_args,
+      'env', f'PYTHONPATH={python_path()}', sys.executable, '-m', 'fer_jax.cli', '--mode=ablate', *config_args,
       *flags, f'--workdir={Path(workdir).absolute()}'])
 
 
@@ -200,7 +206,7 @@ def write_plan(workdir: Path, config: ml_collections.ConfigDict,
   if config_args is None:
     saved = workdir / PLAN_CONFIG
     files.write_json(saved, saved_ablation(config, runs))
-    config_args = [f"--config={PACKAGE / 'configs' / 'saved.py'}:"
+    config_args = [f'--config={SAVED_CONFIG}:'
                    f'{saved.absolute()}']
   seeds = list(config.ablate.seeds)
   chosen = sorted(chosen, key=lambda one: seeds.index(one.seed))

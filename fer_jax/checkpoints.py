@@ -32,6 +32,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from fer_jax import distributed, manifests
 from fer_jax.config_rules import UsageError
+from fer_jax.errors import describe
 from fer_jax.manifests import DamagedCheckpoint
 from fer_jax.steps import TRAINING_RULES
 
@@ -130,7 +131,7 @@ class Manager(ocp.CheckpointManager):
       return super()._get_metrics(step)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
       logging.warning('%s/%d/metrics/metrics is unreadable (%s)',
-                      self.directory, step, _describe(e))
+                      self.directory, step, describe(e))
       return None
 
 
@@ -244,11 +245,6 @@ def is_damaged(error: BaseException) -> bool:
   return False
 
 
-def _describe(error: BaseException) -> str:
-  """The error's type and the start of its message, for a log line."""
-  return f'{type(error).__name__}: {str(error)[:300]}'
-
-
 def _read_retrying(read: Callable[[int], Any], step: int, where: str
                    ) -> tuple[Any, Exception | None]:
   """(read(step), None), or (None, the error) once it shows the checkpoint
@@ -262,7 +258,7 @@ def _read_retrying(read: Callable[[int], Any], step: int, where: str
       if is_damaged(e) or attempt + 1 == READ_TRIES:
         return None, e
       wait = READ_BACKOFF_SECONDS * 2**attempt
-      logging.warning('%s: %s; trying again in %g s', where, _describe(e),
+      logging.warning('%s: %s; trying again in %g s', where, describe(e),
                       wait)
       time.sleep(wait)
 
@@ -297,7 +293,7 @@ def _read_everywhere(manager: ocp.CheckpointManager,
   if distributed.everyone(error is None):
     return value, True
   logging.warning('%s is unreadable (%s)', where,
-                  _describe(error) if error else 'in another process')
+                  describe(error) if error else 'in another process')
   return None, False
 
 

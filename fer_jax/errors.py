@@ -8,3 +8,8 @@ class UsageError(ValueError):
 
 class DataError(ValueError):
   """Bad input data: the message names the file, row or value."""
+
+
+def describe(error: BaseException, limit: int = 300) -> str:
+  """The error's type and the start of its message, for a log line."""
+  return f'{type(error).__name__}: {str(error)[:limit]}'

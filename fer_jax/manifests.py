@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from absl import logging
 
 from fer_jax import files
-from fer_jax.errors import DataError
+from fer_jax.errors import DataError, describe
 
 
 class DamagedCheckpoint(DataError):
@@ -46,10 +46,6 @@ def writer_of(relative: PurePosixPath) -> int:
     if match:
       return int(match.group(1))
   return 0
-
-
-def _describe(error: BaseException) -> str:
-  return f'{type(error).__name__}: {str(error)[:200]}'
 
 
 def _checkpoint_files(folder: Path) -> list[PurePosixPath]:
@@ -94,7 +90,7 @@ def _first_step(directory: Path) -> int | None:
     return int(json.loads(path.read_text())['from_step'])
   except (ValueError, KeyError, TypeError) as e:
     logging.warning('%s is unreadable (%s): every checkpoint needs its '
-                    'manifests', path, _describe(e))
+                    'manifests', path, describe(e, 200))
     return 0
 
 
@@ -114,7 +110,7 @@ def _read(folder: Path, process: int, why: str
     return int(manifest['processes']), listed
   except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise DamagedCheckpoint(f'{folder}: {name} is unreadable '
-                            f'({_describe(e)})') from None
+                            f'({describe(e, 200)})') from None
 
 
 def _check_file(folder: Path, relative: str, expected: tuple[int, str],
@@ -154,7 +150,7 @@ def _check_unverifiable(folder: Path) -> None:
       json.loads(metrics.read_text())
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
       raise DamagedCheckpoint(f'{folder}: metrics/metrics is unreadable '
-                              f'({_describe(e)})') from None
+                              f'({describe(e, 200)})') from None
 
 
 def check(directory: Path, step: int, item: str | None = None) -> None:

@@ -31,7 +31,8 @@ HOW_FIELDS = (
     'data.index_cache_dir', 'data.synthetic.num_processes',
     'data.synthetic.cache_dir', 'data.synthetic.regenerate',
     'predict.detector', 'predict.min_score', 'predict.min_face_size',
-    'predict.video_every', 'predict.smoothing', 'predict.annotate')
+    'predict.video_every', 'predict.smoothing', 'predict.annotate',
+    'predict.save_crops')
 # Inference also takes which copy of the data it reads, and its test-time
 # augmentation, from the command line.
 INFERENCE_FIELDS = HOW_FIELDS + (
@@ -272,6 +273,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
   _number(config, 'predict.video_every', 1, integer=True)
   _number(config, 'predict.smoothing', 0, 1, open_high=True)
   _choice(config, 'predict.annotate', (False, True))
+  _choice(config, 'predict.save_crops', (False, True))
 
   _number(config, 'train.seed', 0, integer=True)
   _number(config, 'train.num_epochs', 1, integer=True)

@@ -48,6 +48,11 @@ class Crop:
   frame: int | None = None    # videos: the frame index, its time, the track
   time: float | None = None
   track: int | None = None
+  # How the face was cut (face_contract.FRAMINGS): 'aligned' (warped onto
+  # the run's keypoint template), 'box' or 'whole'; matrix: the 2x3 map
+  # from the image's pixels to the crop's (None for 'whole').
+  framing: str = 'box'
+  matrix: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)

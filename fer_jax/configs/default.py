@@ -141,6 +141,9 @@ def get_config() -> ml_collections.ConfigDict:
   # over frames, s_t = w s_(t-1) + (1 - w) x_t; 0: each frame alone.
   config.predict.smoothing = 0.0
   config.predict.annotate = False         # images and videos with boxes drawn
+  # Each face as the model saw it (uint8 RGB, before normalisation), as a
+  # PNG under crops/ beside predictions.csv (its 'crop' column).
+  config.predict.save_crops = False
 
   config.train = ml_collections.ConfigDict()
   config.train.seed = 0

@@ -13,6 +13,7 @@ resized to the model's input; boxes come back in the image's pixels.
 
 import dataclasses
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -143,23 +144,37 @@ def weighted_nms(boxes: np.ndarray, scores: np.ndarray,
   return faces
 
 
+def _session(path: Path) -> tuple:
+  """A LiteRT interpreter of the model at path, allocated: with its input's
+  index and its outputs' details, boxes and keypoints (16 values per
+  anchor) before scores (one)."""
+  from ai_edge_litert.interpreter import Interpreter
+  interpreter = Interpreter(model_path=str(path))
+  interpreter.allocate_tensors()
+  outputs = sorted(interpreter.get_output_details(),
+                   key=lambda d: -d['shape'][-1])
+  return interpreter, interpreter.get_input_details()[0]['index'], outputs
+
+
 def create_detector(name: str, min_score: float, min_face_size: float
                     ) -> Callable[[np.ndarray], list[Face]]:
-  """A function from an RGB uint8 image to its faces, best first.
+  """A function from an RGB uint8 image to its faces, best first; threads
+  may call it at once.
 
   min_face_size: the smallest box side kept, in the image's pixels.
   """
-  from ai_edge_litert.interpreter import Interpreter
-  file, size, layout = MODELS[name]
-  interpreter = Interpreter(model_path=str(model_file(name)))
-  interpreter.allocate_tensors()
-  image_input = interpreter.get_input_details()[0]['index']
-  # Boxes and keypoints have 16 values per anchor, scores one.
-  outputs = sorted(interpreter.get_output_details(),
-                   key=lambda d: -d['shape'][-1])
+  _, size, layout = MODELS[name]
+  path = model_file(name)
   anchors = anchor_centres(size, layout)
+  # An interpreter is not thread-safe: each thread gets its own, made on
+  # its first call (this thread's now, so a broken install fails here).
+  local = threading.local()
+  local.session = _session(path)
 
   def detect(image: np.ndarray) -> list[Face]:
+    if not hasattr(local, 'session'):
+      local.session = _session(path)
+    interpreter, image_input, outputs = local.session
     pixels, side, origin = letterbox(image, size)
     interpreter.set_tensor(image_input, pixels[None])
     interpreter.invoke()

@@ -18,6 +18,7 @@ batch.
 import dataclasses
 import functools
 import itertools
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -222,6 +223,7 @@ class Recognizer:
                                                config=config),
                              axis_name=steps.AXIS)
     self._compiled = {}           # batch bucket: executable
+    self._compiling = threading.Lock()  # threads may share a Recognizer
 
   @classmethod
   def from_workdir(cls, workdir: str | Path,
@@ -254,8 +256,11 @@ class Recognizer:
     return cls(config, steps.eval_variables(state), step, function)
 
   def _executable(self, size: int) -> Callable:
-    """The forward function compiled for a batch of size crops."""
-    if size not in self._compiled:
+    """The forward function compiled for a batch of size crops, once
+    even when threads ask for it at the same time."""
+    with self._compiling:
+      if size in self._compiled:
+        return self._compiled[size]
       start = time.perf_counter()
       image, devices = self.config.data.image_size, jax.local_device_count()
       shape = jax.ShapeDtypeStruct(

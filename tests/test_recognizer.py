@@ -2,6 +2,7 @@
 images, arrays, crops and videos; bad inputs named. And fer_jax.train and
 fer_jax.evaluate, the modes' calls."""
 
+import concurrent.futures
 import csv
 import inspect
 import shutil
@@ -79,6 +80,23 @@ def test_path_pil_image_and_array_give_the_same_faces_compiled_once(
   turned = Image.open(tmp_path / 'phone.jpg')
   assert rec.predict(turned) == rec.predict(ImageOps.exif_transpose(turned))
   assert rec.compile_seconds == compiled  # one batch bucket, reused
+
+
+def test_threads_sharing_a_recognizer_get_the_serial_answers(rec, photos):
+  """4 threads x 50 photos at once: each answer is the photo's serial one
+  (one LiteRT interpreter shared across threads raised RuntimeErrors)."""
+  names = ('astronaut', 'hopper')
+  serial = {name: rec.predict(photos[name]) for name in names}
+
+  def calls(thread: int) -> list[tuple]:
+    return [(name, rec.predict(photos[name])) for name in
+            (names[(thread + i) % 2] for i in range(50))]
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    answers = [a for answers in pool.map(calls, range(4)) for a in answers]
+  assert len(answers) == 200
+  for name, faces in answers:
+    assert faces == serial[name]
 
 
 def test_predict_crops_gives_probabilities_logits_and_va_per_crop(rec):

@@ -177,12 +177,14 @@ def _existing(path, what: str) -> Path:
 
 
 def _taken(frames: Iterator[tuple], count: int) -> list[tuple]:
-  """Frames (..., crops) taken until they hold count crops, or the end."""
+  """Frames (..., crops) taken until they hold count crops, or count frames
+  are taken (a stretch without faces is yielded as it is read), or the
+  end."""
   taken, total = [], 0
   for frame in frames:
     taken.append(frame)
     total += len(frame[-1])
-    if total >= count:
+    if total >= count or len(taken) >= count:
       break
   return taken
 
@@ -349,7 +351,8 @@ class Recognizer:
 
   def _frames(self, capture, fps: float, path: Path, every: int
               ) -> Iterator[Frame]:
-    """Frames classified a batch of faces at a time, yielded in order."""
+    """Frames classified a batch of faces at a time, yielded in order: each
+    within train.eval_batch_size frames read."""
     frames = frame_crops(capture, fps, path, self.config, self.detector,
                          every)
     try:

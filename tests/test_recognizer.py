@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageOps
 
 import fer_jax
-from fer_jax import predict, recognizer
+from fer_jax import predict, recognizer, video
 from fer_jax.errors import DataError, UsageError
 from tests.test_predict import _exif_turned, _real_video
 
@@ -97,6 +97,31 @@ def test_threads_sharing_a_recognizer_get_the_serial_answers(rec, photos):
   assert len(answers) == 200
   for name, faces in answers:
     assert faces == serial[name]
+
+
+def test_a_video_without_faces_yields_each_frame_within_a_batch_read(
+    rec, tmp_path, monkeypatch):
+  path = tmp_path / 'empty.mp4'
+  out = video.writer(path, 10.0, (32, 24))
+  for i in range(40):
+    out.write(np.full((24, 32, 3), 5 * i, np.uint8))
+  out.release()
+  read = []
+
+  def frames(*args):
+    for frame in video_frames(*args):
+      read.append(frame[0])
+      yield frame
+
+  video_frames = video.frames
+  monkeypatch.setattr(video, 'frames', frames)
+  seen = []
+  for frame in rec.predict_video(path, every=1):
+    seen.append((frame.index, len(read), frame.faces))
+  batch = rec.config.train.eval_batch_size
+  assert [index for index, _, _ in seen] == list(range(40))
+  assert all(count - index <= batch and not faces
+             for index, count, faces in seen)
 
 
 def test_predict_crops_gives_probabilities_logits_and_va_per_crop(rec):

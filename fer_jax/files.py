@@ -5,15 +5,16 @@ then renamed over the target (os.replace, atomic on POSIX file systems): a
 crash leaves the old file or the new one, never a truncated mix.
 """
 
+import contextlib
 import csv
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-
 
 
 def process_umask() -> int:
@@ -36,14 +37,21 @@ def process_umask() -> int:
 _UMASK = process_umask()
 
 
-def _written(path: Path, data: bytes, suffix: str) -> str:
-  """A temporary file beside path (.<name>.<random><suffix>) holding data,
-  on disk; creates the folder."""
+def _temporary(path: Path, suffix: str) -> tuple[int, str]:
+  """An open handle and the name of a new file beside path
+  (.<name>.<random><suffix>), with the usual permissions; creates the
+  folder."""
   path.parent.mkdir(parents=True, exist_ok=True)
   handle, temporary = tempfile.mkstemp(dir=path.parent,
                                        prefix=f'.{path.name}.', suffix=suffix)
+  os.fchmod(handle, 0o666 & ~_UMASK)
+  return handle, temporary
+
+
+def _written(path: Path, data: bytes, suffix: str) -> str:
+  """A temporary file beside path holding data, on disk."""
+  handle, temporary = _temporary(path, suffix)
   try:
-    os.fchmod(handle, 0o666 & ~_UMASK)
     with os.fdopen(handle, 'wb') as f:
       f.write(data)
       f.flush()
@@ -111,6 +119,26 @@ def write_csv(path: Path, header: list[str], rows: list) -> None:
     writer.writerow(header)
   writer.writerows(rows)
   write_text(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def streamed_csv(path: Path, header: list[str]) -> Iterator:
+  """A csv.writer whose rows go, a line at a time, to a temporary file
+  beside path (.<name>.<random>.tmp) that replaces path when the block
+  ends; removed if the block raises."""
+  path = Path(path)
+  handle, temporary = _temporary(path, '.tmp')
+  try:
+    with os.fdopen(handle, 'w', buffering=1, newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(header)
+      yield writer
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    Path(temporary).unlink(missing_ok=True)
+    raise
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:

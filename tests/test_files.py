@@ -39,6 +39,25 @@ def test_jsonl_csv_and_npz_round_trip(tmp_path):
     assert saved['paths'].tolist() == ['x/1.jpg']
 
 
+def test_a_streamed_csv_shows_its_rows_as_written_and_lands_whole(
+    tmp_path):
+  path = tmp_path / 'predictions.csv'
+  files.write_csv(path, ['a'], [[0]])
+  with files.streamed_csv(path, ['a', 'b']) as writer:
+    writer.writerow([1, 2])
+    temporary, = tmp_path.glob('.predictions.csv.*.tmp')
+    assert temporary.read_text().splitlines() == ['a,b', '1,2']
+    assert path.read_text().splitlines() == ['a', '0']
+  assert path.read_text().splitlines() == ['a,b', '1,2']
+  assert os.listdir(tmp_path) == ['predictions.csv']
+  with pytest.raises(KeyboardInterrupt):
+    with files.streamed_csv(path, ['c']) as writer:
+      writer.writerow([3])
+      raise KeyboardInterrupt
+  assert path.read_text().splitlines() == ['a,b', '1,2']
+  assert os.listdir(tmp_path) == ['predictions.csv']
+
+
 
 def test_the_umask_is_read_without_being_set(monkeypatch):
   """Setting the umask to 0 to read it would let other threads create

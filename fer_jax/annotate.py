@@ -2,9 +2,11 @@
 face's box, expression and probability, and its valence/arousal as a dot
 in a small square (valence left to right, arousal bottom to top)."""
 
+import csv
 import itertools
 import os
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -55,12 +57,13 @@ def _va_marker(image: np.ndarray, x: int, y: int, side: int,
   cv2.circle(image, dot, max(2, side // 8), colour, cv2.FILLED)
 
 
-def encode_jpeg(image: np.ndarray) -> bytes:
-  """RGB image as JPEG bytes."""
-  ok, data = cv2.imencode('.jpg', cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                          [cv2.IMWRITE_JPEG_QUALITY, 90])
+def encode(image: np.ndarray, suffix: str) -> bytes:
+  """RGB image as the bytes of a '.jpg' (quality 90) or '.png' file."""
+  quality = [cv2.IMWRITE_JPEG_QUALITY, 90] if suffix == '.jpg' else []
+  ok, data = cv2.imencode(suffix, cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                          quality)
   if not ok:
-    raise ValueError('OpenCV could not encode an annotated image')
+    raise ValueError(f'OpenCV could not encode an image as {suffix}')
   return data.tobytes()
 
 
@@ -73,50 +76,75 @@ def _face(row: dict) -> dict:
           'arousal': float(row['arousal'])}
 
 
-def _target(path: Path, input_path: Path, folder: Path, suffix: str) -> Path:
-  """folder/<path relative to the input folder><suffix>."""
+def target(path: Path, input_path: Path, folder: Path, suffix: str) -> Path:
+  """folder/<path relative to the input folder (or its name, for a single
+  input)><suffix>."""
   relative = (path.relative_to(input_path) if input_path.is_dir()
               else Path(path.name))
   return folder / f'{relative}{suffix}'
 
 
-def write_all(rows: list[dict], input_path: Path, folder: Path,
+def _rows(table: Path) -> Iterator[dict]:
+  """The rows of predictions.csv table, read as they are needed."""
+  with open(table, newline='') as f:
+    yield from csv.DictReader(f)
+
+
+def _timed_ends(table: Path) -> dict[str, list[tuple[int, float]]]:
+  """Each video's first and last timed frames (index, seconds) in table."""
+  ends = {}
+  for row in _rows(table):
+    if row['time_s']:
+      timed = (int(row['frame']), float(row['time_s']))
+      ends[row['path']] = [ends.get(row['path'], [timed])[0], timed]
+  return ends
+
+
+def write_all(table: Path, input_path: Path, folder: Path,
               every: int) -> None:
-  """Every input with a face, annotated under folder: images as JPEG,
-  videos (their processed frames, at the rate they were taken) as MP4."""
-  for path, group in itertools.groupby(rows, key=lambda r: r['path']):
-    group, path = list(group), Path(path)
-    if group[0]['frame'] == '':
-      image = images.decode(path.read_bytes(), str(path), orient=True)
-      files.write_bytes(_target(path, input_path, folder, '.jpg'),
-                        encode_jpeg(draw(image, [_face(r) for r in group])))
+  """Every input with a face in predictions.csv table, annotated under
+  folder: images as JPEG, videos (their processed frames, at the rate they
+  were taken) as MP4. The rows are read from table as the frames are."""
+  ends = _timed_ends(table)
+  for path, group in itertools.groupby(_rows(table),
+                                       key=lambda r: r['path']):
+    first, path = next(group), Path(path)
+    group = itertools.chain([first], group)
+    if first['frame'] == '':
+      image = draw(images.decode(path.read_bytes(), str(path), orient=True),
+                   [_face(r) for r in group])
+      files.write_bytes(target(path, input_path, folder, '.jpg'),
+                        encode(image, '.jpg'))
     else:
-      _write_video(path, _target(path, input_path, folder, '.mp4'), group,
-                   every)
+      _write_video(path, target(path, input_path, folder, '.mp4'), group,
+                   ends.get(str(path), []), every)
 
 
-def _write_video(path: Path, target: Path, rows: list[dict],
-                 every: int) -> None:
-  """The processed frames of video path with their faces drawn."""
-  by_frame = {}
-  for row in rows:
-    by_frame.setdefault(int(row['frame']), []).append(_face(row))
+def _write_video(path: Path, output: Path, rows: Iterator[dict],
+                 timed: list[tuple[int, float]], every: int) -> None:
+  """The processed frames of video path with the faces of rows (in frame
+  order) drawn; timed: its first and last timed frames."""
+  by_frame = itertools.groupby(rows, key=lambda r: int(r['frame']))
+  pending = next(by_frame, None)
   capture, fps, _ = video.open_video(str(path))
-  rate = video.processed_rate([(int(r['frame']), float(r['time_s']))
-                               for r in rows if r.get('time_s')], every, fps)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  temporary = target.with_name(f'.{target.name}.tmp.mp4')
+  rate = video.processed_rate(timed, every, fps)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  temporary = output.with_name(f'.{output.name}.tmp.mp4')
   out = None
   try:
     for index, _, frame in video.frames(capture, fps, every):
       if out is None:
         out = video.writer(temporary, rate,
                            (frame.shape[1], frame.shape[0]))
-      image = draw(frame, by_frame.get(index, []))
+      faces = []
+      if pending is not None and pending[0] == index:
+        faces = [_face(r) for r in pending[1]]
+        pending = next(by_frame, None)
+      image = draw(frame, faces)
       out.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if out is not None:
       out.release()
-      os.replace(temporary, target)
+      os.replace(temporary, output)
   finally:
     capture.release()
     if out is not None:  # closed before its file goes, even on an error

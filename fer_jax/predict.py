@@ -9,8 +9,10 @@ data.face_margin on every side, resized to data.image_size, RGB) and the
 crops go through the model in batches. Finding, cutting and classifying
 faces is fer_jax.Recognizer's code (recognizer.py), so the Python API and
 this mode give the same numbers.
-predictions.csv has one row per face; skipped.csv names every input that
-gave none, with the reason. Both go to report/predict/<input>-step<N>
+predictions.csv has one row per face, written as the faces are classified
+(memory does not grow with the input); skipped.csv names every input that
+gave none, with the reason; with predict.save_crops, crops/ holds each
+face as the model saw it. All go to report/predict/<input>-step<N>
 [-flip]/, beside (never over) the run's record.
 """
 
@@ -33,10 +35,13 @@ from fer_jax.recognizer import Crop
 
 
 def header(classes: tuple[str, ...] = EXPRESSIONS) -> list[str]:
-  """predictions.csv's columns: one probability per class of the run."""
+  """predictions.csv's columns: one probability per class of the run. The
+  crop column is there with predict.save_crops off too (empty), so that
+  the header does not change with a flag."""
   return ['path', 'frame', 'time_s', 'face', 'track', 'x', 'y', 'w', 'h',
-          'score', 'expression_id', 'expression',
-          *(f'prob_{name}' for name in classes), 'valence', 'arousal']
+          'score', 'framing', 'expression_id', 'expression',
+          *(f'prob_{name}' for name in classes), 'valence', 'arousal',
+          'crop']
 
 
 @dataclasses.dataclass
@@ -126,28 +131,56 @@ def _all_crops(paths: list[Path], config, detector, tally: Tally):
             f'({" ".join(video.SUFFIXES)})')
 
 
-def _rows(results: list, smoothing: float, classes: tuple[str, ...]
-          ) -> list[dict]:
-  """CSV rows (dicts keyed by header(classes)); with smoothing, each video
-  face's outputs averaged along its track."""
-  probs = np.array([p for _, p, _ in results]).reshape(-1, len(classes))
-  va = np.array([v for _, _, v in results]).reshape(-1, 2)
-  if smoothing:
-    tracks = [(c.path, c.track) if c.track is not None else None
-              for c, _, _ in results]
-    probs = video.smooth(probs, tracks, smoothing)
-    va = video.smooth(va, tracks, smoothing)
+def crop_file(crop: Crop, input_path: Path) -> str:
+  """Where predict.save_crops writes crop, relative to predictions.csv:
+  crops/<its input below --input>[-f<frame>]-<face>.png (unique: no image
+  suffix ends in -f<frame>)."""
+  tail = ('' if crop.frame is None else f'-f{crop.frame}') + f'-{crop.face}'
+  return annotate.target(Path(crop.path), input_path, Path('crops'),
+                         f'{tail}.png').as_posix()
+
+
+def _saved(crops: Iterator[Crop], input_path: Path, folder: Path
+           ) -> Iterator[Crop]:
+  """crops, each written first as a PNG at folder/crop_file(crop): the
+  uint8 RGB pixels the model is given."""
+  for crop in crops:
+    files.write_bytes(folder / crop_file(crop, input_path),
+                      annotate.encode(crop.image, '.png'))
+    yield crop
+
+
+def _row(crop: Crop, values: np.ndarray, classes: tuple[str, ...],
+         crop_path: str) -> list:
+  """crop's predictions.csv row; values: its probabilities, then valence
+  and arousal."""
   blank = lambda x, form: '' if x is None else form.format(x)
-  columns, rows = header(classes), []
-  for (crop, _, _), p, (valence, arousal) in zip(results, probs, va):
-    label = int(p.argmax())
-    values = [crop.path, blank(crop.frame, '{}'), blank(crop.time, '{:.3f}'),
-              crop.face, blank(crop.track, '{}'),
-              *(f'{v:.1f}' for v in crop.box), blank(crop.score, '{:.4f}'),
-              label, classes[label], *(f'{x:.6f}' for x in p),
-              f'{valence:.6f}', f'{arousal:.6f}']
-    rows.append(dict(zip(columns, values)))
-  return rows
+  label = int(values[:len(classes)].argmax())
+  return [crop.path, blank(crop.frame, '{}'), blank(crop.time, '{:.3f}'),
+          crop.face, blank(crop.track, '{}'),
+          *(f'{v:.1f}' for v in crop.box), blank(crop.score, '{:.4f}'),
+          crop.framing, label, classes[label],
+          *(f'{x:.6f}' for x in values), crop_path]
+
+
+def write_rows(output: Path, rec: recognizer.Recognizer,
+               crops: Iterator[Crop], input_path: Path) -> int:
+  """predictions.csv's rows of crops at output, written as they are
+  classified (predict.smoothing: each video face's outputs averaged along
+  its track on the way); the number of rows."""
+  p, count = rec.config.predict, 0
+  smoother = video.Smoother(p.smoothing)
+  if p.save_crops:
+    crops = _saved(crops, input_path, output.parent)
+  with files.streamed_csv(output, header(rec.classes)) as writer:
+    for crop, probs, va in rec.classify(crops):
+      track = None if crop.track is None else (crop.path, crop.track)
+      values = smoother.update((crop.path, crop.frame), track,
+                               np.concatenate([probs, va]))
+      writer.writerow(_row(crop, values, rec.classes, crop_file(
+          crop, input_path) if p.save_crops else ''))
+      count += 1
+  return count
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
@@ -162,26 +195,23 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
     _skip(tally, Path(input_path), f'{input_path}: no images '
           f'({", ".join(IMAGE_SUFFIXES)}) or videos '
           f'({", ".join(video.SUFFIXES)}): no files at all')
-  start = time.perf_counter()
-  results = list(rec.classify(_all_crops(paths, config, rec.detector,
-                                         tally)))
-  seconds = time.perf_counter() - start - rec.compile_seconds
-  classes = rec.classes
-  rows = _rows(results, config.predict.smoothing, classes)
   input_name = Path(input_path).resolve().name or 'input'
   folder = workdir_lib.output_dir(
       workdir, 'predict', inference.output_name(input_name, rec.step, config))
   output = folder / 'predictions.csv'
-  files.write_csv(output, header(classes), rows)
+  start = time.perf_counter()
+  count = write_rows(output, rec, _all_crops(paths, config, rec.detector,
+                                             tally), Path(input_path))
+  seconds = time.perf_counter() - start - rec.compile_seconds
   if tally.skipped:
     files.write_csv(folder / 'skipped.csv', ['path', 'reason'],
                     tally.skipped)
   if config.predict.annotate:
-    annotate.write_all(rows, Path(input_path), folder / 'annotated',
+    annotate.write_all(output, Path(input_path), folder / 'annotated',
                        config.predict.video_every)
-  print(f'Wrote {len(rows)} predictions ({len(paths)} inputs) to {output}\n'
+  print(f'Wrote {count} predictions ({len(paths)} inputs) to {output}\n'
         f'{tally.frames / max(seconds, 1e-9):.1f} images or frames/s, '
-        f'{len(rows) / max(seconds, 1e-9):.1f} faces/s (reading, detection, '
+        f'{count / max(seconds, 1e-9):.1f} faces/s (reading, detection, '
         'cropping and the model; compilation excluded)')
   if tally.skipped:
     print(f'Skipped {len(tally.skipped)} inputs (listed in skipped.csv):')

@@ -113,19 +113,29 @@ class Tracker:
     return ids
 
 
-def smooth(values: np.ndarray, tracks: list[tuple], weight: float
-           ) -> np.ndarray:
-  """values [N, D] with each track's rows averaged exponentially in order:
-  s_t = weight * s_(t-1) + (1 - weight) * v_t. tracks: one hashable key
-  per row (None: not smoothed); rows of a track are in time order."""
-  out, last = values.copy(), {}
-  for row, key in enumerate(tracks):
-    if key is None:
-      continue
-    if key in last:
-      out[row] = weight * out[last[key]] + (1 - weight) * values[row]
-    last[key] = row
-  return out
+class Smoother:
+  """Values averaged exponentially along each track, a face at a time in
+  time order: s_t = weight * s_(t-1) + (1 - weight) * v_t.
+
+  Only the last two frames' values are kept: a track continues from the
+  previous processed frame alone (Tracker), so memory does not grow with
+  the video.
+  """
+
+  def __init__(self, weight: float):
+    self.weight, self.frame, self.previous, self.current = weight, None, {}, {}
+
+  def update(self, frame, track, values: np.ndarray) -> np.ndarray:
+    """values smoothed along track (a hashable key; None: not smoothed),
+    in frame (a hashable key of its frame; frames in order)."""
+    if track is None:
+      return values
+    if frame != self.frame:
+      self.frame, self.previous, self.current = frame, self.current, {}
+    if track in self.previous:
+      values = self.weight * self.previous[track] + (1 - self.weight) * values
+    self.current[track] = values
+    return values
 
 
 def writer(path: Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from fer_jax import data, detect, inference, predict, video
+from fer_jax import data, detect, inference, predict, recognizer, video
 from fer_jax.data import images
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
@@ -203,6 +203,66 @@ def test_detector_none_reports_and_crops_the_image_as_shown(trained,
   assert crop.box.tolist() == [0, 0, 20, 30]
   np.testing.assert_array_equal(crop.image, images.resize(
       images.turned(pixels, 6), config.data.image_size))
+
+
+def test_rows_are_written_as_they_come_and_crop_is_empty_unless_saved(
+    finished, tmp_path, monkeypatch):
+  """40 images, batches of 16: when the last is read, the two batches
+  before it are rows in the temporary file already."""
+  config, workdir, _ = finished
+  config = config.copy_and_resolve_references()
+  config.predict.detector = 'none'
+  folder, rng = tmp_path / 'images', np.random.default_rng(0)
+  folder.mkdir()
+  for i in range(40):
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(
+        folder / f'{i:02}.png')
+  written = []
+
+  def image_crops(path, *args):
+    if path.name == '39.png':
+      temporary, = workdir.glob('report/predict/*/.predictions.csv.*.tmp')
+      written.append(len(temporary.read_text().splitlines()) - 1)
+    return image_crops_(path, *args)
+
+  image_crops_ = predict.image_crops
+  monkeypatch.setattr(predict, 'image_crops', image_crops)
+  rows = list(csv.DictReader(open(predict.predict(config, str(workdir),
+                                                  str(folder)))))
+  assert written == [32] and len(rows) == 40
+  assert {r['crop'] for r in rows} == {''}
+
+
+def test_saved_crops_are_the_pixels_the_model_was_given(finished, photos,
+                                                        tmp_path):
+  config, workdir, _ = finished
+  config = config.copy_and_resolve_references()
+  config.predict.save_crops = True
+  folder = tmp_path / 'inputs'
+  (folder / 'nested').mkdir(parents=True)
+  shutil.copy(photos['astronaut'], folder / 'astronaut.png')
+  shutil.copy(photos['hopper'], folder / 'nested' / 'hopper.jpg')
+  _real_video(photos, folder / 'walk.mp4')
+  output = predict.predict(config, str(workdir), str(folder))
+  rows = list(csv.DictReader(open(output)))
+  assert [r['crop'] for r in rows[:2]] == [
+      'crops/astronaut.png-0.png', 'crops/nested/hopper.jpg-0.png']
+  assert [r['crop'] for r in rows[2:]] == [
+      f'crops/walk.mp4-f{i}-0.png' for i in range(12)]
+  crops = np.stack([np.asarray(Image.open(output.parent / r['crop']))
+                    for r in rows])
+  rec = recognizer.Recognizer.from_workdir(workdir)
+  size = config.data.image_size
+  assert crops.shape == (14, size, size, 3) and crops.dtype == np.uint8
+  probs = np.array([[float(r[f'prob_{name}']) for name in EXPRESSIONS]
+                    for r in rows])
+  np.testing.assert_allclose(rec.predict_crops(crops)['probs'], probs,
+                             atol=1e-6)
+  # framing: how each face was cut, as the recognizer says.
+  cut, = recognizer.file_crops(folder / 'astronaut.png', rec.config,
+                               rec.detector)
+  assert rows[0]['framing'] == cut.framing
+  assert {r['framing'] for r in rows} <= {'aligned', 'box', 'whole'}
 
 
 def test_an_empty_folder_gives_an_empty_table_and_a_reason(

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from fer_jax import video
+from fer_jax import files, video
 
 
 def test_frames_every_kth_with_times(tmp_path):
@@ -43,13 +43,21 @@ def test_tracks_follow_overlapping_boxes():
 
 
 def test_smoothing_is_an_exponential_average_per_track():
-  values = np.array([[1.0], [10.0], [3.0], [20.0], [5.0]])
-  tracks = [('v', 0), ('v', 1), ('v', 0), None, ('v', 0)]
-  out = video.smooth(values, tracks, 0.5)
+  """s_t = w s_(t-1) + (1 - w) v_t, written out; a track missing from the
+  previous frame starts afresh (the Tracker gives it a new id anyway)."""
+  smoother = video.Smoother(0.5)
+  faces = [(0, 'a', 1.0), (0, 'b', 10.0), (1, 'a', 3.0), (1, None, 20.0),
+           (2, 'a', 5.0), (3, 'b', 7.0)]
+  got = [smoother.update(frame, track, np.array([v], np.float32))[0]
+         for frame, track, v in faces]
   first = 0.5 * 1 + 0.5 * 3
-  np.testing.assert_allclose(out[:, 0], [1, 10, first, 20,
-                                         0.5 * first + 0.5 * 5])
-  np.testing.assert_array_equal(video.smooth(values, tracks, 0.0), values)
+  np.testing.assert_allclose(got, [1, 10, first, 20, 0.5 * first + 0.5 * 5,
+                                   7])
+  assert video.Smoother(0.0).update(0, 'a', np.array([4.0])) == 4.0
+  # Memory: the values of two frames, however many tracks went by.
+  for frame in range(1000):
+    smoother.update(frame + 4, frame, np.zeros(10))
+  assert len(smoother.previous) + len(smoother.current) == 2
 
 
 def test_an_error_while_annotating_a_video_closes_its_writer(tmp_path,
@@ -69,11 +77,12 @@ def test_an_error_while_annotating_a_video_closes_its_writer(tmp_path,
   video_writer = video.writer
   monkeypatch.setattr(video, 'writer', writer)
   monkeypatch.setattr(annotate, 'draw', lambda *_: 1 / 0)
+  row = {'path': str(path), 'frame': '0', 'time_s': '0.000', 'x': '1',
+         'y': '1', 'w': '9', 'h': '9', 'expression': 'Happy',
+         'prob_Happy': '0.9', 'valence': '0.5', 'arousal': '0.1'}
+  files.write_csv(tmp_path / 'predictions.csv', list(row), [row])
   with pytest.raises(ZeroDivisionError):
-    row = {'path': str(path), 'frame': '0', 'x': '1', 'y': '1', 'w': '9',
-           'h': '9', 'expression': 'Happy', 'prob_Happy': '0.9',
-           'valence': '0.5', 'arousal': '0.1'}
-    annotate.write_all([row], path,
+    annotate.write_all(tmp_path / 'predictions.csv', path,
                        tmp_path / 'annotated', every=1)
   assert len(opened) == 1 and not opened[0].isOpened()
   assert list((tmp_path / 'annotated').iterdir()) == []

@@ -16,6 +16,7 @@ import fer_jax
 from fer_jax import predict, recognizer, video
 from fer_jax.errors import DataError, UsageError
 from tests.test_predict import _exif_turned, _real_video
+from tests.test_video import grey_video
 
 
 @pytest.fixture(scope='module')
@@ -101,11 +102,7 @@ def test_threads_sharing_a_recognizer_get_the_serial_answers(rec, photos):
 
 def test_a_video_without_faces_yields_each_frame_within_a_batch_read(
     rec, tmp_path, monkeypatch):
-  path = tmp_path / 'empty.mp4'
-  out = video.writer(path, 10.0, (32, 24))
-  for i in range(40):
-    out.write(np.full((24, 32, 3), 5 * i, np.uint8))
-  out.release()
+  path = grey_video(tmp_path / 'empty.mp4', 40, step=5)
   read = []
 
   def frames(*args):

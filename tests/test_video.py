@@ -1,5 +1,7 @@
 """Frames, face tracks and their smoothing."""
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -7,12 +9,19 @@ import pytest
 from fer_jax import files, video
 
 
-def test_frames_every_kth_with_times(tmp_path):
-  path = tmp_path / 'count.mp4'
-  out = video.writer(path, 10.0, (64, 48))
-  for i in range(7):  # each frame's grey level says its index
-    out.write(np.full((48, 64, 3), 30 * i, np.uint8))
+def grey_video(path: Path, count: int, step: int = 30,
+               size: tuple[int, int] = (64, 48)) -> Path:
+  """count frames at 10 frames/s, no face: frame i all grey level step * i
+  (its index, read back)."""
+  out = video.writer(path, 10.0, size)
+  for i in range(count):
+    out.write(np.full((size[1], size[0], 3), step * i, np.uint8))
   out.release()
+  return path
+
+
+def test_frames_every_kth_with_times(tmp_path):
+  path = grey_video(tmp_path / 'count.mp4', 7)
   capture, fps, count = video.open_video(str(path))
   got = list(video.frames(capture, fps, every=3))
   capture.release()
@@ -63,11 +72,7 @@ def test_smoothing_is_an_exponential_average_per_track():
 def test_an_error_while_annotating_a_video_closes_its_writer(tmp_path,
                                                              monkeypatch):
   from fer_jax import annotate
-  path = tmp_path / 'clip.mp4'
-  out = video.writer(path, 10.0, (64, 48))
-  for i in range(3):
-    out.write(np.full((48, 64, 3), 40 * i, np.uint8))
-  out.release()
+  path = grey_video(tmp_path / 'clip.mp4', 3)
   opened = []
 
   def writer(*args):

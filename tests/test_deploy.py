@@ -3,13 +3,15 @@
 
 import csv
 import json
+import subprocess
+import sys
 
 import pytest
 
 import fer_jax
 from fer_jax import export, predict, training
 from fer_jax.configs import default
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 from tests.test_label_spaces import RAFDB, write_rafdb
 
 
@@ -79,3 +81,20 @@ def test_export_mode_writes_the_model_without_the_training_data(
   assert (folder / export.STABLEHLO_FILE).stat().st_size
   assert (folder / export.ONNX_FILE).stat().st_size
   assert not (tmp_path / 'data').exists()  # no synthetic set generated
+
+
+def test_main_predicts_and_warns_of_data_fields_it_does_not_read(
+    moved_run, photos, tmp_path):
+  """`--mode=predict` with a data set named that is not there: the run's
+  faces all the same, and a line that says the data fields go unread."""
+  _, workdir, _ = moved_run
+  run = subprocess.run(
+      [sys.executable, str(ROOT / 'main.py'), '--mode=predict',
+       f'--workdir={workdir}', f"--input={photos['astronaut']}",
+       '--config.data.layout=rafdb', '--config.data.root=/nowhere'],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert ('--mode=predict reads no data and takes the run\'s data fields: '
+          '--config.data.layout, --config.data.root not read') in run.stderr
+  assert 'Wrote 1 predictions (1 inputs)' in run.stdout
+  assert not (tmp_path / 'data').exists()

@@ -94,6 +94,16 @@ def data_overrides() -> dict:
           if field.startswith('data.')}
 
 
+def _note_unread_data() -> None:
+  """Warns of --config.data.<field>= given to predict or export, which
+  take every data field from the run."""
+  given = sorted(data_overrides())
+  if given:
+    logging.warning('--mode=%s reads no data and takes the run\'s data '
+                    'fields: --config.data.%s not read', FLAGS.mode,
+                    ', --config.data.'.join(given))
+
+
 def _quiet_libraries(record) -> bool:
   """Keeps INFO lines of fer_jax; libraries (Orbax, JAX) speak at WARNING.
 
@@ -164,10 +174,12 @@ def run_mode() -> None:
   elif FLAGS.mode == 'predict':
     if not FLAGS.input:
       raise app.UsageError('--mode=predict needs --input=PATH')
+    _note_unread_data()
     from fer_jax import predict
     predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.input,
                     FLAGS.checkpoint_step)
   elif FLAGS.mode == 'export':
+    _note_unread_data()
     from fer_jax import export
     export.export(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint_step)
   elif FLAGS.mode == 'import':

@@ -38,6 +38,11 @@ HOW_FIELDS = (
 INFERENCE_FIELDS = HOW_FIELDS + (
     'data.layout', 'data.train_source', 'data.released_source',
     'data.images_dir', 'eval.tta')
+# Predict and export read no data: they take the settings above from the
+# command line but every data field from the run (those say how its faces
+# were made), and need no data set where it trained.
+DEPLOY_FIELDS = tuple(f for f in INFERENCE_FIELDS
+                      if not f.startswith('data.'))
 
 # --mode=evaluate scores the run's own data: each data field comes from the
 # run but those set explicitly (--config.data.<field>=, fer_jax.evaluate's
@@ -206,13 +211,14 @@ def best_metric_names() -> set[str]:
 
 
 def check(config: ml_collections.ConfigDict, num_devices: int | None,
-          training: bool = True) -> None:
+          training: bool = True, reads_data: bool = True) -> None:
   """Raises UsageError naming the first field with a wrong type, range or
   choice, or that breaks a rule between fields.
 
   num_devices: what the batch sizes must divide (None: not checked here).
   training False: a trained run's config, for inference on devices of
-  their own (its training batch need not divide them).
+  their own (its training batch need not divide them). reads_data False:
+  a config that reads no data (predict, export): data.root need not be.
   """
   data, train = config.data, config.train
   _choice(config, 'model.name', sorted(models.BACKBONES))
@@ -236,10 +242,11 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
       raise UsageError(f'train.label_smoothing: {train.label_smoothing} '
                        "does not apply to data.ferplus_labels="
                        "'multi_target'; set it to 0")
-  if data.layout != 'synthetic' and not data.root:
+  on_disk = reads_data and data.layout != 'synthetic'
+  if on_disk and not data.root:
     raise UsageError('data.root: empty; point it at the data set '
                      '(--config.data.root=PATH)')
-  if data.layout != 'synthetic' and not Path(data.root).is_dir():
+  if on_disk and not Path(data.root).is_dir():
     raise UsageError(f'data.root: {data.root} is not a folder')
   _number(config, 'data.image_size', 16, integer=True)
   _choice(config, 'data.on_error', ('raise', 'skip'))

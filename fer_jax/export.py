@@ -28,7 +28,7 @@ from absl import logging
 from jax import lax
 from jax.extend import core
 
-from fer_jax import files, inference, models, steps
+from fer_jax import config_rules, files, inference, models, steps
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import run_classes
 
@@ -286,7 +286,8 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path,
   to install.
   """
   workdir = Path(workdir)
-  config = inference.trained_config(config, workdir)
+  config = inference.deploy_config(config, workdir)
+  config_rules.check(config, None, training=False, reads_data=False)
   step = inference.find_step(config, workdir, checkpoint_step)
   folder = workdir / 'report' / 'export' / f'model-step{step}'
   if folder.exists():

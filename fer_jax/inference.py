@@ -19,26 +19,35 @@ from fer_jax.data import pipeline
 from fer_jax.data.index import Records
 
 
-def trained_config(config: ml_collections.ConfigDict, workdir: Path
+def trained_config(config: ml_collections.ConfigDict, workdir: Path,
+                   keep: tuple[str, ...] = config_rules.INFERENCE_FIELDS
                    ) -> ml_collections.ConfigDict:
   """config with the settings that the run in workdir trained with.
 
   From the run's config.json: the model, the training section (loss terms
   and optimiser, so the checkpoint restores and losses mean the same), the
   input (image size, face margin, normalisation) and how the splits were
-  drawn. From config (the command line): where the data is and how it is
-  read, the evaluation batch size and test-time augmentation
-  (config_rules.INFERENCE_FIELDS).
+  drawn. From config (the command line): the fields of keep; by default
+  where the data is and how it is read, the evaluation batch size and
+  test-time augmentation (config_rules.INFERENCE_FIELDS).
   """
   path = Path(workdir) / 'config.json'
   if not path.exists():
     raise UsageError(f'{path}: not found; is {workdir} a training workdir?')
   saved = workdir_lib.read_json(path)
-  config = config_rules.merged(saved, config)
+  config = config_rules.merged(saved, config, keep)
   if 'classes' not in saved.get('data', {}):  # from before data.classes
     config.data.classes = 'affectnet8'
   config.data.synthetic.regenerate = False
   return config
+
+
+def deploy_config(config: ml_collections.ConfigDict, workdir: Path
+                  ) -> ml_collections.ConfigDict:
+  """The config that predict and export run workdir's model with: the
+  run's, data fields included, and config's inference settings
+  (config_rules.DEPLOY_FIELDS); it reads no data."""
+  return trained_config(config, workdir, config_rules.DEPLOY_FIELDS)
 
 
 def run_data(workdir: Path) -> dict:

@@ -239,11 +239,12 @@ class Recognizer:
     None for the run's predict.detector, a name of detect.DETECTORS
     ('none': every image is a face crop already), or a function from an
     RGB image to its detect.Face list. config: settings that inference
-    takes from the command line (config_rules.INFERENCE_FIELDS; None: the
-    run's own), as --mode=predict passes them.
+    takes from the command line (config_rules.DEPLOY_FIELDS; None: the
+    run's own), as --mode=predict passes them. Only the workdir is read:
+    the data fields are the run's, and its data set need not be there.
     """
     workdir = Path(workdir)
-    config = inference.trained_config(
+    config = inference.deploy_config(
         run_config(workdir) if config is None else config, workdir)
     config.eval.tta = tta
     if isinstance(detector, str):
@@ -251,7 +252,8 @@ class Recognizer:
     elif not (detector is None or callable(detector)):
       raise TypeError(f'detector: a name of {detect.DETECTORS}, a function '
                       f'or None, not {type(detector).__name__}')
-    config_rules.check(config, jax.device_count(), training=False)
+    config_rules.check(config, jax.device_count(), training=False,
+                       reads_data=False)
     function = detector if callable(detector) else _detector(config)
     state, step, _ = inference.restore_state(config, workdir,
                                              checkpoint_step)

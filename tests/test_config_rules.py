@@ -94,6 +94,27 @@ def test_a_missing_data_folder_is_named():
     config_rules.check(config, NUM_DEVICES)
 
 
+def test_a_config_that_reads_no_data_needs_no_data_folder():
+  """Predict and export: a run's config whose data set is gone (or whose
+  root was never given) passes; its other data fields are still checked."""
+  config = default.get_config()
+  config.data.layout, config.data.root = 'rafdb', '/nowhere/raf-basic'
+  config_rules.check(config, NUM_DEVICES, training=False, reads_data=False)
+  config.data.root = ''
+  config_rules.check(config, NUM_DEVICES, training=False, reads_data=False)
+  config.data.rafdb_images = 'cropped'
+  with pytest.raises(UsageError, match="data.rafdb_images: 'cropped' is not "
+                     "one of 'aligned', 'original'"):
+    config_rules.check(config, NUM_DEVICES, training=False, reads_data=False)
+
+
+def test_deploy_takes_inference_settings_and_no_data_field():
+  fields = set(config_rules.DEPLOY_FIELDS)
+  assert {'train.eval_batch_size', 'eval.tta', 'model.kernels',
+          'predict.detector', 'predict.smoothing'} <= fields
+  assert not any(f.startswith('data.') for f in fields)
+
+
 def test_rules_between_fields():
   config = default.get_config()
   config.data.layout, config.data.root = 'fer2013', '/'

@@ -27,7 +27,7 @@ HOW_FIELDS = (
     'train.log_every_steps', 'train.num_sample_images', 'model.kernels',
     'data.root', 'data.on_error', 'data.check_images', 'data.num_workers',
     'data.num_threads', 'data.prefetch_batches', 'data.index_processes',
-    'data.cache_decoded_mb',
+    'data.cache_decoded_mb', 'data.face_calibration_samples',
     'data.index_cache_dir', 'data.synthetic.num_processes',
     'data.synthetic.cache_dir', 'data.synthetic.regenerate',
     'predict.detector', 'predict.min_score', 'predict.min_face_size',
@@ -255,6 +255,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None,
   _number(config, 'data.split_seed', 0, integer=True)
   _choice(config, 'data.sampler', ('uniform', 'balanced'))
   _number(config, 'data.face_margin', 0)
+  _number(config, 'data.face_calibration_samples', 0, integer=True)
   for field in ('data.num_workers', 'data.prefetch_batches',
                 'data.index_processes'):
     _number(config, field, 0, integer=True)

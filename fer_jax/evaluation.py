@@ -15,9 +15,9 @@ import jax
 import ml_collections
 from absl import logging
 
-from fer_jax import (config_rules, data as data_lib, distributed, files,
-                     inference, labels, losses, reporting,
-                     workdir as workdir_lib)
+from fer_jax import (config_rules, data as data_lib, distributed,
+                     face_contract, files, inference, labels, losses,
+                     reporting, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 
 # Layouts of any data: their root's folder name says which set it is.
@@ -86,8 +86,13 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
   weights = _class_weights(config, workdir, data_report)
   state, p_eval, step = inference.restore(config, workdir, checkpoint_step,
                                           weights)
+  other = any(f in changed for f in config_rules.DATA_SET_FIELDS)
+  grey = other and face_contract.read(workdir, config)['colour'] == 'grey'
+  if grey:
+    logging.info('The model was trained on grey faces (its face contract): '
+                 'this data set\'s faces are turned grey')
   result, predictions = inference.evaluate_records(
-      p_eval, state, splits[split], config, classes)
+      p_eval, state, splits[split], config, classes, grey)
   if classes != model_classes:  # stated in the report
     result.update(model_classes=list(model_classes), class_mapping={
         c: model_classes.index(c) for c in classes}, left_out_of_argmax=[
@@ -105,10 +110,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
                 data_set=name, data_root=data_report['root'],
                 data_differs_from_training={
                     k: list(v) for k, v in changed.items()},
+                faces_turned_grey=grey,
                 split_differs_from_training=differs)
   writer = reporting.Writer(workdir, distributed.is_primary())
   if writer.active:
-    other = any(f in changed for f in config_rules.DATA_SET_FIELDS)
     what = split if not (other or classes != model_classes) else (
         f'{split}-{name}-{len(classes)}classes')
     folder = workdir_lib.output_dir(
@@ -119,7 +124,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str,
     writer.say(f'Data: {name} at {data_report["root"]}, {len(classes)} '
                f'classes ({", ".join(classes)})' + ''.join(
                    f'; {k} {v[1]!r} (training: {v[0]!r})'
-                   for k, v in changed.items()))
+                   for k, v in changed.items()) +
+               ('; faces turned grey, as the model trained on them'
+                if grey else ''))
     writer.say(reporting.format_summary(result, split))
     writer.say(f'Report: {folder}')
   return result

@@ -28,7 +28,8 @@ from absl import logging
 from jax import lax
 from jax.extend import core
 
-from fer_jax import config_rules, files, inference, models, steps
+from fer_jax import (config_rules, face_contract, files, inference, models,
+                     steps)
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import run_classes
 
@@ -58,14 +59,26 @@ def export_model_config(config: ml_collections.ConfigDict
   return model
 
 
-def serving_fn(config: ml_collections.ConfigDict, variables: dict
+def grey_images(images: jax.Array) -> jax.Array:
+  """uint8 RGB [..., 3] as face_contract.to_grey makes them, exactly:
+  every product and sum is an integer below 2^24, so float32 is exact."""
+  weights = jnp.asarray(face_contract.LUMA_WEIGHTS, jnp.float32)
+  luma = jnp.floor((images.astype(jnp.float32) @ weights + 500) / 1000)
+  return jnp.repeat(luma[..., None], 3, axis=-1).astype(jnp.uint8)
+
+
+def serving_fn(config: ml_collections.ConfigDict, variables: dict,
+               contract: dict | None = None
                ) -> Callable[[jax.Array], tuple]:
   """uint8 images [B, S, S, 3] -> (probs, logits, va), as eval_step
-  computes them without test-time augmentation; variables are constants."""
+  computes them without test-time augmentation; variables are constants.
+  A grey face contract's graph turns the images grey itself."""
   model = models.create_model(export_model_config(config),
                               num_classes=len(run_classes(config)))
+  grey = contract is not None and contract['colour'] == 'grey'
 
   def serve(images: jax.Array) -> tuple:
+    images = grey_images(images) if grey else images
     x = steps.normalise_images(images, config.data.mean_rgb,
                                config.data.std_rgb)
     out = model.apply(variables, x, train=False)
@@ -224,11 +237,14 @@ def check_onnx(model: bytes, reference: Callable, image_size: int) -> float:
 
 
 def model_info(config: ml_collections.ConfigDict, workdir: Path, step: int,
-               meta: dict, written: dict, difference: float | None) -> dict:
+               meta: dict, written: dict, difference: float | None,
+               contract: dict | None = None) -> dict:
   """model.json: the exported graphs' contract and where they came from.
 
   difference: onnxruntime's largest from JAX in check_onnx, if checked.
+  contract: the run's face contract, stated whole (None: a legacy run's).
   """
+  contract = contract or face_contract.legacy(config)
   names = run_classes(config)
   size, classes = config.data.image_size, len(names)
   va = 'valence, arousal' + (' in [-1, 1] (tanh)'
@@ -236,7 +252,10 @@ def model_info(config: ml_collections.ConfigDict, workdir: Path, step: int,
   return {
       'files': written,
       'input': {'name': INPUT_NAME, 'dtype': 'uint8',
-                'shape': ['B', size, size, 3], 'layout': 'NHWC, RGB'},
+                'shape': ['B', size, size, 3], 'layout': 'NHWC, RGB',
+                'colour': ('RGB; the graph turns it grey (ITU-R 601 luma) '
+                           'as the model was trained'
+                           if contract['colour'] == 'grey' else 'RGB')},
       'outputs': [
           {'name': 'probs', 'shape': ['B', classes],
            'is': 'softmax(logits)'},
@@ -245,8 +264,8 @@ def model_info(config: ml_collections.ConfigDict, workdir: Path, step: int,
           {'name': 'va', 'shape': ['B', 2], 'is': va}],
       'classes': list(names),
       'image_size': size,
-      'crop': (f'a square around the face box, its side x (1 + 2 x '
-               f'{config.data.face_margin}), resized to {size} px'),
+      'crop': face_contract.describe(contract),
+      'face_contract': contract,
       # Informational: the graphs normalise the uint8 input themselves.
       'normalisation': '(x / 255 - mean_rgb) / std_rgb, inside the graph',
       'mean_rgb': list(config.data.mean_rgb),
@@ -297,7 +316,9 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path,
   if config.eval.tta != 'none':
     logging.warning('eval.tta=%s is not exported: the graphs read each '
                     'image once', config.eval.tta)
-  fn = serving_fn(config, jax.device_get(steps.eval_variables(state)))
+  contract = face_contract.read(workdir, config)
+  fn = serving_fn(config, jax.device_get(steps.eval_variables(state)),
+                  contract)
   size = config.data.image_size
   staging = folder.with_name(f'.{folder.name}.{secrets.token_hex(4)}.tmp')
   staging.mkdir(parents=True)
@@ -316,7 +337,7 @@ def export(config: ml_collections.ConfigDict, workdir: str | Path,
       files.write_bytes(staging / ONNX_FILE, model)
       written['onnx'] = ONNX_FILE
     files.write_json(staging / INFO_FILE, model_info(
-        config, workdir, step, meta, written, difference))
+        config, workdir, step, meta, written, difference, contract))
     _publish(staging, folder)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)

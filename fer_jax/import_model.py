@@ -26,8 +26,8 @@ import ml_collections
 import numpy as np
 import safetensors
 
-from fer_jax import (checkpoints, config_rules, files, inference, models,
-                     steps, workdir as workdir_lib)
+from fer_jax import (checkpoints, config_rules, face_contract, files,
+                     inference, models, steps, workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.labels import EXPRESSIONS
 from fer_jax.models import pretrained
@@ -77,6 +77,7 @@ def imported_config(config: ml_collections.ConfigDict, architecture: str
   config.data.classes = 'affectnet8'  # HSEmotion's 8, in fer_jax's order
   config.data.image_size = IMAGE_SIZE
   config.data.mean_rgb, config.data.std_rgb = IMAGENET_MEAN, IMAGENET_STD
+  config.data.face_margin = 0.0  # HSEmotion's crop: the detector's box
   probe = copy.deepcopy(config)
   probe.data.layout = 'synthetic'  # data is read at evaluation, not here
   config_rules.check(probe, None, training=False)
@@ -168,6 +169,9 @@ def import_model(config: ml_collections.ConfigDict, workdir: str | Path
       'checkpoint_step': STEP, 'training_rules': steps.TRAINING_RULES,
       'date': datetime.datetime.now().astimezone().isoformat(
           timespec='seconds')})
+  face_contract.write(workdir, face_contract.imported(
+      config, "HSEmotion's published crop: the face detector's box, no "
+      'margin, RGB, 224 px, ImageNet normalisation'))
   files.write_json(workdir / 'config.json', config_rules.as_json(config))
   print(f'Imported {path} ({architecture}) into {workdir}: evaluate, '
         'predict and export read it as a trained run')

@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from fer_jax import (checkpoints, config_rules, distributed, files, labels,
-                     losses, metrics, models, steps, workdir as workdir_lib)
+from fer_jax import (checkpoints, config_rules, distributed, face_contract,
+                     files, labels, losses, metrics, models, steps,
+                     workdir as workdir_lib)
 from fer_jax.config_rules import UsageError
 from fer_jax.configs import default as default_config
 from fer_jax.data import pipeline
@@ -246,10 +247,10 @@ def shared_probabilities(logits: np.ndarray, columns: np.ndarray
 
 
 def predict_records(p_eval: Callable, state: steps.TrainState,
-                    records: Records, config: ml_collections.ConfigDict
-                    ) -> dict:
+                    records: Records, config: ml_collections.ConfigDict,
+                    grey: bool = False) -> dict:
   """Probabilities and logits [N, K], valence/arousal [N, 2] and loss sums
-  of a split.
+  of a split; grey: its faces turned grey first (face_contract.to_grey).
 
   Outputs stream to the host batch by batch, so no split's logits are held
   on the device. With several processes each evaluates its share and all
@@ -258,6 +259,8 @@ def predict_records(p_eval: Callable, state: steps.TrainState,
   rows, sums = {}, None
   for batch in pipeline.eval_batches(records, config, jax.local_device_count(),
                                      jax.process_index(), jax.process_count()):
+    if grey:
+      batch['image'] = face_contract.to_grey(batch['image'])
     out = steps.local_values(p_eval(state, batch))
     keep = batch['mask'].reshape(-1)
     for key in ('probs', 'logits', 'va'):
@@ -275,8 +278,8 @@ def predict_records(p_eval: Callable, state: steps.TrainState,
 
 def evaluate_records(p_eval: Callable, state: steps.TrainState,
                      records: Records, config: ml_collections.ConfigDict,
-                     classes: tuple[str, ...] | None = None
-                     ) -> tuple[dict, dict]:
+                     classes: tuple[str, ...] | None = None,
+                     grey: bool = False) -> tuple[dict, dict]:
   """All report metrics of a split (with its losses), and the predictions.
 
   classes: the label space of records, if not the run's (a cross-dataset
@@ -289,7 +292,8 @@ def evaluate_records(p_eval: Callable, state: steps.TrainState,
   classes = classes or model_classes
   columns = np.array([model_classes.index(c) for c in classes])
   out = predict_records(p_eval, state, dataclasses.replace(
-      records, labels=columns[records.labels].astype(np.int32)), config)
+      records, labels=columns[records.labels].astype(np.int32)), config,
+                        grey)
   if classes != model_classes:
     out['probs'] = shared_probabilities(out['logits'], columns)
   result = metrics.compute_metrics(records.labels, out['probs'].argmax(-1),

@@ -3,10 +3,10 @@ files, videos or a folder of both.
 
 Each image, or every predict.video_every-th frame of a video, goes to the
 face detector (predict.detector; 'none' when the inputs are face crops
-already, as AffectNet's are); each face is cropped as training crops a face
-box (a square of the box's longer side enlarged by the run's
-data.face_margin on every side, resized to data.image_size, RGB) and the
-crops go through the model in batches. Finding, cutting and classifying
+already, as AffectNet's are); each face is cut as the run's face contract
+says (face_contract.py: like the training faces, in their colour, at
+data.image_size; the `framing` column says how) and the crops go through
+the model in batches. Finding, cutting and classifying
 faces is fer_jax.Recognizer's code (recognizer.py), so the Python API and
 this mode give the same numbers.
 predictions.csv has one row per face, written as the faces are classified
@@ -65,10 +65,11 @@ def list_inputs(input_path: str) -> list[Path]:
 
 
 def image_crops(path: Path, config: ml_collections.ConfigDict,
-                detector: Callable | None, tally: Tally) -> Iterator[Crop]:
+                detector: Callable | None, tally: Tally,
+                contract: dict | None = None) -> Iterator[Crop]:
   """The faces of one image file; the reason in tally if none."""
   try:
-    crops = recognizer.file_crops(path, config, detector)
+    crops = recognizer.file_crops(path, config, detector, contract)
   except (ValueError, OSError) as e:
     _skip(tally, path, str(e))
     return
@@ -79,7 +80,8 @@ def image_crops(path: Path, config: ml_collections.ConfigDict,
 
 
 def video_crops(path: Path, config: ml_collections.ConfigDict,
-                detector: Callable | None, tally: Tally) -> Iterator[Crop]:
+                detector: Callable | None, tally: Tally,
+                contract: dict | None = None) -> Iterator[Crop]:
   """The faces of every predict.video_every-th frame of a video, tracked."""
   try:
     capture, fps, count = video.open_video(str(path))
@@ -92,7 +94,7 @@ def video_crops(path: Path, config: ml_collections.ConfigDict,
   try:
     with tqdm(total=total, unit='frame', desc=path.name, leave=False) as bar:
       for _, _, crops in recognizer.frame_crops(capture, fps, path, config,
-                                                detector, every):
+                                                detector, every, contract):
         num_frames += 1
         num_faces += len(crops)
         tally.frames += 1
@@ -118,13 +120,14 @@ def _skip(tally: Tally, path: Path, reason: str) -> None:
   tally.skipped.append([str(path), reason])
 
 
-def _all_crops(paths: list[Path], config, detector, tally: Tally):
+def _all_crops(paths: list[Path], config, detector, tally: Tally,
+               contract: dict):
   for path in tqdm(paths, unit='file', desc='predict', leave=False):
     suffix = path.suffix.lower()
     if suffix in video.SUFFIXES:
-      yield from video_crops(path, config, detector, tally)
+      yield from video_crops(path, config, detector, tally, contract)
     elif suffix in IMAGE_SUFFIXES:
-      yield from image_crops(path, config, detector, tally)
+      yield from image_crops(path, config, detector, tally, contract)
     else:
       _skip(tally, path, f'{path}: {suffix or "no suffix"} is neither an '
             f'image ({" ".join(IMAGE_SUFFIXES)}) nor a video '
@@ -201,7 +204,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, input_path: str,
   output = folder / 'predictions.csv'
   start = time.perf_counter()
   count = write_rows(output, rec, _all_crops(paths, config, rec.detector,
-                                             tally), Path(input_path))
+                                             tally, rec.contract),
+                     Path(input_path))
   seconds = time.perf_counter() - start - rec.compile_seconds
   if tally.skipped:
     files.write_csv(folder / 'skipped.csv', ['path', 'reason'],

@@ -6,9 +6,10 @@ the faces in photos, image arrays, face crops and videos, from Python.
     print(face.box, face.expression, face.valence, face.arousal)
 
 Faces are found and cut as --mode=predict finds and cuts them (that mode
-is built on this module): the run's predict.detector, a square of the
-box's longer side enlarged by data.face_margin, resized to
-data.image_size. The crops go through one pmapped forward function,
+is built on this module): by the run's predict.detector, each face cut
+as the run's face contract says (face_contract.py, framing.py: warped
+onto the training faces' keypoint template, or the box training would
+have cut), at data.image_size, in the contract's colour. The crops go through one pmapped forward function,
 compiled once per batch bucket: a batch of n crops is padded to the next
 power of two (a multiple of the local devices, at most
 train.eval_batch_size), so one photo does not cost a full evaluation
@@ -28,8 +29,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from fer_jax import (config_rules, detect, inference, models, steps, video,
-                     workdir as workdir_lib)
+from fer_jax import (config_rules, detect, face_contract, framing, inference,
+                     models, steps, video, workdir as workdir_lib)
 from fer_jax.data import images, pipeline
 from fer_jax.data.index import check_image
 from fer_jax.errors import DataError
@@ -94,44 +95,69 @@ def forward(variables: dict, images: jax.Array, *, model,
 
 
 def file_crops(path: Path, config: ml_collections.ConfigDict,
-               detector: Detector | None) -> list[Crop]:
-  """The faces of an image file, best first, each cut from the file as
-  training cuts a face box (a JPEG at the same reduced scale), in the
-  image as shown; ValueError or OSError naming path if unreadable."""
+               detector: Detector | None, contract: dict | None = None
+               ) -> list[Crop]:
+  """The faces of an image file, best first, in the image as shown, each
+  cut as the run's face contract says (None: the box convention, as runs
+  from before contracts): a box from the file as training cuts a face box
+  (a JPEG at the same reduced scale), or warped onto the contract's
+  keypoint template; ValueError or OSError naming path if unreadable."""
+  contract = contract or face_contract.legacy(config)
   size = config.data.image_size
   check_image(str(path))  # OpenCV decodes part of a truncated JPEG
   if detector is None:
     with Image.open(path) as header:
       box = np.array([0, 0, *images.shown_size(header)], float)
-    return [Crop(str(path), box, images.load(str(path), size, orient=True))]
+    return [_whole(str(path), box, images.load(str(path), size, orient=True),
+                   contract)]
   data = path.read_bytes()
-  faces = detector(images.decode(data, str(path), orient=True))
-  return [Crop(str(path), face.box, images.crop_encoded(
-      data, str(path), size, face.box, config.data.face_margin, orient=True),
-               rank, face.score) for rank, face in enumerate(faces)]
+  image = images.decode(data, str(path), orient=True)
+  cut_box = lambda box, margin: images.crop_encoded(
+      data, str(path), size, box, margin, orient=True)
+  return [_crop(str(path), image, face, rank, contract, cut_box)
+          for rank, face in enumerate(detector(image))]
+
+
+def _whole(path: str, box: np.ndarray, image: np.ndarray, contract: dict
+           ) -> Crop:
+  size = image.shape[0]
+  matrix = np.diag([size / box[2], size / box[3], 1.0])[:2]
+  return Crop(path, box, framing.colour(image, contract), framing='whole',
+              matrix=matrix)
+
+
+def _crop(path: str, image: np.ndarray, face: detect.Face, rank: int,
+          contract: dict, cut_box: Callable | None = None) -> Crop:
+  crop, how, matrix = framing.cut(image, face.box, face.keypoints, contract,
+                                  cut_box)
+  return Crop(path, face.box, crop, rank, face.score, framing=how,
+              matrix=matrix)
 
 
 def array_crops(image: np.ndarray, config: ml_collections.ConfigDict,
-                detector: Detector | None) -> list[Crop]:
-  """The faces of an RGB uint8 image (a video frame), best first; without
-  a detector the whole image, resized to a square."""
-  size = config.data.image_size
+                detector: Detector | None, contract: dict | None = None
+                ) -> list[Crop]:
+  """The faces of an RGB uint8 image (a video frame), best first, cut as
+  file_crops cuts them; without a detector the whole image, resized to a
+  square."""
+  contract = contract or face_contract.legacy(config)
   if detector is None:
     box = np.array([0, 0, image.shape[1], image.shape[0]], float)
-    return [Crop('', box, images.resize(image, size))]
-  return [Crop('', face.box, images.face_crop(
-      image, face.box, config.data.face_margin, size), rank, face.score)
+    return [_whole('', box, images.resize(image, config.data.image_size),
+                   contract)]
+  return [_crop('', image, face, rank, contract)
           for rank, face in enumerate(detector(image))]
 
 
 def frame_crops(capture, fps: float, path: Path,
                 config: ml_collections.ConfigDict, detector: Detector | None,
-                every: int) -> Iterator[tuple[int, float | None, list[Crop]]]:
+                every: int, contract: dict | None = None
+                ) -> Iterator[tuple[int, float | None, list[Crop]]]:
   """(index, seconds, faces) of every every-th frame of an opened video;
   each face with its track (0 for the whole frame without a detector)."""
   tracker = video.Tracker()
   for index, seconds, frame in video.frames(capture, fps, every):
-    crops = array_crops(frame, config, detector)
+    crops = array_crops(frame, config, detector, contract)
     tracks = ([0] if detector is None else
               tracker.update([crop.box for crop in crops]))
     for crop, track in zip(crops, tracks):
@@ -212,8 +238,12 @@ class Recognizer:
   valence/arousal (Recognizer.from_workdir builds it)."""
 
   def __init__(self, config: ml_collections.ConfigDict, variables: dict,
-               step: int, detector: Detector | None):
+               step: int, detector: Detector | None,
+               contract: dict | None = None):
     self.config = config          # the run's, with the inference settings
+    # How its training faces were made (face_contract); None: the box
+    # convention of runs from before contracts.
+    self.contract = contract or face_contract.legacy(config)
     self.classes = run_classes(config)
     self.step = step              # the checkpoint's
     self.detector = detector      # None: each image is one face
@@ -255,9 +285,15 @@ class Recognizer:
     config_rules.check(config, jax.device_count(), training=False,
                        reads_data=False)
     function = detector if callable(detector) else _detector(config)
+    contract = face_contract.read(workdir, config)
+    if contract['image_size'] != config.data.image_size:
+      raise DataError(f"{workdir / face_contract.FILE}: image_size "
+                      f"{contract['image_size']} is not the run's "
+                      f'data.image_size {config.data.image_size}')
     state, step, _ = inference.restore_state(config, workdir,
                                              checkpoint_step)
-    return cls(config, steps.eval_variables(state), step, function)
+    return cls(config, steps.eval_variables(state), step, function,
+               contract)
 
   def _executable(self, size: int) -> Callable:
     """The forward function compiled for a batch of size crops, once
@@ -286,11 +322,14 @@ class Recognizer:
   def predict_crops(self, crops: np.ndarray) -> dict[str, np.ndarray]:
     """probs [N, K], logits [N, K] and valence/arousal va [N, 2] (clipped
     to [-1, 1], as --mode=predict reports them) of uint8 RGB face crops
-    [N, H, W, 3], resized to data.image_size if of another size."""
+    [N, H, W, 3] cut as the face contract says, resized to
+    data.image_size if of another size, in the contract's colour (grey
+    models see them grey)."""
     crops = checked(crops, 'crops', '[N, H, W, 3]')
     size = self.config.data.image_size
     if crops.shape[1:3] != (size, size):
       crops = np.stack([images.resize(c, size) for c in crops])
+    crops = framing.colour(crops, self.contract)
     batch_size, k = self.config.train.eval_batch_size, len(self.classes)
     outs = [self._batch(crops[i:i + batch_size])
             for i in range(0, len(crops), batch_size)]
@@ -328,12 +367,14 @@ class Recognizer:
     if isinstance(image, (str, Path)):
       path = _existing(image, 'image')
       try:
-        crops = file_crops(path, self.config, self.detector)
+        crops = file_crops(path, self.config, self.detector,
+                           self.contract)
       except (ValueError, OSError) as e:
         raise DataError(str(e) if str(path) in str(e) else
                         f'{path}: {e}') from e
     else:
-      crops = array_crops(pixels(image), self.config, self.detector)
+      crops = array_crops(pixels(image), self.config, self.detector,
+                          self.contract)
     return [self._prediction(*result) for result in self.classify(crops)]
 
   def predict_video(self, path: str | Path, every: int | None = None
@@ -356,7 +397,7 @@ class Recognizer:
     """Frames classified a batch of faces at a time, yielded in order: each
     within train.eval_batch_size frames read."""
     frames = frame_crops(capture, fps, path, self.config, self.detector,
-                         every)
+                         every, self.contract)
     try:
       while pending := _taken(frames, self.config.train.eval_batch_size):
         results = self.classify(c for *_, crops in pending for c in crops)

@@ -9,15 +9,17 @@ and prediction write beside the record, in folders of their own
 """
 
 import datetime
+import functools
 import json
 from pathlib import Path
 
 import ml_collections
 import numpy as np
+from absl import logging
 
-from fer_jax import config_rules, files
+from fer_jax import config_rules, face_contract, files
 from fer_jax.config_rules import UsageError
-from fer_jax.data import fer2013, relative_paths
+from fer_jax.data import fer2013, pipeline, relative_paths
 from fer_jax.data.index import Records
 
 FRESH, RESUME, FINISHED = 'fresh', 'resume', 'finished'
@@ -136,13 +138,22 @@ def _check_ferplus_rules(workdir: Path, saved: dict) -> None:
 def write_record(workdir: Path, config: ml_collections.ConfigDict,
                  splits: dict[str, Records], data_report: dict,
                  model_summary: str) -> None:
-  """A fresh run's record: model_summary.txt, data_report.json,
-  splits.npz, then config.json (last: its presence makes the workdir a
-  run)."""
+  """A fresh run's record: model_summary.txt, face_contract.json (how
+  its training faces were made, calibrated on a sample of them),
+  data_report.json, splits.npz, then config.json (last: its presence
+  makes the workdir a run)."""
   workdir = Path(workdir)
   if config.data.layout == 'ferplus':  # how its labels were made
     data_report = {**data_report, 'ferplus_rules': fer2013.FERPLUS_RULES}
+  contract = face_contract.build(config, splits['train'], functools.partial(
+      pipeline.base_image, splits['train'], data=config.data))
+  logging.info('Face contract: %s, %s; %s', contract['geometry'],
+               contract['colour'], contract['calibration']['note'])
+  data_report = {**data_report, 'face_contract': {
+      k: contract[k] for k in ('geometry', 'colour', 'colour_source',
+                               'calibration')}}
   files.write_text(workdir / 'model_summary.txt', model_summary + '\n')
+  face_contract.write(workdir, contract)
   files.write_json(workdir / 'data_report.json', data_report)
   files.write_npz(workdir / 'splits.npz',
                   **_split_arrays(splits, data_report['root']))

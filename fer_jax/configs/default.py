@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.released_source = ''        # '': val_set | validation.csv | test
   config.data.images_dir = 'Manually_Annotated_Images'  # csv: under root
   config.data.face_margin = 0.1           # csv: square of box side x (1 + 2 m)
+  # Training faces that a fresh run shows predict's detector, to record
+  # where its faces' eyes, nose and mouth fall (face_contract.json); 0:
+  # none (predict then cuts by the box convention).
+  config.data.face_calibration_samples = 256
   config.data.class_folders = ''          # folders: '1:surprise,...'; '': by name
   # The label space, in the head's order: '' the layout's own (AffectNet's 8
   # here), a preset (affectnet8, affectnet7, rafdb, fer2013, ferplus) or

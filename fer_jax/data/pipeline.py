@@ -35,6 +35,14 @@ def load_image(record: dict, data: ml_collections.ConfigDict) -> np.ndarray:
                      data.face_margin)
 
 
+def base_image(records: Records, i: int, data: ml_collections.ConfigDict
+               ) -> np.ndarray:
+  """Record i's base image: held in memory, or loaded."""
+  record = records[i]
+  image = record.get('image')
+  return load_image(record, data) if image is None else image
+
+
 def hold_decoded(splits: dict[str, Records], data: ml_collections.ConfigDict
                  ) -> dict[str, Records]:
   """The splits with their base images decoded into memory, once, when all

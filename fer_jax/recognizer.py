@@ -114,7 +114,7 @@ def file_crops(path: Path, config: ml_collections.ConfigDict,
   image = images.decode(data, str(path), orient=True)
   cut_box = lambda box, margin: images.crop_encoded(
       data, str(path), size, box, margin, orient=True)
-  return [_crop(str(path), image, face, rank, contract, cut_box)
+  return [_crop(str(path), image, face, rank, contract, detector, cut_box)
           for rank, face in enumerate(detector(image))]
 
 
@@ -127,9 +127,10 @@ def _whole(path: str, box: np.ndarray, image: np.ndarray, contract: dict
 
 
 def _crop(path: str, image: np.ndarray, face: detect.Face, rank: int,
-          contract: dict, cut_box: Callable | None = None) -> Crop:
+          contract: dict, detector: Detector,
+          cut_box: Callable | None = None) -> Crop:
   crop, how, matrix = framing.cut(image, face.box, face.keypoints, contract,
-                                  cut_box)
+                                  cut_box, detector)
   return Crop(path, face.box, crop, rank, face.score, framing=how,
               matrix=matrix)
 
@@ -145,7 +146,7 @@ def array_crops(image: np.ndarray, config: ml_collections.ConfigDict,
     box = np.array([0, 0, image.shape[1], image.shape[0]], float)
     return [_whole('', box, images.resize(image, config.data.image_size),
                    contract)]
-  return [_crop('', image, face, rank, contract)
+  return [_crop('', image, face, rank, contract, detector)
           for rank, face in enumerate(detector(image))]
 
 

@@ -200,11 +200,8 @@ def photos() -> dict[str, Path]:
   NASA's portrait of the astronaut Eileen Collins (scikit-image), Grace
   Hopper (U.S. Navy; matplotlib); without a face: a cat, a cup of coffee
   and a rocket (scikit-image). All public domain or CC0."""
-  import matplotlib
   import skimage.data
+  from tests.face_sets import photo_paths
   images = Path(skimage.data.__file__).parent
-  return {'astronaut': images / 'astronaut.png',
-          'hopper': Path(matplotlib.get_data_path()) / 'sample_data' /
-                    'grace_hopper.jpg',
-          'cat': images / 'chelsea.png', 'coffee': images / 'coffee.png',
-          'rocket': images / 'rocket.jpg'}
+  return {**photo_paths(), 'cat': images / 'chelsea.png',
+          'coffee': images / 'coffee.png', 'rocket': images / 'rocket.jpg'}

@@ -3,34 +3,28 @@ faces predict cuts by it, on sets made from real photographs (scikit-
 image's astronaut and camera, matplotlib's Grace Hopper) with a known
 keypoint template and known transforms."""
 
+import csv
 import json
 import logging
 import math
 
 import cv2
 import numpy as np
+import onnxruntime  # CI installs it (requirements-nodeps.txt)
 import pytest
+from PIL import Image
 
 import fer_jax
-from fer_jax import detect, face_contract, framing, recognizer
+from fer_jax import (detect, export, face_contract, framing, predict,
+                     recognizer)
 from fer_jax.configs import default
 from fer_jax.data import images
-from fer_jax.data.index import Records
 from fer_jax.errors import UsageError
+from tests import face_sets
+from tests.face_sets import (FER_TEMPLATE, RAF_TEMPLATE, TURNS, aligned_set,
+                             apply, turned)
 
-# Where the set's faces put the right eye, left eye, nose tip and mouth
-# centre (fractions of the side): RAF-DB-like, and a tighter FER2013-like.
-RAF_TEMPLATE = np.array([[0.35, 0.42], [0.65, 0.42], [0.5, 0.58],
-                         [0.5, 0.72]])
-FER_TEMPLATE = np.array([[0.3, 0.36], [0.7, 0.36], [0.5, 0.56],
-                         [0.5, 0.74]])
 SIZE = 64
-# (degrees, scale, shift) of the faces in new photographs.
-TURNS = ((10, 1.0, (40, -30)), (-18, 1.3, (-60, 20)), (25, 1.1, (10, 50)))
-
-
-def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-  return points @ matrix[:, :2].T + matrix[:, 2]
 
 
 @pytest.fixture(scope='module')
@@ -43,42 +37,7 @@ def detectors() -> dict:
 def faces(photos, detectors) -> dict:
   """{name: (RGB photo, its face's 4 keypoints)}; camera's face is turned
   aside, so its keypoints are only used grey."""
-  import skimage.data
-  out = {}
-  for name in ('astronaut', 'hopper'):
-    image = images.decode(photos[name].read_bytes(), str(photos[name]))
-    out[name] = image, detectors['blazeface_full'](image)[0].keypoints[:4]
-  camera = np.repeat(skimage.data.camera()[:, :, None], 3, axis=2)
-  out['camera'] = camera, detectors['blazeface_full'](camera)[0].keypoints[:4]
-  return out
-
-
-def _aligned_set(faces: dict, template: np.ndarray, side: int, count: int,
-                 names=('astronaut', 'hopper')) -> list[np.ndarray]:
-  """Faces warped (by OpenCV's own similarity fit) so that their
-  keypoints fall on template, jittered a little, as an aligned data set."""
-  rng = np.random.default_rng(0)
-  out = []
-  for k in range(count):
-    image, points = faces[names[k % len(names)]]
-    angle = math.radians(rng.uniform(-2, 2))
-    rotation = np.array([[math.cos(angle), -math.sin(angle)],
-                         [math.sin(angle), math.cos(angle)]])
-    target = ((template - 0.5) @ rotation.T * rng.uniform(0.97, 1.03) + 0.5
-              + rng.normal(0, 0.01, 2)) * side
-    matrix, _ = cv2.estimateAffinePartial2D(points.astype(np.float32),
-                                            target.astype(np.float32))
-    out.append(cv2.warpAffine(image, matrix, (side, side),
-                              flags=cv2.INTER_AREA))
-  return out
-
-
-def _records(n: int, boxes: np.ndarray | None = None,
-             paths: list | None = None) -> Records:
-  return Records(np.array(paths or [f'{i}.png' for i in range(n)]),
-                 np.zeros(n, np.int32), np.zeros((n, 2), np.float32),
-                 np.zeros(n, bool), np.full((n, 4), np.nan, np.float32)
-                 if boxes is None else boxes.astype(np.float32))
+  return face_sets.photo_faces(photos, detectors['blazeface_full'])
 
 
 def _config(layout: str = 'rafdb'):
@@ -92,22 +51,11 @@ def _config(layout: str = 'rafdb'):
 @pytest.fixture(scope='module')
 def raf_contract(faces, detectors) -> dict:
   """The contract of a RAF-DB-style set: 100 px aligned faces, upright."""
-  aligned = _aligned_set(faces, RAF_TEMPLATE, 100, 24)
+  aligned = aligned_set(faces, RAF_TEMPLATE, 100, 24)
   return face_contract.build(
-      _config(), _records(len(aligned)),
+      _config(), face_sets.records(len(aligned)),
       lambda i: images.resize(aligned[i], SIZE),
       ('blazeface_full', detectors['blazeface_full']))
-
-
-def _turned(image: np.ndarray, points: np.ndarray, degrees: float,
-            scale: float, shift) -> tuple[np.ndarray, np.ndarray]:
-  """The photo turned, scaled and moved in a larger one; its keypoints
-  there."""
-  h, w = image.shape[:2]
-  matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, scale)
-  matrix[:, 2] += np.array([(640 - w) / 2, (640 - h) / 2]) + shift
-  return (cv2.warpAffine(image, matrix, (640, 640)),
-          _apply(matrix, points))
 
 
 def test_an_upright_set_gives_a_level_template_where_its_faces_are(
@@ -130,13 +78,13 @@ def test_turned_faces_are_warped_level_onto_the_template_by_both_detectors(
   the side of the template, whichever detector found the face."""
   config = _config()
   for degrees, scale, shift in TURNS:
-    photo, truth = _turned(*faces[name], degrees, scale, shift)
+    photo, truth = turned(*faces[name], degrees, scale, shift)
     placed = {}
     for detector_name, detector in detectors.items():
       crop, = recognizer.array_crops(photo, config, detector, raf_contract)
       assert crop.framing == 'aligned' and crop.image.shape == (SIZE,
                                                                 SIZE, 3)
-      points = _apply(crop.matrix, truth)
+      points = apply(crop.matrix, truth)
       assert abs(face_contract.roll_degrees(points)) < 3, (detector_name,
                                                            degrees)
       np.testing.assert_array_less(np.abs(points / SIZE - RAF_TEMPLATE),
@@ -156,20 +104,20 @@ def test_a_set_that_varies_in_roll_keeps_a_faces_roll(faces, detectors):
     angle = math.radians(rng.uniform(-20, 20))
     rotation = np.array([[math.cos(angle), -math.sin(angle)],
                          [math.sin(angle), math.cos(angle)]])
-    aligned += _aligned_set(faces, (RAF_TEMPLATE - 0.5) @ rotation.T + 0.5,
+    aligned += aligned_set(faces, (RAF_TEMPLATE - 0.5) @ rotation.T + 0.5,
                             100, 1, (('astronaut', 'hopper')[k % 2],))
   contract = face_contract.build(
-      _config('folders'), _records(16), lambda i: images.resize(
+      _config('folders'), face_sets.records(16), lambda i: images.resize(
           aligned[i], SIZE), ('blazeface_full', detectors['blazeface_full']))
   assert contract['alignment']['roll'] == 'keep'
   assert contract['alignment']['roll_spread_degrees'] > 6
-  photo, truth = _turned(*faces['astronaut'], 15, 1.0, (0, 0))
+  photo, truth = turned(*faces['astronaut'], 15, 1.0, (0, 0))
   crop, = recognizer.array_crops(photo, _config(), detectors[
       'blazeface_full'], contract)
   assert crop.matrix[0, 1] == 0 and crop.matrix[1, 0] == 0  # no rotation
   roll = face_contract.roll_degrees(truth)
   assert abs(roll) > 10
-  assert face_contract.roll_degrees(_apply(crop.matrix, truth)) == \
+  assert face_contract.roll_degrees(apply(crop.matrix, truth)) == \
       pytest.approx(roll)
 
 
@@ -179,24 +127,24 @@ def test_grey_faces_give_grey_crops_framed_as_the_sets_faces(
   """FER2013-style: 48 px grey faces. Grey by the layout, or by the data
   (every sampled face grey); colour photos are served grey, framed as the
   set's faces (camera's, a face turned aside, only grey)."""
-  grey = [face_contract.to_grey(f) for f in _aligned_set(
+  grey = [face_contract.to_grey(f) for f in aligned_set(
       faces, FER_TEMPLATE, 48, 16)]
   contract = face_contract.build(
-      _config(layout), _records(16), lambda i: images.resize(grey[i], SIZE),
+      _config(layout), face_sets.records(16), lambda i: images.resize(grey[i], SIZE),
       ('blazeface_full', detectors['blazeface_full']))
   assert contract['colour'] == 'grey'
   assert contract['colour_source'] == (
       'the fer2013 layout' if layout == 'fer2013'
       else '16 of 64 sampled training faces are grey'.replace('64', '16'))
   for name in ('astronaut', 'hopper', 'camera'):
-    photo, truth = _turned(*faces[name], 12, 1.0, (0, 0))
+    photo, truth = turned(*faces[name], 12, 1.0, (0, 0))
     crop, = recognizer.array_crops(photo, _config(), detectors[
         'blazeface_full'], contract)
     assert crop.framing == 'aligned'
     assert (crop.image == crop.image[:, :, :1]).all()
     if name != 'camera':
       np.testing.assert_array_less(
-          np.abs(_apply(crop.matrix, truth) / SIZE - FER_TEMPLATE), 0.05)
+          np.abs(apply(crop.matrix, truth) / SIZE - FER_TEMPLATE), 0.05)
 
 
 def test_a_colour_set_stays_colour(raf_contract):
@@ -232,7 +180,7 @@ def test_too_few_faces_found_falls_back_to_the_box_convention(faces):
   """The detector finding nothing in the sample: no template, the log and
   the contract say so, and predict cuts boxes."""
   contract = face_contract.build(
-      _config(), _records(10), lambda i: faces['astronaut'][0][:64, :64],
+      _config(), face_sets.records(10), lambda i: faces['astronaut'][0][:64, :64],
       ('blazeface_full', lambda image: []))
   assert contract['alignment'] is None
   assert 'only 0 of 10' in contract['calibration']['note']
@@ -257,7 +205,7 @@ def test_a_box_set_measures_the_detectors_box_against_its_own(
     centre = box[:2] + box[2:] / 2 + [0, 0.1 * box[2]]
     boxes.append([*(centre - 0.65 * box[2:]), *(1.3 * box[2:])])
   config = _config('csv')
-  records = _records(4, np.array(boxes), paths)
+  records = face_sets.records(4, np.array(boxes), paths)
   contract = face_contract.build(
       config, records, lambda i: images.load(paths[i], SIZE, records.boxes[
           i], 0.1), ('blazeface_full', detectors['blazeface_full']))
@@ -296,7 +244,7 @@ def test_a_shrinking_warp_puts_a_point_where_its_matrix_says():
   crop = framing.warp(image, matrix, 64)[..., 0].astype(float)
   ys, xs = np.mgrid[:64, :64] + 0.5
   got = np.array([(xs * crop).sum(), (ys * crop).sum()]) / crop.sum()
-  np.testing.assert_allclose(got, _apply(matrix, centre), atol=0.25)
+  np.testing.assert_allclose(got, apply(matrix, centre), atol=0.25)
 
 
 # --- the record ------------------------------------------------------------
@@ -379,3 +327,42 @@ def test_a_broken_contract_in_a_run_is_refused_at_the_door(finished):
   path.write_text('{"version": 1,')
   with pytest.raises(UsageError, match='unreadable'):
     fer_jax.Recognizer.from_workdir(workdir)
+
+
+def test_a_grey_export_fed_model_jsons_crop_agrees_with_predict(
+    finished, photos):
+  """A grey run: predict's saved crop is grey; the Recognizer gives
+  predict's numbers (1e-6); the exported ONNX graph, fed that crop or its
+  colour original, gives them within export's tolerance, turning colour
+  grey itself; model.json states the whole contract."""
+  config, workdir, _ = finished
+  path = workdir / face_contract.FILE
+  colour = json.loads(path.read_text())
+  contract = {**colour, 'colour': 'grey'}
+  path.write_text(json.dumps(contract))
+  config = config.copy_and_resolve_references()
+  config.predict.save_crops = True
+  output = predict.predict(config, workdir, str(photos['astronaut']))
+  row, = csv.DictReader(output.open())
+  crop = np.asarray(Image.open(output.parent / row['crop']).convert('RGB'))
+  assert (crop == crop[..., :1]).all() and row['framing'] == 'aligned'
+  classes = contract['classes']
+  want = np.array([float(row[f'prob_{c}']) for c in classes])
+  face, = fer_jax.Recognizer.from_workdir(workdir).predict(
+      photos['astronaut'])
+  np.testing.assert_allclose([face.probs[c] for c in classes], want,
+                             atol=1e-6)
+  folder = export.export(config, workdir)
+  info = json.loads((folder / 'model.json').read_text())
+  assert info['face_contract'] == contract
+  assert 'grey' in info['input']['colour'] and 'grey' in info['crop']
+  rgb, = recognizer.file_crops(photos['astronaut'], config,
+                               detect.create_detector('blazeface_full', 0.6,
+                                                      20), colour)
+  assert not face_contract.is_grey(rgb.image)
+  np.testing.assert_array_equal(face_contract.to_grey(rgb.image), crop)
+  session = onnxruntime.InferenceSession(str(folder / 'model.onnx'))
+  got = [session.run(['probs'], {'images': image[None]})[0][0]
+         for image in (crop, rgb.image)]
+  np.testing.assert_array_equal(got[0], got[1])
+  np.testing.assert_allclose(got[0], want, atol=export.TOLERANCE)

@@ -1,6 +1,7 @@
 """A run in another label space (RAF-DB's 7 classes) end to end, and
 cross-dataset evaluation between label spaces."""
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -14,9 +15,10 @@ import scipy.special
 from PIL import Image
 from sklearn import metrics as skm
 
-from fer_jax import (data, evaluation, export, inference, labels, losses,
-                     predict, training)
+from fer_jax import (data, evaluation, export, face_contract, inference,
+                     labels, losses, predict, training)
 from fer_jax.config_rules import UsageError
+from fer_jax.data import pipeline
 from tests.conftest import ROOT, command_line, tiny_config
 
 RAFDB = labels.PRESETS['rafdb']
@@ -243,6 +245,32 @@ def test_an_8_class_model_on_7_class_folders_never_predicts_contempt(
   records = data.load_splits(data_config)[0]['test']
   state, p_eval, _ = inference.restore(config, workdir, None)
   probs = inference.predict_records(p_eval, state, records, config)['probs']
+  want = np.mean(probs[:, :7].argmax(1) == records.labels)
+  assert result['accuracy'] == pytest.approx(want)
+
+
+def test_a_grey_model_sees_another_sets_faces_grey(finished, seven_folders):
+  """A model whose face contract is grey, scored on colour folders: their
+  faces are turned grey, as the report says, and the numbers are those of
+  the grey faces."""
+  config, workdir, _ = finished
+  path = workdir / face_contract.FILE
+  path.write_text(json.dumps({**json.loads(path.read_text()),
+                              'colour': 'grey'}))
+  result = evaluation.evaluate(config, str(workdir), 'test', data={
+      'layout': 'folders', 'root': str(seven_folders)})
+  assert result['faces_turned_grey'] is True
+  data_config = inference.trained_config(config, workdir)
+  data_config.data.update(layout='folders', root=str(seven_folders),
+                          classes='affectnet7')
+  records = data.load_splits(data_config)[0]['test']
+  grey = np.stack([face_contract.to_grey(pipeline.load_image(
+      records[i], data_config.data)) for i in range(len(records))])
+  assert not face_contract.is_grey(pipeline.load_image(records[0],
+                                                       data_config.data))
+  state, p_eval, _ = inference.restore(config, workdir, None)
+  probs = inference.predict_records(p_eval, state, dataclasses.replace(
+      records, images=grey), config)['probs']
   want = np.mean(probs[:, :7].argmax(1) == records.labels)
   assert result['accuracy'] == pytest.approx(want)
 

@@ -132,6 +132,11 @@ def test_record_says_what_was_imported(imported):
   assert record['conversion']['architecture'] == 'tf_efficientnet_b0'
   assert record['conversion']['source'] == 'enet_b0_8_va_mtl.pt'
   assert (workdir / 'model_summary.txt').exists()
+  # HSEmotion's published crop: a tight box, RGB, 224 px, ImageNet's mean.
+  contract = json.loads((workdir / 'face_contract.json').read_text())
+  assert (contract['geometry'], contract['margin'], contract['colour'],
+          contract['image_size'], contract['mean_rgb']) == (
+              'box', 0.0, 'rgb', 224, list(import_model.IMAGENET_MEAN))
 
 
 def test_training_refuses_the_imported_workdir(imported):

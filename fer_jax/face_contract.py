@@ -142,8 +142,9 @@ def sample_indices(num: int, count: int, seed: int) -> np.ndarray:
 
 
 def calibration_detector(config: ml_collections.ConfigDict):
-  """The detector predict uses (blazeface_full where predict.detector is
-  'none'); None, with the reason, when its models are not installed."""
+  """(name, function) of the detector predict uses (blazeface_full where
+  predict.detector is 'none'); the function is the reason instead where
+  its models are not installed."""
   from fer_jax import detect  # LiteRT: only where faces are detected
   name = config.predict.detector
   name = 'blazeface_full' if name == 'none' else name
@@ -178,21 +179,12 @@ def build(config: ml_collections.ConfigDict, train, load_face,
     contract['calibration'] = {'detector': name, 'note': 'not calibrated: '
                                + detect_fn}
     return contract
-  if geometry == 'box':
-    keep = indices[boxed[indices]]
-    measured = [_box_relation(train.paths[i], train.boxes[i], detect_fn)
-                for i in keep]
-    key, value = 'box_calibration', _box_summary(
-        [m for m in measured if m is not None])
-  else:
-    points = [_face_points(face, detect_fn) for face in faces]
-    measured = points
-    key, value = 'alignment', _alignment([p for p in points
-                                          if p is not None])
+  key, measured, value = (
+      _calibrate_box(train, indices[boxed[indices]], detect_fn)
+      if geometry == 'box' else _calibrate_points(faces, detect_fn))
   found = sum(m is not None for m in measured)
-  share = found / max(len(measured), 1)
   calibration = {'detector': name, 'sampled': len(measured), 'found': found}
-  if share >= MIN_FOUND_SHARE:
+  if found >= MIN_FOUND_SHARE * max(len(measured), 1):
     contract[key] = value
     calibration['note'] = (f'{name} found a face in {found} of '
                            f'{len(measured)} sampled training faces')
@@ -204,6 +196,24 @@ def build(config: ml_collections.ConfigDict, train, load_face,
         'by data.face_margin')
   contract['calibration'] = calibration
   return contract
+
+
+def _calibrate_points(faces: list[np.ndarray], detect_fn
+                      ) -> tuple[str, list, dict | None]:
+  """('alignment', the keypoints found per face or None, the template)."""
+  points = [_face_points(face, detect_fn) for face in faces]
+  return 'alignment', points, _alignment([p for p in points
+                                          if p is not None])
+
+
+def _calibrate_box(train, indices: np.ndarray, detect_fn
+                   ) -> tuple[str, list, dict | None]:
+  """('box_calibration', the box relation per record or None, their
+  median)."""
+  relations = [_box_relation(train.paths[i], train.boxes[i], detect_fn)
+               for i in indices]
+  return 'box_calibration', relations, _box_summary(
+      [r for r in relations if r is not None])
 
 
 def _colour(layout: str, faces: list[np.ndarray]) -> tuple[str, str]:
@@ -321,27 +331,27 @@ def read(workdir: Path, config: ml_collections.ConfigDict) -> dict:
   return contract
 
 
+_MISSING = object()
+
+
 def _field(path, name: str, what: str) -> UsageError:
   return UsageError(f'{path}: {name}: {what}')
 
 
-def _need(contract: dict, path, name: str, kinds, choices=None):
+def _need(contract: dict, path, name: str, kinds: tuple, choices=None):
+  """The value of a dotted field, of one of kinds (never a bool) and, if
+  given, one of choices; UsageError naming it otherwise."""
   value = contract
   for part in name.split('.'):
     if not isinstance(value, dict) or part not in value:
       raise _field(path, name, 'missing')
     value = value[part]
-  if not isinstance(value, kinds) or isinstance(value, bool) and (
-      bool not in (kinds if isinstance(kinds, tuple) else (kinds,))):
-    raise _field(path, name, f'{value!r} is not a {_kind_names(kinds)}')
+  if not isinstance(value, kinds) or isinstance(value, bool):
+    kind = ' or '.join(k.__name__ for k in kinds)
+    raise _field(path, name, f'{value!r} is not a {kind}')
   if choices is not None and value not in choices:
     raise _field(path, name, f'{value!r} is not one of {choices}')
   return value
-
-
-def _kind_names(kinds) -> str:
-  kinds = kinds if isinstance(kinds, tuple) else (kinds,)
-  return ' or '.join(k.__name__ for k in kinds)
 
 
 def _numbers(path, name: str, value, length: int) -> None:
@@ -356,24 +366,24 @@ def check(contract, path) -> None:
   unknown value."""
   if not isinstance(contract, dict):
     raise UsageError(f'{path}: not a JSON object')
-  version = _need(contract, path, 'version', int)
+  version = _need(contract, path, 'version', (int,))
   if version != VERSION:
     raise _field(path, 'version', f'{version} is not {VERSION} (a newer '
                  'fer_jax wrote it?)')
-  _need(contract, path, 'geometry', str, GEOMETRIES)
-  _need(contract, path, 'colour', str, COLOURS)
-  _need(contract, path, 'resize', str, RESIZES)
-  size = _need(contract, path, 'image_size', int)
+  _need(contract, path, 'geometry', (str,), GEOMETRIES)
+  _need(contract, path, 'colour', (str,), COLOURS)
+  _need(contract, path, 'resize', (str,), RESIZES)
+  size = _need(contract, path, 'image_size', (int,))
   if size < 1:
     raise _field(path, 'image_size', f'{size} is not a positive size')
   margin = _need(contract, path, 'margin', (int, float))
   if not (math.isfinite(margin) and margin >= 0):
     raise _field(path, 'margin', f'{margin!r} is not a margin >= 0')
   for name in ('mean_rgb', 'std_rgb'):
-    _numbers(path, name, _need(contract, path, name, list), 3)
+    _numbers(path, name, _need(contract, path, name, (list,)), 3)
   if any(v <= 0 for v in contract['std_rgb']):
     raise _field(path, 'std_rgb', 'holds a value <= 0')
-  classes = _need(contract, path, 'classes', list)
+  classes = _need(contract, path, 'classes', (list,))
   if not classes or not all(isinstance(c, str) and c for c in classes):
     raise _field(path, 'classes', f'{classes!r} is not a list of names')
   _check_alignment(contract, path)
@@ -385,10 +395,7 @@ def check(contract, path) -> None:
     if not (math.isfinite(scale) and scale > 0):
       raise _field(path, 'box_calibration.scale', f'{scale!r} is not > 0')
     _numbers(path, 'box_calibration.offset',
-             _need(contract, path, 'box_calibration.offset', list), 2)
-
-
-_MISSING = object()
+             _need(contract, path, 'box_calibration.offset', (list,)), 2)
 
 
 def _check_alignment(contract: dict, path) -> None:
@@ -397,8 +404,8 @@ def _check_alignment(contract: dict, path) -> None:
     raise _field(path, 'alignment', 'missing')
   if alignment is None:
     return
-  _need(contract, path, 'alignment.roll', str, ROLLS)
-  template = _need(contract, path, 'alignment.template', dict)
+  _need(contract, path, 'alignment.roll', (str,), ROLLS)
+  template = _need(contract, path, 'alignment.template', (dict,))
   for point in POINTS:
     _numbers(path, f'alignment.template.{point}', template.get(point), 2)
   points = np.array([template[p] for p in POINTS])

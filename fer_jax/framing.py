@@ -159,6 +159,10 @@ def cut(image: np.ndarray, box: np.ndarray, keypoints: np.ndarray,
   images.face_crop of image), for a file cut as training cuts it.
   detector: looks again at an aligned face (refined)."""
   size = contract['image_size']
+  if contract['geometry'] == 'whole':  # crops cut already: as they are
+    h, w = image.shape[:2]
+    return (colour(images.resize(image, size), contract), 'whole',
+            np.diag([size / w, size / h, 1.0])[:2])
   matrix = aligned_matrix(keypoints, contract)
   if matrix is not None and detector is not None:
     matrix = refined(image, matrix, contract, detector)

@@ -121,7 +121,7 @@ def _skip(tally: Tally, path: Path, reason: str) -> None:
 
 
 def _all_crops(paths: list[Path], config, detector, tally: Tally,
-               contract: dict):
+               contract: dict | None = None):
   for path in tqdm(paths, unit='file', desc='predict', leave=False):
     suffix = path.suffix.lower()
     if suffix in video.SUFFIXES:

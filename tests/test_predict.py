@@ -260,7 +260,7 @@ def test_saved_crops_are_the_pixels_the_model_was_given(finished, photos,
                              atol=1e-6)
   # framing: how each face was cut, as the recognizer says.
   cut, = recognizer.file_crops(folder / 'astronaut.png', rec.config,
-                               rec.detector)
+                               rec.detector, rec.contract)
   assert rows[0]['framing'] == cut.framing
   assert {r['framing'] for r in rows} <= {'aligned', 'box', 'whole'}
 

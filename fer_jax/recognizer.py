@@ -9,11 +9,11 @@ Faces are found and cut as --mode=predict finds and cuts them (that mode
 is built on this module): by the run's predict.detector, each face cut
 as the run's face contract says (face_contract.py, framing.py: warped
 onto the training faces' keypoint template, or the box training would
-have cut), at data.image_size, in the contract's colour. The crops go through one pmapped forward function,
-compiled once per batch bucket: a batch of n crops is padded to the next
-power of two (a multiple of the local devices, at most
-train.eval_batch_size), so one photo does not cost a full evaluation
-batch.
+have cut), at data.image_size, in the contract's colour. The crops go
+through one pmapped forward function, compiled once per batch bucket: a
+batch of n crops is padded to the next power of two (a multiple of the
+local devices, at most train.eval_batch_size), so one photo does not
+cost a full evaluation batch.
 """
 
 import dataclasses

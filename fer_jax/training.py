@@ -398,6 +398,6 @@ def _test_best(writer: reporting.Writer, manager, state, progress: Progress,
   writer.say(reporting.format_summary(test_metrics, 'test'))
   writer.say(f'\nFiles in {workdir}: report/ (summary.md, test_metrics.json, '
              'confusion_matrix.png, curves.png, va_scatter.png), '
-             'metrics.jsonl, data_report.json, splits.npz, config.json, '
-             'model_summary.txt, checkpoints/, tb/')
+             'metrics.jsonl, data_report.json, face_contract.json, '
+             'splits.npz, config.json, model_summary.txt, checkpoints/, tb/')
   return test_metrics

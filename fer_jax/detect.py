@@ -159,7 +159,8 @@ def _session(path: Path) -> tuple:
 def create_detector(name: str, min_score: float, min_face_size: float
                     ) -> Callable[[np.ndarray], list[Face]]:
   """A function from an RGB uint8 image to its faces, best first; threads
-  may call it at once.
+  may call it at once. Its `name` attribute is name (a face contract's
+  box relation is the named detector's).
 
   min_face_size: the smallest box side kept, in the image's pixels.
   """
@@ -187,4 +188,5 @@ def create_detector(name: str, min_score: float, min_face_size: float
              for box, score, keypoints in found]
     return [f for f in faces if max(f.box[2:]) >= min_face_size]
 
+  detect.name = name
   return detect

@@ -11,14 +11,16 @@ A fresh run writes face_contract.json with its record. It holds:
   or when at least GREY_SHARE of a sample of training faces are grey);
 - the arithmetic (image size, resize, normalisation) and the classes;
 - calibration, measured with the inference detector on a seeded sample of
-  training faces: for 'dataset_crop', where the eyes, nose tip and mouth
-  centre fall in the data set's faces (a keypoint template; predict warps
-  each face onto it); for 'box', the detector's box against the annotated
-  one (predict turns a detection into the box training would have cut).
+  training faces: where the eyes, nose tip and mouth centre fall in them
+  (a keypoint template; predict warps each face onto it, so that its
+  framing does not depend on the detector's box); for 'box' sets also
+  each detector's box against the annotated one (predict's fallback for
+  a face without usable keypoints).
 
 Where the detector finds a face in under MIN_FOUND_SHARE of the sample,
-the contract says so and predict uses the box convention: a square of the
-detector's box enlarged by the margin. Runs from before the contract have
+the contract has no template, says so, and predict uses the box
+convention: a square of the detector's box (turned into the annotated
+box, where measured) enlarged by the margin. Runs from before the contract have
 no file and keep that convention too, with a warning.
 """
 
@@ -110,15 +112,16 @@ def _arithmetic(config: ml_collections.ConfigDict) -> dict:
 def describe(contract: dict) -> str:
   """How predict cuts a face for this contract, in a sentence."""
   size, margin = contract['image_size'], contract['margin']
+  boxes = contract['box_calibration']
   box = (f"a square of the face box's longer side x (1 + 2 x {margin})"
-         + (' (the detector\'s box turned into the annotated one: '
-            f"side x {contract['box_calibration']['scale']}, centre moved by "
-            f"{contract['box_calibration']['offset']} sides)"
-            if contract['box_calibration'] else ''))
+         + (' (the detector\'s box turned into the annotated one: ' +
+            '; '.join(f"{name}: side x {b['scale']}, centre moved by "
+                      f"{b['offset']} sides" for name, b in boxes.items())
+            + ')' if boxes else ''))
   alignment = contract['alignment']
   if contract['geometry'] == 'whole':
     how = 'the image as it is'
-  elif contract['geometry'] == 'dataset_crop' and alignment:
+  elif alignment:
     how = ('the face warped by a similarity (least squares over the eyes, '
            'nose tip and mouth centre) onto the template ' +
            ', '.join(f'{p} {alignment["template"][p]}' for p in POINTS) +
@@ -141,26 +144,29 @@ def sample_indices(num: int, count: int, seed: int) -> np.ndarray:
   return np.random.default_rng([seed, _STREAM]).permutation(num)[:count]
 
 
-def calibration_detector(config: ml_collections.ConfigDict):
-  """(name, function) of the detector predict uses (blazeface_full where
-  predict.detector is 'none'); the function is the reason instead where
-  its models are not installed."""
+def calibration_detectors(config: ml_collections.ConfigDict) -> dict:
+  """{name: function} of the detectors the calibration uses, the one
+  predict uses first (blazeface_full where predict.detector is 'none');
+  {name: the reason} where their models are not installed."""
   from fer_jax import detect  # LiteRT: only where faces are detected
-  name = config.predict.detector
-  name = 'blazeface_full' if name == 'none' else name
+  first = config.predict.detector
+  first = 'blazeface_full' if first == 'none' else first
   try:
-    return name, detect.create_detector(name, CALIBRATION_MIN_SCORE, 0.0)
+    return {name: detect.create_detector(name, CALIBRATION_MIN_SCORE, 0.0)
+            for name in (first, *(n for n in detect.MODELS if n != first))}
   except UsageError as error:
-    return name, str(error)
+    return {first: str(error)}
 
 
 def build(config: ml_collections.ConfigDict, train, load_face,
-          detector=None) -> dict:
+          detectors: dict | None = None) -> dict:
   """A fresh run's contract from its training records.
 
   load_face(i): the base image of train record i, as training makes it.
-  detector: (name, function or reason) for the calibration; None: the
-  run's (calibration_detector).
+  detectors: {name: function, or the reason there is none}, the one that
+  predict uses first (the keypoint template is measured with it; a box
+  set's box relation with each, as their boxes differ); None:
+  calibration_detectors(config).
   """
   count = config.data.face_calibration_samples
   indices = sample_indices(len(train), max(count, COLOUR_SAMPLE),
@@ -173,47 +179,49 @@ def build(config: ml_collections.ConfigDict, train, load_face,
   contract = {**_arithmetic(config), 'geometry': geometry, 'colour': colour,
               'colour_source': source, 'alignment': None,
               'box_calibration': None}
-  name, detect_fn = (detector or calibration_detector(config) if count
-                     else (None, 'data.face_calibration_samples is 0'))
+  detectors = ((detectors or calibration_detectors(config)) if count
+               else {None: 'data.face_calibration_samples is 0'})
+  name, detect_fn = next(iter(detectors.items()))
   if isinstance(detect_fn, str):
     contract['calibration'] = {'detector': name, 'note': 'not calibrated: '
                                + detect_fn}
     return contract
-  key, measured, value = (
-      _calibrate_box(train, indices[boxed[indices]], detect_fn)
-      if geometry == 'box' else _calibrate_points(faces, detect_fn))
-  found = sum(m is not None for m in measured)
-  calibration = {'detector': name, 'sampled': len(measured), 'found': found}
-  if found >= MIN_FOUND_SHARE * max(len(measured), 1):
-    contract[key] = value
-    calibration['note'] = (f'{name} found a face in {found} of '
-                           f'{len(measured)} sampled training faces')
-  else:
-    calibration['note'] = (
-        f'{name} found a face in only {found} of {len(measured)} sampled '
-        f'training faces (under {MIN_FOUND_SHARE:.0%}): predict cuts faces '
-        'by the box convention, a square of the detector\'s box enlarged '
-        'by data.face_margin')
+  points = [_face_points(face, detect_fn) for face in faces]
+  found = sum(p is not None for p in points)
+  calibration = {'detector': name, 'sampled': len(points), 'found': found}
+  enough = found >= MIN_FOUND_SHARE * max(len(points), 1)
+  if enough:
+    contract['alignment'] = _alignment([p for p in points if p is not None])
+  if geometry == 'box':
+    contract['box_calibration'] = _calibrate_box(
+        train, indices[boxed[indices]], detectors)
+    calibration['box_found'] = {
+        n: b['found'] for n, b in (contract['box_calibration'] or {}).items()}
+  calibration['note'] = (
+      f'{name} found a face in {found} of {len(points)} sampled training '
+      'faces' + ('' if enough else
+                 f' (under {MIN_FOUND_SHARE:.0%}): predict cuts faces by the '
+                 'box convention, a square of the detector\'s box enlarged by '
+                 'data.face_margin' + (', turned into the annotated box'
+                                       if contract['box_calibration']
+                                       else '')))
   contract['calibration'] = calibration
   return contract
 
 
-def _calibrate_points(faces: list[np.ndarray], detect_fn
-                      ) -> tuple[str, list, dict | None]:
-  """('alignment', the keypoints found per face or None, the template)."""
-  points = [_face_points(face, detect_fn) for face in faces]
-  return 'alignment', points, _alignment([p for p in points
-                                          if p is not None])
-
-
-def _calibrate_box(train, indices: np.ndarray, detect_fn
-                   ) -> tuple[str, list, dict | None]:
-  """('box_calibration', the box relation per record or None, their
-  median)."""
-  relations = [_box_relation(train.paths[i], train.boxes[i], detect_fn)
+def _calibrate_box(train, indices: np.ndarray, detectors: dict
+                   ) -> dict | None:
+  """{detector: its median box relation, and the faces it was found in}
+  for each detector that found at least MIN_FOUND_SHARE of the sampled
+  annotated faces; None if none did."""
+  relations = [_box_relations(train.paths[i], train.boxes[i], detectors)
                for i in indices]
-  return 'box_calibration', relations, _box_summary(
-      [r for r in relations if r is not None])
+  by_name = {}
+  for name in detectors:
+    mine = [r[name] for r in relations if r and r[name] is not None]
+    if mine and len(mine) >= MIN_FOUND_SHARE * len(relations):
+      by_name[name] = {**_box_summary(mine), 'found': len(mine)}
+  return by_name or None
 
 
 def _colour(layout: str, faces: list[np.ndarray]) -> tuple[str, str]:
@@ -272,12 +280,12 @@ def _alignment(points: list[np.ndarray]) -> dict | None:
           'roll': 'level' if roll < LEVEL_ROLL_SPREAD else 'keep'}
 
 
-def _box_relation(path: str, box: np.ndarray, detect_fn
-                  ) -> tuple[float, float, float] | None:
-  """(annotated side / detected side, centre offset x, y in detected
-  sides) of one annotated face; None where no detection overlaps it."""
+def _box_relations(path: str, box: np.ndarray, detectors: dict
+                   ) -> dict | None:
+  """{detector: (annotated side / detected side, centre offset x, y in
+  detected sides), or None where no detection overlaps the box} of one
+  annotated face; None where the image cannot be read."""
   from fer_jax.data import images
-  from fer_jax.detect import iou
   try:
     crop = images.load(str(path), CALIBRATION_SIDE, box, BOX_CONTEXT_MARGIN)
   except (ValueError, OSError):
@@ -287,22 +295,27 @@ def _box_relation(path: str, box: np.ndarray, detect_fn
   x, y, w, h = box
   annotated = np.array([(x - region[0]) * scale, (y - region[1]) * scale,
                         w * scale, h * scale])
-  faces = detect_fn(crop)
+  return {name: _box_relation(annotated, detect_fn(crop))
+          for name, detect_fn in detectors.items()}
+
+
+def _box_relation(annotated: np.ndarray, faces: list
+                  ) -> tuple[float, float, float] | None:
+  """The annotated box against the detected face that overlaps it most."""
+  from fer_jax.detect import iou
   if not faces:
     return None
   overlaps = iou(annotated, np.stack([f.box for f in faces]))
-  best = faces[int(overlaps.argmax())]
   if overlaps.max() <= 0:
     return None
-  side = max(best.box[2:])
+  best = faces[int(overlaps.argmax())].box
+  side = max(best[2:])
   offset = ((annotated[:2] + annotated[2:] / 2) -
-            (best.box[:2] + best.box[2:] / 2)) / side
+            (best[:2] + best[2:] / 2)) / side
   return max(annotated[2:]) / side, float(offset[0]), float(offset[1])
 
 
-def _box_summary(relations: list[tuple]) -> dict | None:
-  if not relations:
-    return None
+def _box_summary(relations: list[tuple]) -> dict:
   scale, dx, dy = np.median(np.array(relations), axis=0)
   return {'scale': round(float(scale), 5),
           'offset': [round(float(dx), 5), round(float(dy), 5)]}
@@ -387,15 +400,27 @@ def check(contract, path) -> None:
   if not classes or not all(isinstance(c, str) and c for c in classes):
     raise _field(path, 'classes', f'{classes!r} is not a list of names')
   _check_alignment(contract, path)
-  box = contract.get('box_calibration', _MISSING)
-  if box is _MISSING:
+  _check_box_calibration(contract, path)
+
+
+def _check_box_calibration(contract: dict, path) -> None:
+  from fer_jax.detect import MODELS
+  boxes = contract.get('box_calibration', _MISSING)
+  if boxes is _MISSING:
     raise _field(path, 'box_calibration', 'missing')
-  if box is not None:
-    scale = _need(contract, path, 'box_calibration.scale', (int, float))
+  if boxes is None:
+    return
+  _need(contract, path, 'box_calibration', (dict,))
+  for name in boxes:
+    if name not in MODELS:
+      raise _field(path, 'box_calibration', f'{name!r} is not a detector '
+                   f'({", ".join(MODELS)})')
+    field = f'box_calibration.{name}'
+    scale = _need(contract, path, f'{field}.scale', (int, float))
     if not (math.isfinite(scale) and scale > 0):
-      raise _field(path, 'box_calibration.scale', f'{scale!r} is not > 0')
-    _numbers(path, 'box_calibration.offset',
-             _need(contract, path, 'box_calibration.offset', (list,)), 2)
+      raise _field(path, f'{field}.scale', f'{scale!r} is not > 0')
+    _numbers(path, f'{field}.offset',
+             _need(contract, path, f'{field}.offset', (list,)), 2)
 
 
 def _check_alignment(contract: dict, path) -> None:

@@ -1,14 +1,16 @@
 """Cutting a detected face as the run's face contract says (face_contract).
 
 Three framings, named in predictions.csv's `framing` column:
-- 'aligned': the face warped onto the contract's keypoint template by a
-  similarity transform, fitted by least squares over the eyes, nose tip
+- 'aligned': the face warped onto the contract's keypoint template (where
+  the training faces' eyes, nose and mouth fall, in a box set's crops
+  too) by a similarity transform, fitted by least squares over the eyes, nose tip
   and mouth centre (under roll 'keep', scale and position only: the head's
   roll stays, as in the training faces);
 - 'box': a square around the detector's box (turned into the box training
-  would have cut, where the contract measured that) enlarged by the
-  margin, as training cuts an annotated box; also the fallback where the
-  keypoints are degenerate (NaN, or all on one spot);
+  would have cut, where the contract measured that for this detector, a
+  function of detect.create_detector that carries its name) enlarged by
+  the margin, as training cuts an annotated box; also the fallback where
+  the keypoints are degenerate (NaN, or all on one spot);
 - 'whole': the image as it is, resized (predict.detector='none').
 
 Coordinates are continuous pixels: pixel i spans [i, i + 1), as the
@@ -118,7 +120,7 @@ def aligned_matrix(keypoints: np.ndarray, contract: dict
   """The matrix that puts a face's keypoints [>= 4, 2] on the contract's
   template; None where the contract has none or the keypoints are
   degenerate."""
-  if contract['geometry'] != 'dataset_crop' or not contract['alignment']:
+  if contract['geometry'] == 'whole' or not contract['alignment']:
     return None
   points = np.asarray(keypoints, float)[:4]
   if degenerate(points):
@@ -168,7 +170,9 @@ def cut(image: np.ndarray, box: np.ndarray, keypoints: np.ndarray,
     matrix = refined(image, matrix, contract, detector)
   if matrix is not None:
     return colour(warp(image, matrix, size), contract), 'aligned', matrix
-  box = training_box(box, contract['box_calibration'])
+  calibration = (contract['box_calibration'] or {}).get(
+      getattr(detector, 'name', None))
+  box = training_box(box, calibration)
   margin = contract['margin']
   crop = (images.face_crop(image, box, margin, size) if cut_box is None
           else cut_box(box, margin))

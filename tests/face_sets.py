@@ -105,7 +105,7 @@ def _row(faces: dict, detector, template: np.ndarray, side: int,
   config.data.image_size, config.data.classes = size, ''
   contract = face_contract.build(
       config, records(len(train)), lambda i: images.resize(train[i], size),
-      ('blazeface_full', detector))
+      {'blazeface_full': detector})
   names = ('astronaut', 'hopper', 'camera' if grey else 'astronaut')
   photos = [turned(*faces[name], *turn)[0] for name, turn in zip(names,
                                                                   TURNS)]

@@ -55,7 +55,7 @@ def raf_contract(faces, detectors) -> dict:
   return face_contract.build(
       _config(), face_sets.records(len(aligned)),
       lambda i: images.resize(aligned[i], SIZE),
-      ('blazeface_full', detectors['blazeface_full']))
+      {'blazeface_full': detectors['blazeface_full']})
 
 
 def test_an_upright_set_gives_a_level_template_where_its_faces_are(
@@ -108,7 +108,7 @@ def test_a_set_that_varies_in_roll_keeps_a_faces_roll(faces, detectors):
                             100, 1, (('astronaut', 'hopper')[k % 2],))
   contract = face_contract.build(
       _config('folders'), face_sets.records(16), lambda i: images.resize(
-          aligned[i], SIZE), ('blazeface_full', detectors['blazeface_full']))
+          aligned[i], SIZE), {'blazeface_full': detectors['blazeface_full']})
   assert contract['alignment']['roll'] == 'keep'
   assert contract['alignment']['roll_spread_degrees'] > 6
   photo, truth = turned(*faces['astronaut'], 15, 1.0, (0, 0))
@@ -132,7 +132,7 @@ def test_grey_faces_give_grey_crops_framed_as_the_sets_faces(
   contract = face_contract.build(
       _config(layout), face_sets.records(16),
       lambda i: images.resize(grey[i], SIZE),
-      ('blazeface_full', detectors['blazeface_full']))
+      {'blazeface_full': detectors['blazeface_full']})
   assert contract['colour'] == 'grey'
   assert contract['colour_source'] == (
       'the fer2013 layout' if layout == 'fer2013'
@@ -183,9 +183,10 @@ def test_too_few_faces_found_falls_back_to_the_box_convention(faces):
   contract = face_contract.build(
       _config(), face_sets.records(10),
       lambda i: faces['astronaut'][0][:64, :64],
-      ('blazeface_full', lambda image: []))
+      {'blazeface_full': lambda image: []})
   assert contract['alignment'] is None
-  assert 'only 0 of 10' in contract['calibration']['note']
+  assert 'found a face in 0 of 10 sampled training faces (under 50%)' in \
+      contract['calibration']['note']
   face_contract.check(contract, 'contract')
   box = np.array([178.0, 81.0, 94.0, 94.0])
   fake = lambda _: [detect.Face(box, 0.9, faces['astronaut'][1])]
@@ -194,10 +195,13 @@ def test_too_few_faces_found_falls_back_to_the_box_convention(faces):
   assert crop.framing == 'box'
 
 
-def test_a_box_set_measures_the_detectors_box_against_its_own(
+def test_a_box_set_is_framed_as_its_crops_whichever_detector(
     faces, detectors, tmp_path):
-  """Annotated boxes 1.3 times the detector's, a tenth of it lower: the
-  calibration finds that, and predict cuts the box training would have."""
+  """Annotated boxes 1.3 times the full-range detector's, a tenth of it
+  lower. The training crops' keypoint template frames a new photo's face
+  as they frame it with either detector, whose boxes differ; each
+  detector's box relation is recorded, the fallback for a face without
+  usable keypoints."""
   paths, boxes = [], []
   for k, name in enumerate(('astronaut', 'hopper') * 2):
     image = faces[name][0][k:, k * 3:]
@@ -206,19 +210,34 @@ def test_a_box_set_measures_the_detectors_box_against_its_own(
     box = detectors['blazeface_full'](image)[0].box
     centre = box[:2] + box[2:] / 2 + [0, 0.1 * box[2]]
     boxes.append([*(centre - 0.65 * box[2:]), *(1.3 * box[2:])])
-  config = _config('csv')
   records = face_sets.records(4, np.array(boxes), paths)
-  contract = face_contract.build(
-      config, records, lambda i: images.load(paths[i], SIZE, records.boxes[
-          i], 0.1), ('blazeface_full', detectors['blazeface_full']))
-  assert contract['geometry'] == 'box' and contract['alignment'] is None
-  calibration = contract['box_calibration']
-  assert abs(calibration['scale'] - 1.3) < 0.05
-  np.testing.assert_allclose(calibration['offset'], [0, 0.1], atol=0.03)
-  image = cv2.cvtColor(cv2.imread(paths[0]), cv2.COLOR_BGR2RGB)
-  found = detectors['blazeface_full'](image)[0].box
-  np.testing.assert_allclose(framing.training_box(found, calibration),
-                             boxes[0], atol=0.05 * boxes[0][2])
+  config = _config('csv')
+  contract = face_contract.build(config, records, lambda i: images.load(
+      paths[i], SIZE, records.boxes[i], 0.1), detectors)
+  face_contract.check(contract, 'contract')
+  assert contract['geometry'] == 'box' and contract['alignment']
+  full = contract['box_calibration']['blazeface_full']
+  assert abs(full['scale'] - 1.3) < 0.05 and full['found'] == 4
+  np.testing.assert_allclose(full['offset'], [0, 0.1], atol=0.03)
+  # Where the training crop of a new photo put its keypoints (upright:
+  # these crops' roll rule is 'level', AffectNet's would keep a roll).
+  photo, truth = turned(*faces['hopper'], 0, 0.8, (30, -20))
+  box = detectors['blazeface_full'](photo)[0].box
+  centre = box[:2] + box[2:] / 2 + [0, 0.1 * box[2]]
+  training = framing.region_matrix(images.face_region(
+      [*(centre - 0.65 * box[2:]), *(1.3 * box[2:])], 0.1), SIZE)
+  for name, detector in detectors.items():
+    crop, = recognizer.array_crops(photo, config, detector, contract)
+    assert crop.framing == 'aligned'
+    np.testing.assert_array_less(np.abs(
+        apply(crop.matrix, truth) - apply(training, truth)) / SIZE, 0.05)
+    fake = lambda _: [detect.Face(box, 0.9, np.full((6, 2), np.nan))]
+    fake.name = name
+    crop, = recognizer.array_crops(photo, config, fake, contract)
+    assert crop.framing == 'box'
+    np.testing.assert_allclose(crop.matrix, framing.region_matrix(
+        images.face_region(framing.training_box(box, contract[
+            'box_calibration'][name]), 0.1), SIZE))
 
 
 def test_fit_similarity_recovers_a_known_transform():
@@ -275,6 +294,13 @@ BROKEN = {
         'template'].update(left_eye=[float('nan'), 0.4]),
     'box_calibration': lambda c: c.pop('box_calibration'),
 }
+BROKEN_BOXES = {
+    'box_calibration': {'haar': {'scale': 1, 'offset': [0, 0]}},
+    'box_calibration.blazeface_full.scale': {'blazeface_full': {
+        'scale': 0, 'offset': [0, 0]}},
+    'box_calibration.blazeface_short.offset': {'blazeface_short': {
+        'scale': 1.2, 'offset': [0]}},
+}
 
 
 @pytest.mark.parametrize('field', sorted(BROKEN))
@@ -289,9 +315,9 @@ def test_contract_of_other_kinds_and_a_version_from_the_future(raf_contract):
     face_contract.check([raf_contract], 'x')
   with pytest.raises(UsageError, match='version: 2 is not 1'):
     face_contract.check({**raf_contract, 'version': 2}, 'x')
-  with pytest.raises(UsageError, match='box_calibration.scale'):
-    face_contract.check({**raf_contract, 'box_calibration': {
-        'scale': 0, 'offset': [0, 0]}}, 'x')
+  for field, boxes in BROKEN_BOXES.items():
+    with pytest.raises(UsageError, match=f'x: {field}:'):
+      face_contract.check({**raf_contract, 'box_calibration': boxes}, 'x')
   same = {**raf_contract, 'alignment': {**raf_contract['alignment'],
           'template': {p: [0.5, 0.5] for p in face_contract.POINTS}}}
   with pytest.raises(UsageError, match='all one spot'):

@@ -144,16 +144,18 @@ def sample_indices(num: int, count: int, seed: int) -> np.ndarray:
   return np.random.default_rng([seed, _STREAM]).permutation(num)[:count]
 
 
-def calibration_detectors(config: ml_collections.ConfigDict) -> dict:
-  """{name: function} of the detectors the calibration uses, the one
-  predict uses first (blazeface_full where predict.detector is 'none');
-  {name: the reason} where their models are not installed."""
+def calibration_detectors(config: ml_collections.ConfigDict, every: bool
+                          ) -> dict:
+  """{name: function} of the detector predict uses (blazeface_full where
+  predict.detector is 'none'), then, if every, the others; {name: the
+  reason} where their models are not installed."""
   from fer_jax import detect  # LiteRT: only where faces are detected
   first = config.predict.detector
   first = 'blazeface_full' if first == 'none' else first
+  others = [n for n in detect.MODELS if n != first] if every else []
   try:
     return {name: detect.create_detector(name, CALIBRATION_MIN_SCORE, 0.0)
-            for name in (first, *(n for n in detect.MODELS if n != first))}
+            for name in (first, *others)}
   except UsageError as error:
     return {first: str(error)}
 
@@ -166,7 +168,7 @@ def build(config: ml_collections.ConfigDict, train, load_face,
   detectors: {name: function, or the reason there is none}, the one that
   predict uses first (the keypoint template is measured with it; a box
   set's box relation with each, as their boxes differ); None:
-  calibration_detectors(config).
+  calibration_detectors (every detector for a box set).
   """
   count = config.data.face_calibration_samples
   indices = sample_indices(len(train), max(count, COLOUR_SAMPLE),
@@ -179,8 +181,10 @@ def build(config: ml_collections.ConfigDict, train, load_face,
   contract = {**_arithmetic(config), 'geometry': geometry, 'colour': colour,
               'colour_source': source, 'alignment': None,
               'box_calibration': None}
-  detectors = ((detectors or calibration_detectors(config)) if count
-               else {None: 'data.face_calibration_samples is 0'})
+  if not count:
+    detectors = {None: 'data.face_calibration_samples is 0'}
+  elif detectors is None:
+    detectors = calibration_detectors(config, every=geometry == 'box')
   name, detect_fn = next(iter(detectors.items()))
   if isinstance(detect_fn, str):
     contract['calibration'] = {'detector': name, 'note': 'not calibrated: '
@@ -344,9 +348,6 @@ def read(workdir: Path, config: ml_collections.ConfigDict) -> dict:
   return contract
 
 
-_MISSING = object()
-
-
 def _field(path, name: str, what: str) -> UsageError:
   return UsageError(f'{path}: {name}: {what}')
 
@@ -403,15 +404,18 @@ def check(contract, path) -> None:
   _check_box_calibration(contract, path)
 
 
+def _section(contract: dict, path, name: str) -> dict | None:
+  """An optional section: a dict, or None (not measured); UsageError when
+  the key is missing or holds something else."""
+  if name not in contract:
+    raise _field(path, name, 'missing')
+  return None if contract[name] is None else _need(contract, path, name,
+                                                    (dict,))
+
+
 def _check_box_calibration(contract: dict, path) -> None:
   from fer_jax.detect import MODELS
-  boxes = contract.get('box_calibration', _MISSING)
-  if boxes is _MISSING:
-    raise _field(path, 'box_calibration', 'missing')
-  if boxes is None:
-    return
-  _need(contract, path, 'box_calibration', (dict,))
-  for name in boxes:
+  for name in _section(contract, path, 'box_calibration') or {}:
     if name not in MODELS:
       raise _field(path, 'box_calibration', f'{name!r} is not a detector '
                    f'({", ".join(MODELS)})')
@@ -424,10 +428,7 @@ def _check_box_calibration(contract: dict, path) -> None:
 
 
 def _check_alignment(contract: dict, path) -> None:
-  alignment = contract.get('alignment', _MISSING)
-  if alignment is _MISSING:
-    raise _field(path, 'alignment', 'missing')
-  if alignment is None:
+  if _section(contract, path, 'alignment') is None:
     return
   _need(contract, path, 'alignment.roll', (str,), ROLLS)
   template = _need(contract, path, 'alignment.template', (dict,))

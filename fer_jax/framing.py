@@ -61,6 +61,11 @@ def template_points(contract: dict) -> np.ndarray:
                   ) * contract['image_size']
 
 
+def whole_matrix(width: float, height: float, size: int) -> np.ndarray:
+  """The matrix of a width x height image resized to size x size."""
+  return np.diag([size / width, size / height, 1.0])[:2]
+
+
 def region_matrix(region: np.ndarray, size: int) -> np.ndarray:
   """The matrix of a square region (x0, y0, side) resized to size."""
   x0, y0, side = region
@@ -146,9 +151,9 @@ def refined(image: np.ndarray, matrix: np.ndarray, contract: dict,
     centre = face.box[:2] + face.box[2:] / 2
     if np.all(np.abs(centre / REFINE_SIDE - 0.5) < 0.25):
       back = cv2.invertAffineTransform(context)
-      points = face.keypoints[:4] @ back[:, :2].T + back[:, 2]
-      return aligned_matrix(points, contract) if not degenerate(
-          points) else matrix
+      refit = aligned_matrix(face.keypoints @ back[:, :2].T + back[:, 2],
+                             contract)
+      return matrix if refit is None else refit
   return matrix
 
 
@@ -164,7 +169,7 @@ def cut(image: np.ndarray, box: np.ndarray, keypoints: np.ndarray,
   if contract['geometry'] == 'whole':  # crops cut already: as they are
     h, w = image.shape[:2]
     return (colour(images.resize(image, size), contract), 'whole',
-            np.diag([size / w, size / h, 1.0])[:2])
+            whole_matrix(w, h, size))
   matrix = aligned_matrix(keypoints, contract)
   if matrix is not None and detector is not None:
     matrix = refined(image, matrix, contract, detector)

@@ -52,7 +52,7 @@ class Crop:
   track: int | None = None
   # How the face was cut (face_contract.FRAMINGS): 'aligned' (warped onto
   # the run's keypoint template), 'box' or 'whole'; matrix: the 2x3 map
-  # from the image's pixels to the crop's (None for 'whole').
+  # from the image's pixels to the crop's.
   framing: str = 'box'
   matrix: np.ndarray | None = None
 
@@ -120,10 +120,8 @@ def file_crops(path: Path, config: ml_collections.ConfigDict,
 
 def _whole(path: str, box: np.ndarray, image: np.ndarray, contract: dict
            ) -> Crop:
-  size = image.shape[0]
-  matrix = np.diag([size / box[2], size / box[3], 1.0])[:2]
   return Crop(path, box, framing.colour(image, contract), framing='whole',
-              matrix=matrix)
+              matrix=framing.whole_matrix(box[2], box[3], image.shape[0]))
 
 
 def _crop(path: str, image: np.ndarray, face: detect.Face, rank: int,

@@ -9,7 +9,6 @@ and prediction write beside the record, in folders of their own
 """
 
 import datetime
-import functools
 import json
 from pathlib import Path
 
@@ -145,8 +144,9 @@ def write_record(workdir: Path, config: ml_collections.ConfigDict,
   workdir = Path(workdir)
   if config.data.layout == 'ferplus':  # how its labels were made
     data_report = {**data_report, 'ferplus_rules': fer2013.FERPLUS_RULES}
-  contract = face_contract.build(config, splits['train'], functools.partial(
-      pipeline.base_image, splits['train'], data=config.data))
+  train = splits['train']
+  contract = face_contract.build(
+      config, train, lambda i: pipeline.base_image(train[i], config.data))
   logging.info('Face contract: %s, %s; %s', contract['geometry'],
                contract['colour'], contract['calibration']['note'])
   data_report = {**data_report, 'face_contract': {

@@ -35,10 +35,8 @@ def load_image(record: dict, data: ml_collections.ConfigDict) -> np.ndarray:
                      data.face_margin)
 
 
-def base_image(records: Records, i: int, data: ml_collections.ConfigDict
-               ) -> np.ndarray:
-  """Record i's base image: held in memory, or loaded."""
-  record = records[i]
+def base_image(record: dict, data: ml_collections.ConfigDict) -> np.ndarray:
+  """A record's base image: held in memory (hold_decoded), or loaded."""
   image = record.get('image')
   return load_image(record, data) if image is None else image
 
@@ -64,9 +62,7 @@ def hold_decoded(splits: dict[str, Records], data: ml_collections.ConfigDict
 
 def _load(record: dict, data: ml_collections.ConfigDict) -> dict:
   """An example with its base image (no augmentation)."""
-  image = record.get('image')
-  example = {'image': load_image(record, data) if image is None else image,
-             'label': record['label'], 'va': record['va'],
+  example = {'image': base_image(record, data), 'label': record['label'], 'va': record['va'],
              'va_mask': record['va_mask'], 'mask': np.True_}
   if 'soft' in record:  # targets (FERPlus's kept votes, or a drawn label)
     example['soft'] = record['soft']
